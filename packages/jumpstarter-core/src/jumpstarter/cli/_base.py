@@ -1,0 +1,140 @@
+"""What every ``jmp`` command shares: the lazy group, the state, error handling."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from functools import wraps
+from importlib import import_module
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+
+if TYPE_CHECKING:
+    from ..protocol import JumpStarterProtocol
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_CONFLICT = 4
+EXIT_NODE = 5
+EXIT_TIMEOUT = 124
+EXIT_CANNOT_EXECUTE = 126
+EXIT_NOT_FOUND_COMMAND = 127
+
+
+class JmpGroup(click.Group):
+    """A group whose built-in commands are imported on first use and whose plugin
+    commands come from the ``jmp_register_commands`` hook."""
+
+    def __init__(self, *args: Any, commands: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(commands or {})
+        self._plugins_loaded = False
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_plugin_commands(ctx)
+        return sorted({*self.lazy, *self.commands})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.commands:
+            return self.commands[name]
+        if name in self.lazy:
+            module, _, attr = self.lazy[name].partition(":")
+            command = getattr(import_module(module), attr)
+            self.add_command(command, name)
+            return command
+        self._load_plugin_commands(ctx)
+        return self.commands.get(name)
+
+    def _load_plugin_commands(self, ctx: click.Context) -> None:
+        if self._plugins_loaded:
+            return
+        self._plugins_loaded = True
+        try:
+            from ..plugins import get_plugin_manager
+
+            plugins = get_plugin_manager()
+        except Exception as exc:  # jmp --help must work with a broken plugin installed
+            click.echo(f"jmp: warning: plugins not loaded: {exc}", err=True)
+            return
+        plugins.hook.jmp_register_commands(cli=self)
+
+
+class State:
+    """Shared by the commands of one ``jmp`` call."""
+
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+        self._protocol: JumpStarterProtocol | None = None
+
+    @property
+    def protocol(self) -> JumpStarterProtocol:
+        if self._protocol is None:
+            from ..protocol import JumpStarterProtocol
+
+            self._protocol = JumpStarterProtocol(config_path=self.config_path)
+            for info in self._protocol.plugins.failed:
+                click.echo(f"jmp: warning: plugin {info.name!r} failed to load: {info.error}", err=True)
+        return self._protocol
+
+
+def exit_code_for(exc: BaseException) -> int:
+    from .. import errors
+    from ..config import UnknownNode
+
+    if isinstance(exc, errors.SpawnFailed):
+        return EXIT_NOT_FOUND_COMMAND if exc.details.get("errno") == "ENOENT" else EXIT_CANNOT_EXECUTE
+    if isinstance(exc, errors.NotFound | UnknownNode):
+        return EXIT_NOT_FOUND
+    if isinstance(exc, errors.Conflict):
+        return EXIT_CONFLICT
+    if isinstance(exc, errors.BadRequest):
+        return EXIT_USAGE
+    if isinstance(exc, errors.NodeError | errors.TransportError | errors.ProtocolError):
+        return EXIT_NODE
+    return EXIT_ERROR
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> None:
+    click.echo(f"jmp: error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn Jumpstarter errors into one line on stderr and a documented exit code."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from ..errors import JumpstarterError
+
+        try:
+            return fn(*args, **kwargs)
+        except JumpstarterError as exc:
+            fail(str(exc), exit_code_for(exc))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
+    """``K=V`` options to a dict; a usage error names the bad one."""
+    pairs = {}
+    for value in values:
+        key, sep, val = value.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected K=V, got {value!r}", param_hint=option)
+        pairs[key] = val
+    return pairs
+
+
+def task_exit_code(state: str, exit_code: int | None) -> int:
+    """The exit code of ``jmp run``/``wait`` for a finished task."""
+    if state == "timed_out":
+        return EXIT_TIMEOUT
+    if exit_code is None:
+        return EXIT_ERROR
+    if exit_code < 0:
+        return 128 - exit_code
+    return exit_code

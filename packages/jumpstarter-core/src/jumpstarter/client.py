@@ -1,0 +1,331 @@
+"""The async client: sessions, nodes and tasks. This is the real API; the sync one in
+:mod:`jumpstarter.sync` is a thin facade over it.
+
+::
+
+    async with protocol.create_async_session("nightly") as session:
+        node = await session.connect("local")
+        task = await node.start(["pytest", "-q"], timeout=600)
+        async for chunk in task.output():
+            ...
+        await task.wait()
+        await session.add_result(task.id, name="boot", outcome="passed")
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import AsyncExitStack
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from jumpstarter_protocol import (
+    AddResult,
+    ConnectionEstablished,
+    ConnectNode,
+    Error,
+    FetchConfig,
+    GetTaskStatus,
+    InitializeConnection,
+    ListTasks,
+    NewTask,
+    NodeInfo,
+    Outcome,
+    OutputChunk,
+    OutputEnd,
+    Ping,
+    QueryResults,
+    ReadOutput,
+    ReleaseNode,
+    ResultSpec,
+    ResultsData,
+    StartRequest,
+    StopTask,
+    TaskInfo,
+    TaskSpec,
+    TaskState,
+    WaitTask,
+)
+
+from .config import NodeConfig
+from .driver import Transport
+from .errors import NodeError, TransportError
+
+if TYPE_CHECKING:
+    from .protocol import JumpStarterProtocol
+    from .server import NodeServer
+
+
+class AsyncSession:
+    """A named session: the nodes it holds, the tasks it starts, the results it adds.
+
+    Use it as an async context manager; leaving it releases every node, and tasks
+    on in-process nodes are stopped (they cannot outlive the process that runs them).
+    """
+
+    def __init__(self, protocol: JumpStarterProtocol, name: str) -> None:
+        self.protocol = protocol
+        self.name = name
+        self.id = secrets.token_hex(8)
+        self.nodes: list[AsyncNode] = []
+        self._task_nodes: dict[str, AsyncNode] = {}
+        self._stack: AsyncExitStack | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    async def __aenter__(self) -> AsyncSession:
+        stack = AsyncExitStack()
+        self._tg = await stack.enter_async_context(anyio.create_task_group())
+        self._stack = stack
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        try:
+            with anyio.CancelScope(shield=True):
+                for node in reversed(self.nodes):
+                    await node.aclose()
+        finally:
+            stack, self._stack = self._stack, None
+            if stack is not None:
+                # Close the in-process node servers and their task group without
+                # handing them the body's exception, so it propagates as it was
+                # raised, not wrapped in an exception group.
+                await stack.aclose()
+
+    # --- what transports need -------------------------------------------------------------
+
+    async def start_node_server(self, node: NodeConfig) -> NodeServer:
+        """Run a node server for ``node`` in this process until the session closes."""
+        if self._tg is None:
+            raise RuntimeError("use the session in 'async with' before connecting")
+        server = self.protocol.make_node_server(node)
+        await self._tg.start(server.run)
+        assert self._stack is not None
+        self._stack.callback(server.close)
+        return server
+
+    # --- nodes ----------------------------------------------------------------------------
+
+    async def connect(
+        self,
+        node: str | None = None,
+        *,
+        lease: bool = True,
+        duration: float | None = None,
+        wait: float | None = None,
+    ) -> AsyncNode:
+        """Connect to ``node`` (default: the config's ``default_node``): handshake,
+        then take the node's lease unless ``lease=False`` (enough to read status,
+        output and results). ``wait`` seconds to wait for a leased node."""
+        config = self.protocol.config.node(node)
+        transport_cls = self.protocol.plugins.transport(config.transport)
+        transport = await transport_cls.connect(config, self)
+        handle = AsyncNode(self, config.name, transport)
+        try:
+            await handle.request(
+                InitializeConnection(
+                    session_id=self.id,
+                    session_name=self.name,
+                    token=self.protocol.token_for(config),
+                )
+            )
+            if lease:
+                established: ConnectionEstablished = await handle.request(
+                    ConnectNode(duration=duration, wait=wait)
+                )
+                handle.info = established.node
+                handle.lease_id = established.lease_id
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await transport.aclose()
+            raise
+        self.nodes.append(handle)
+        self.protocol.plugins.hook.jmp_session_connected(session=self, node=handle)
+        return handle
+
+    def _node_for(self, task_id: str | None) -> AsyncNode:
+        if task_id is not None and task_id in self._task_nodes:
+            return self._task_nodes[task_id]
+        if not self.nodes:
+            raise RuntimeError("connect to a node first")
+        return self.nodes[0]
+
+    # --- results ---------------------------------------------------------------------------
+
+    async def add_result(
+        self,
+        task_id: str,
+        *,
+        name: str,
+        outcome: Outcome | str,
+        duration: float | None = None,
+        message: str | None = None,
+        metrics: Mapping[str, Any] | None = None,
+        labels: Mapping[str, str] | None = None,
+        started_at: datetime | None = None,
+        finished_at: datetime | None = None,
+    ) -> int:
+        """Attach one result to a task; returns its id. ``metrics`` maps a name to a
+        number or to ``{"value": …, "unit": …}``."""
+        spec = ResultSpec(
+            name=name,
+            outcome=outcome,  # type: ignore[arg-type]
+            duration=duration,
+            message=message,
+            metrics={k: v if isinstance(v, Mapping) else {"value": v} for k, v in (metrics or {}).items()},  # type: ignore[misc]
+            labels=dict(labels or {}),
+            started_at=started_at,
+            finished_at=finished_at,
+        )
+        return (await self.add_results(task_id, [spec]))[0]
+
+    async def add_results(self, task_id: str, results: Iterable[ResultSpec | Mapping[str, Any]]) -> list[int]:
+        """Attach a batch of results to a task in one transaction; their ids."""
+        return await self._node_for(task_id).add_results(task_id, results)
+
+    async def query_results(self, **filters: Any) -> ResultsData:
+        """Results matching ``filters`` (the fields of ``QueryResults``: task_id,
+        session, node, outcomes, name, since, until, labels, limit, cursor)."""
+        return await self._node_for(filters.get("task_id")).query_results(**filters)
+
+
+class AsyncNode:
+    """A node this session is connected to."""
+
+    def __init__(self, session: AsyncSession, name: str, transport: Transport) -> None:
+        self.session = session
+        self.name = name
+        self.transport = transport
+        self.info: NodeInfo | None = None
+        self.lease_id: str | None = None
+        self._closed = False
+
+    async def request(self, message: Any) -> Any:
+        """Send one request; an ``Error`` reply is raised as the matching
+        :class:`~jumpstarter.errors.NodeError`."""
+        reply = await self.transport.request(message)
+        if isinstance(reply, Error):
+            raise NodeError.from_reply(reply)
+        return reply
+
+    async def fetch_config(self) -> NodeInfo:
+        """What the node says of itself (``FetchConfig``)."""
+        self.info = (await self.request(FetchConfig())).node
+        return self.info
+
+    async def ping(self) -> None:
+        await self.request(Ping())
+
+    async def new_task(self, argv: Sequence[str] | None = None, **spec: Any) -> AsyncTask:
+        """Create a task without starting it (``NewTask``); see :meth:`start`."""
+        created = await self.request(NewTask(spec=_spec(argv, spec)))
+        return self._task(created.task.id, created.task)
+
+    async def start(self, argv: Sequence[str] | AsyncTask | None = None, **spec: Any) -> AsyncTask:
+        """Start a task (``StartRequest``): a pending task handle, or a new task from
+        ``argv`` (a list) or ``shell="…"``, with ``env``, ``cwd``, ``timeout``,
+        ``labels`` and ``name``. Returns as soon as it runs."""
+        if isinstance(argv, AsyncTask):
+            return await argv.start()
+        started = await self.request(StartRequest(spec=_spec(argv, spec)))
+        return self._task(started.task_id)
+
+    def task(self, task_id: str) -> AsyncTask:
+        """A handle on an existing task of this node."""
+        return self._task(task_id)
+
+    def _task(self, task_id: str, info: TaskInfo | None = None) -> AsyncTask:
+        self.session._task_nodes[task_id] = self
+        return AsyncTask(self, task_id, info)
+
+    async def list_tasks(
+        self, *, session: str | None = None, states: Sequence[TaskState | str] | None = None, limit: int = 100
+    ) -> list[TaskInfo]:
+        reply = await self.request(ListTasks(session=session, states=states, limit=limit))  # type: ignore[arg-type]
+        return reply.tasks
+
+    async def add_results(self, task_id: str, results: Iterable[ResultSpec | Mapping[str, Any]]) -> list[int]:
+        specs = [r if isinstance(r, ResultSpec) else ResultSpec.model_validate(r) for r in results]
+        return (await self.request(AddResult(task_id=task_id, results=specs))).ids
+
+    async def query_results(self, **filters: Any) -> ResultsData:
+        return await self.request(QueryResults(**filters))
+
+    async def release(self) -> None:
+        """Give the node's lease back; tasks go on running."""
+        await self.request(ReleaseNode())
+        self.lease_id = None
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        hook = self.session.protocol.plugins.hook
+        try:
+            hook.jmp_session_disconnected(session=self.session, node=self)
+            if self.lease_id is not None:
+                try:
+                    await self.release()
+                except (NodeError, TransportError):
+                    pass  # the node is gone or already let go; nothing to release
+        finally:
+            await self.transport.aclose()
+
+
+class AsyncTask:
+    """A task on a node."""
+
+    def __init__(self, node: AsyncNode, task_id: str, info: TaskInfo | None = None) -> None:
+        self.node = node
+        self.id = task_id
+        self.info = info
+        self.end: OutputEnd | None = None
+
+    def __repr__(self) -> str:
+        return f"<AsyncTask {self.id} on {self.node.name}>"
+
+    async def start(self) -> AsyncTask:
+        await self.node.request(StartRequest(task_id=self.id))
+        return self
+
+    async def status(self) -> TaskInfo:
+        self.info = (await self.node.request(GetTaskStatus(task_id=self.id))).task
+        return self.info
+
+    async def wait(self, timeout: float | None = None) -> TaskInfo:
+        """Wait until the task has finished (or ``timeout`` seconds); its info."""
+        self.info = (await self.node.request(WaitTask(task_id=self.id, timeout=timeout))).task
+        return self.info
+
+    async def stop(self, grace: float = 5.0) -> TaskInfo:
+        """Stop it: SIGTERM to its process group, SIGKILL after ``grace`` seconds. A
+        finished task is left alone; either way its final info is returned."""
+        self.info = (await self.node.request(StopTask(task_id=self.id, grace=grace))).task
+        return self.info
+
+    async def output(self, offset: int = 0, *, follow: bool = True) -> AsyncIterator[OutputChunk]:
+        """The task's output from byte ``offset``, chunk by chunk, stdout and stderr
+        in the order produced (``chunk.stream`` says which). With ``follow`` it ends
+        when the task has finished; ``self.end`` then says where and how."""
+        async for message in self.node.transport.read_output(
+            ReadOutput(task_id=self.id, offset=offset, follow=follow)
+        ):
+            if isinstance(message, OutputChunk):
+                yield message
+            elif isinstance(message, OutputEnd):
+                self.end = message
+                return
+            elif isinstance(message, Error):
+                raise NodeError.from_reply(message)
+
+    async def add_result(self, **result: Any) -> int:
+        return await self.node.session.add_result(self.id, **result)
+
+
+def _spec(argv: Sequence[str] | str | None, spec: dict[str, Any]) -> TaskSpec:
+    if isinstance(argv, str):
+        raise TypeError("pass argv as a list, or a shell command as shell='…'")
+    if argv is not None:
+        spec["argv"] = list(argv)
+    return TaskSpec(**spec)

@@ -1,0 +1,149 @@
+"""Configuration: one TOML file, validated by pydantic, overridden by ``JMP_*``.
+
+Where the file is looked for, first found wins:
+
+1. the path given explicitly (``jmp --config``, ``JumpStarterProtocol(config_path=…)``)
+2. ``$JMP_CONFIG``
+3. ``./jumpstarter.toml``
+4. ``<user config dir>/jumpstarter/config.toml`` (``jmp config path`` prints it)
+
+With no file at all the defaults hold: one node, ``local``, and a SQLite store in the
+user data dir. Top-level keys are overridden by ``JMP_<KEY>`` environment variables
+(``JMP_STORE``, ``JMP_DATA_DIR``, ``JMP_DEFAULT_NODE``).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
+
+APP_NAME = "jumpstarter"
+ENV_OVERRIDES = ("store", "data_dir", "default_node")
+
+
+class UnknownNode(ConfigError):
+    """Raised when a node name is neither configured nor the built-in ``local``."""
+
+
+class NodeConfig(BaseModel):
+    """How to reach one node, and, for a node this process serves, how to run work."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = ""
+    transport: str = Field(default="local", description="transport plugin that reaches it")
+    driver: str = Field(default="local", description="node driver, where this process serves it")
+    endpoint: str | None = None
+    token_file: Path | None = None
+    tls_ca: Path | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict, description="passed to the driver")
+
+
+class Config(BaseModel):
+    """The whole configuration. ``source`` is the file it came from, if any."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    default_node: str = "local"
+    store: str | None = Field(default=None, description="store URL; default: SQLite in data_dir")
+    data_dir: Path | None = Field(default=None, description="task output and the SQLite store")
+    nodes: dict[str, NodeConfig] = Field(default_factory=dict)
+    source: Path | None = Field(default=None, exclude=True)
+
+    def model_post_init(self, _context: Any) -> None:
+        for name, node in self.nodes.items():
+            node.name = name
+
+    @property
+    def data_path(self) -> Path:
+        return self.data_dir or Path(platformdirs.user_data_dir(APP_NAME))
+
+    @property
+    def store_url(self) -> str:
+        return self.store or f"sqlite:///{self.data_path / 'jumpstarter.db'}"
+
+    def node(self, name: str | None = None) -> NodeConfig:
+        """The config of node ``name`` (default: ``default_node``). ``local`` is always
+        known, even when no file names it."""
+        name = name or self.default_node
+        if name in self.nodes:
+            return self.nodes[name]
+        if name == "local":
+            return NodeConfig(name="local")
+        known = ", ".join(sorted({"local", *self.nodes}))
+        where = f" in {self.source}" if self.source else ""
+        raise UnknownNode(f"unknown node {name!r}{where}; known nodes: {known}")
+
+
+def user_config_path() -> Path:
+    return Path(platformdirs.user_config_dir(APP_NAME)) / "config.toml"
+
+
+def find_config_file(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Path | None:
+    """The file :func:`load_config` would read, or None for defaults only."""
+    env = os.environ if env is None else env
+    if path is not None:
+        return Path(path)
+    if env.get("JMP_CONFIG"):
+        return Path(env["JMP_CONFIG"])
+    for candidate in (Path("jumpstarter.toml"), user_config_path()):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Config:
+    """Find, read and validate the configuration. Raises :class:`ConfigError` naming
+    the file and key of the first problem."""
+    env = os.environ if env is None else env
+    source = find_config_file(path, env)
+    data: dict[str, Any] = {}
+    if source is not None:
+        try:
+            with open(source, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {source}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {source}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    for key in ENV_OVERRIDES:
+        value = env.get(f"JMP_{key.upper()}")
+        if value:
+            data[key] = value
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        key = ".".join(str(part) for part in error["loc"])
+        where = source or "environment"
+        raise ConfigError(f"{where}: {key}: {error['msg']}") from None
+    config.source = source
+    return config
+
+
+TEMPLATE = """\
+# Jumpstarter configuration. Every key is optional.
+
+# default_node = "local"
+# store = "sqlite:////var/lib/jumpstarter/jumpstarter.db"
+# data_dir = "/var/lib/jumpstarter"
+
+# The local node is always there; name it here to give it labels or driver options.
+# [nodes.local]
+# transport = "local"
+# driver = "local"
+# labels = { site = "desk" }
+"""

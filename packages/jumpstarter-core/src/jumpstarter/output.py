@@ -1,0 +1,128 @@
+"""Task output on disk: one byte log per task, stdout and stderr interleaved in the
+order they were produced, plus an index of which stream each run of bytes came from.
+
+Offsets are positions in the combined log, so "everything from offset N" is one
+``pread`` however the streams interleave, a client that reconnects resumes exactly
+where it stopped, and a reader in another process sees the same bytes.
+
+Files, in the node's ``<data dir>/output/``: ``<task id>.out`` (the bytes) and
+``<task id>.idx`` (9-byte records: offset where a run starts, stream 1 or 2).
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+import struct
+from pathlib import Path
+
+import anyio
+
+from .driver import Stream
+
+_RECORD = struct.Struct("<QB")
+_STREAMS: dict[Stream, int] = {"stdout": 1, "stderr": 2}
+_NAMES: dict[int, Stream] = {1: "stdout", 2: "stderr"}
+
+
+class OutputLog:
+    """A task's output log. Open it with :meth:`create` to write or :meth:`open` to
+    read. In the writing process, :meth:`wait_beyond` wakes on each write."""
+
+    def __init__(self, directory: Path, task_id: str, *, write: bool) -> None:
+        self.path = directory / f"{task_id}.out"
+        self._index_path = directory / f"{task_id}.idx"
+        flags = (os.O_RDWR | os.O_CREAT | os.O_APPEND) if write else os.O_RDONLY
+        self._fd = os.open(self.path, flags | os.O_CLOEXEC, 0o644)
+        self._index_fd = os.open(self._index_path, flags | os.O_CLOEXEC, 0o644)
+        self._starts: list[int] = []
+        self._streams: list[int] = []
+        self._index_size = 0
+        self.size = 0
+        self._writable = write
+        self._changed = anyio.Event()
+        self._refresh()
+
+    @classmethod
+    def create(cls, directory: Path, task_id: str) -> OutputLog:
+        directory.mkdir(parents=True, exist_ok=True)
+        return cls(directory, task_id, write=True)
+
+    @classmethod
+    def open(cls, directory: Path, task_id: str) -> OutputLog | None:
+        """Open for reading; None while the task has no log (it has not started)."""
+        try:
+            return cls(directory, task_id, write=False)
+        except FileNotFoundError:
+            return None
+
+    def write(self, stream: Stream, data: bytes) -> None:
+        if not data:
+            return
+        code = _STREAMS[stream]
+        if not self._streams or self._streams[-1] != code:
+            os.write(self._index_fd, _RECORD.pack(self.size, code))
+            self._starts.append(self.size)
+            self._streams.append(code)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
+        self.size += len(data)
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def read(self, offset: int, max_bytes: int) -> list[tuple[int, Stream, bytes]]:
+        """Up to ``max_bytes`` from ``offset``, split where the stream changes."""
+        if not self._writable:
+            self._refresh()
+        size = min(self.size - offset, max_bytes)
+        if size <= 0:
+            return []
+        data = os.pread(self._fd, size, offset)
+        chunks = []
+        i = bisect.bisect_right(self._starts, offset) - 1
+        pos = offset
+        end = offset + len(data)
+        while pos < end:
+            stop = self._starts[i + 1] if i + 1 < len(self._starts) else end
+            stop = min(stop, end)
+            chunks.append((pos, _NAMES[self._streams[i]], data[pos - offset : stop - offset]))
+            pos = stop
+            i += 1
+        return chunks
+
+    async def wait_beyond(self, offset: int) -> None:
+        """In the writing process: return once the log has grown past ``offset`` or
+        :meth:`wake` was called."""
+        if self.size <= offset:
+            await self._changed.wait()
+
+    def close(self) -> None:
+        for fd in (self._fd, self._index_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def remove(self) -> None:
+        self.close()
+        for path in (self.path, self._index_path):
+            path.unlink(missing_ok=True)
+
+    def wake(self) -> None:
+        """Wake every waiter (the task has finished)."""
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def _refresh(self) -> None:
+        """Catch up with what another process wrote since we last looked."""
+        index_size = os.fstat(self._index_fd).st_size
+        if index_size > self._index_size:
+            whole = index_size - index_size % _RECORD.size
+            raw = os.pread(self._index_fd, whole - self._index_size, self._index_size)
+            for start, code in _RECORD.iter_unpack(raw):
+                self._starts.append(start)
+                self._streams.append(code)
+            self._index_size = whole
+        # A run's index record is written before its bytes, so every byte seen is indexed.
+        self.size = os.fstat(self._fd).st_size if self._starts else 0

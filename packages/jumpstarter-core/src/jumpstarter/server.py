@@ -1,0 +1,554 @@
+"""The node server: one dispatcher from protocol requests to a node driver and the store.
+
+Every transport serves this same object. A transport opens one
+:class:`NodeConnection` per client connection and hands it requests
+(:meth:`NodeConnection.handle`) or raw frames (:meth:`NodeConnection.handle_bytes`);
+output streams come from :meth:`NodeConnection.read_output`. A request never raises
+out of the dispatcher: every failure becomes an ``Error`` reply and the server keeps
+serving.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup, TaskStatus
+from jumpstarter_protocol import (
+    MAX_MESSAGE_SIZE,
+    AddResult,
+    ConfigData,
+    ConnectionEstablished,
+    ConnectionInfo,
+    ConnectNode,
+    Error,
+    ErrorCode,
+    FetchConfig,
+    GetTaskStatus,
+    InitializeConnection,
+    ListTasks,
+    NewTask,
+    NodeInfo,
+    NodeReleased,
+    OutputChunk,
+    OutputEnd,
+    Ping,
+    Pong,
+    ProtocolError,
+    QueryResults,
+    ReadOutput,
+    ReleaseNode,
+    ResultAdded,
+    StartRequest,
+    StopTask,
+    TaskCreated,
+    TaskInfo,
+    TaskList,
+    TaskSpec,
+    TaskStarted,
+    TaskState,
+    TaskStatus,
+    TaskStopped,
+    WaitTask,
+    decode,
+    encode,
+    negotiate_version,
+)
+
+from ._version import __version__
+from .config import NodeConfig
+from .driver import NodeDriver, RunningProcess
+from .errors import BadRequest, Conflict, NodeError, NotFound, Unauthorized, Unavailable
+from .output import OutputLog
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+OUTPUT_CHUNK = 1024 * 1024
+"""Most bytes sent in one output chunk."""
+POLL_INTERVAL = 0.05
+"""How often a task run by another process is looked at (its output, its state)."""
+STOP_GRACE_ON_SHUTDOWN = 2.0
+TIMEOUT_GRACE = 5.0
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class _Running:
+    """A task this server runs."""
+
+    task: TaskInfo
+    process: RunningProcess
+    output: OutputLog
+    done: anyio.Event = field(default_factory=anyio.Event)
+    stop_requested: bool = False
+    timed_out: bool = False
+
+
+@dataclass
+class Lease:
+    id: str
+    session_id: str
+    session_name: str
+    since: float
+    expires_at: float | None
+
+
+class NodeServer:
+    """Serves one node: its driver, its store, its leases and its running tasks.
+
+    Run it with ``await task_group.start(server.run)``; :meth:`close` stops it,
+    stopping the tasks it still runs.
+    """
+
+    def __init__(
+        self,
+        node: NodeConfig,
+        driver: NodeDriver,
+        store: Store,
+        hook: Any,
+        *,
+        data_dir: Path,
+        driver_name: str | None = None,
+        token: str | None = None,
+        max_message_size: int = MAX_MESSAGE_SIZE,
+    ) -> None:
+        self.node = node
+        self.driver = driver
+        self.store = store
+        self.hook = hook
+        self.output_dir = data_dir / "output"
+        self.token = token
+        self.max_message_size = max_message_size
+        self.info = NodeInfo(
+            name=node.name,
+            labels=node.labels,
+            driver=driver_name or node.driver,
+            capabilities=list(driver.capabilities),
+            limits={"max_message_size": max_message_size, "output_chunk": OUTPUT_CHUNK},
+            jumpstarter_version=__version__,
+        )
+        self.agent = f"{socket.gethostname()}:{os.getpid()}"
+        self._running: dict[str, _Running] = {}
+        self._lease: Lease | None = None
+        self._lease_changed = anyio.Event()
+        self._closed = anyio.Event()
+        self._tg: TaskGroup | None = None
+
+    # --- life ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[NodeServer] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Open the store, mark tasks a dead agent left running as ``lost``, serve
+        until :meth:`close`, then stop what still runs."""
+        await self.store.open()
+        try:
+            await self._mark_lost()
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                task_status.started(self)
+                await self._closed.wait()
+                with anyio.CancelScope(shield=True):
+                    await self._stop_all()
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.driver.aclose()
+                await self.store.aclose()
+
+    def close(self) -> None:
+        self._closed.set()
+
+    async def _stop_all(self) -> None:
+        async with anyio.create_task_group() as tg:
+            for running in list(self._running.values()):
+                tg.start_soon(self._stop, running, STOP_GRACE_ON_SHUTDOWN)
+
+    async def _mark_lost(self) -> None:
+        host = socket.gethostname()
+        for task, agent in await self.store.running_tasks(self.node.name):
+            agent_host, _, pid = (agent or "").rpartition(":")
+            if agent_host == host and pid.isdigit() and _alive(int(pid)) and agent != self.agent:
+                continue  # another agent on this machine runs it
+            await self.store.finish_task(task.id, TaskState.LOST, None, "the node agent went away")
+
+    def connect(self) -> NodeConnection:
+        """A new client connection."""
+        return NodeConnection(self)
+
+    # --- leases ---------------------------------------------------------------------------
+
+    def _lease_holder(self) -> Lease | None:
+        lease = self._lease
+        if lease and lease.expires_at is not None and lease.expires_at <= time.time():
+            self._set_lease(None)
+            return None
+        return lease
+
+    def _set_lease(self, lease: Lease | None) -> None:
+        self._lease = lease
+        self._lease_changed.set()
+        self._lease_changed = anyio.Event()
+
+    async def acquire(self, conn: NodeConnection, request: ConnectNode) -> Lease:
+        deadline = None if request.wait is None else time.monotonic() + request.wait
+        while True:
+            holder = self._lease_holder()
+            if holder is None or holder.session_id == conn.session_id:
+                expires = time.time() + request.duration if request.duration else None
+                lease = Lease(
+                    id=holder.id if holder else secrets.token_hex(8),
+                    session_id=conn.session_id or "",
+                    session_name=conn.session_name or "",
+                    since=holder.since if holder else time.time(),
+                    expires_at=expires,
+                )
+                self._set_lease(lease)
+                return lease
+            if deadline is None or time.monotonic() >= deadline:
+                since = datetime.fromtimestamp(holder.since, UTC).isoformat(timespec="seconds")
+                raise Conflict(
+                    f"node {self.node.name!r} is leased by session {holder.session_name!r} "
+                    f"({holder.session_id}) since {since}",
+                    details={"session_id": holder.session_id, "since": since},
+                )
+            changed = self._lease_changed
+            with anyio.move_on_after(min(deadline - time.monotonic(), 1.0)):
+                await changed.wait()
+
+    def release(self, conn: NodeConnection) -> None:
+        holder = self._lease
+        if holder is not None and holder.session_id == conn.session_id:
+            self._set_lease(None)
+
+    def holds_lease(self, conn: NodeConnection) -> bool:
+        holder = self._lease_holder()
+        return holder is not None and holder.session_id == conn.session_id and conn.leased
+
+    # --- tasks ----------------------------------------------------------------------------
+
+    async def new_task(self, spec: TaskSpec, session_id: str | None) -> TaskInfo:
+        if spec.cwd is not None and not Path(spec.cwd).is_dir():
+            raise BadRequest(f"working directory does not exist: {spec.cwd}")
+        task = TaskInfo(
+            id=secrets.token_hex(6),
+            node=self.node.name,
+            session_id=session_id,
+            name=spec.name,
+            spec=spec,
+            state=TaskState.PENDING,
+            created_at=_now(),
+        )
+        await self.store.create_task(task, self.agent)
+        self.hook.jmp_task_created(task=task)
+        return task
+
+    async def start_task(self, task: TaskInfo, *, created_here: bool) -> TaskStarted:
+        if task.state is not TaskState.PENDING:
+            raise Conflict(f"task {task.id} is {task.state.value}, not pending; it cannot start again")
+        if task.spec.cwd is not None and not Path(task.spec.cwd).is_dir():
+            raise BadRequest(f"working directory does not exist: {task.spec.cwd}")
+        assert self._tg is not None, "the node server is not running"
+        output = OutputLog.create(self.output_dir, task.id)
+        try:
+            process = await self.driver.spawn(task.spec, output)
+        except BaseException:
+            output.remove()
+            if created_here:
+                with anyio.CancelScope(shield=True):
+                    await self.store.delete_pending_task(task.id)
+            raise
+        running = _Running(task, process, output)
+        self._running[task.id] = running
+        running.task = await self.store.mark_running(task.id, process.pid, self.agent)
+        self.hook.jmp_task_started(task=running.task)
+        self._tg.start_soon(self._supervise, running)
+        return TaskStarted(task_id=task.id, started_at=running.task.started_at or _now(), pid=process.pid)
+
+    async def _supervise(self, running: _Running) -> None:
+        exit_code: int | None = None
+        exited = anyio.Event()
+
+        async def wait_for_exit() -> None:
+            nonlocal exit_code
+            exit_code = await running.process.wait()
+            exited.set()
+
+        message = None
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait_for_exit)
+                with anyio.move_on_after(running.task.spec.timeout):
+                    await exited.wait()
+                if not exited.is_set():
+                    running.timed_out = True
+                    message = f"timed out after {running.task.spec.timeout:g}s"
+                    await running.process.terminate(TIMEOUT_GRACE)
+        except Exception as exc:  # a broken driver must not take the node down
+            log.exception("node driver failed while task %s ran", running.task.id)
+            message = f"node driver failed: {exc}"
+        if running.stop_requested:
+            state = TaskState.STOPPED
+        elif running.timed_out:
+            state = TaskState.TIMED_OUT
+        elif exit_code == 0:
+            state = TaskState.SUCCEEDED
+        else:
+            state = TaskState.FAILED
+        with anyio.CancelScope(shield=True):
+            running.task = await self.store.finish_task(running.task.id, state, exit_code, message)
+            running.output.close()
+            del self._running[running.task.id]
+            running.done.set()
+            running.output.wake()
+            self.hook.jmp_task_finished(task=running.task)
+
+    async def _stop(self, running: _Running, grace: float) -> TaskInfo:
+        if not running.done.is_set():
+            running.stop_requested = True
+            await running.process.terminate(grace)
+            await running.done.wait()
+        return running.task
+
+    async def stop_task(self, task_id: str, grace: float) -> TaskInfo:
+        running = self._running.get(task_id)
+        if running is not None:
+            return await self._stop(running, grace)
+        task = await self.store.get_task(task_id)
+        if task.state is TaskState.PENDING:
+            return await self.store.finish_task(task_id, TaskState.STOPPED, None, "stopped before it started")
+        if task.state is TaskState.RUNNING:
+            raise Conflict(f"task {task_id} runs under another node process; stop it there")
+        return task  # finished: the answer is its final state
+
+    async def wait_task(self, task_id: str, timeout: float | None) -> TaskInfo:
+        with anyio.move_on_after(timeout):
+            while True:
+                running = self._running.get(task_id)
+                if running is not None:
+                    await running.done.wait()
+                    return running.task
+                task = await self.store.get_task(task_id)
+                if task.state.finished:
+                    return task
+                await anyio.sleep(POLL_INTERVAL)
+        return await self.store.get_task(task_id)
+
+    async def read_output(self, request: ReadOutput) -> AsyncIterator[OutputChunk | OutputEnd]:
+        task_id, offset = request.task_id, request.offset
+        await self.store.get_task(task_id)  # NotFound for an unknown id
+        reader: OutputLog | None = None
+        try:
+            while True:
+                reader = reader or OutputLog.open(self.output_dir, task_id)  # None before it starts
+                chunks = reader.read(offset, OUTPUT_CHUNK) if reader else []
+                for start, stream, data in chunks:
+                    yield OutputChunk(task_id=task_id, offset=start, stream=stream, data=data)
+                    offset = start + len(data)
+                if chunks:
+                    continue
+                running = self._running.get(task_id)
+                task = running.task if running else await self.store.get_task(task_id)
+                if task.state.finished or not request.follow:
+                    # Bytes written by another process just before it finished the task.
+                    if task.state.finished and reader and reader.read(offset, 1):
+                        continue
+                    yield OutputEnd(
+                        task_id=task_id, offset=offset, state=task.state, exit_code=task.exit_code
+                    )
+                    return
+                if running is not None:
+                    await running.output.wait_beyond(offset)
+                else:
+                    await anyio.sleep(POLL_INTERVAL)
+        finally:
+            if reader is not None:
+                reader.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class NodeConnection:
+    """One client's connection to a node server: its handshake and its lease."""
+
+    def __init__(self, server: NodeServer) -> None:
+        self.server = server
+        self.id = secrets.token_hex(8)
+        self.session_id: str | None = None
+        self.session_name: str | None = None
+        self.initialized = False
+        self.leased = False
+        self._handlers: dict[type, Callable[[Any], Any]] = {
+            FetchConfig: self._fetch_config,
+            InitializeConnection: self._initialize,
+            ConnectNode: self._connect_node,
+            StartRequest: self._start,
+            StopTask: self._stop,
+            NewTask: self._new_task,
+            AddResult: self._add_result,
+            QueryResults: self._query_results,
+            GetTaskStatus: self._status,
+            WaitTask: self._wait,
+            ListTasks: self._list,
+            Ping: self._ping,
+            ReleaseNode: self._release,
+        }
+
+    async def handle(self, request: Any) -> Any:
+        """Answer one request. Never raises: failures become ``Error`` replies."""
+        try:
+            handler = self._handlers.get(type(request))
+            if handler is None:
+                raise BadRequest(f"{getattr(request, 'type', type(request).__name__)} is not a request")
+            return await handler(request)
+        except NodeError as exc:
+            return exc.to_reply()
+        except ProtocolError as exc:
+            return Error(code=ErrorCode(exc.code), message=str(exc))
+        except Exception as exc:
+            log.exception("request %r failed", request)
+            return Error(code=ErrorCode.INTERNAL, message=f"internal error: {type(exc).__name__}: {exc}")
+
+    async def handle_bytes(self, data: bytes) -> bytes:
+        """Decode a frame, answer it, encode the reply. Malformed input gets an
+        ``Error`` reply; nothing was done."""
+        try:
+            request = decode(data, max_size=self.server.max_message_size)
+        except ProtocolError as exc:
+            return encode(Error(code=ErrorCode(exc.code), message=str(exc)))
+        return encode(await self.handle(request))
+
+    async def read_output(self, request: ReadOutput) -> AsyncIterator[Any]:
+        """The output stream answering ``request``; an ``Error`` ends it early."""
+        try:
+            self._require_init()
+            async for message in self.server.read_output(request):
+                yield message
+        except NodeError as exc:
+            yield exc.to_reply()
+
+    def close(self) -> None:
+        """The client went away: its lease ends, its tasks run on."""
+        if self.leased:
+            self.server.release(self)
+            self.leased = False
+
+    # --- handlers --------------------------------------------------------------------------
+
+    def _require_init(self) -> None:
+        if not self.initialized:
+            raise Unauthorized("send initialize_connection first")
+
+    def _require_lease(self) -> None:
+        self._require_init()
+        if not self.server.holds_lease(self):
+            raise Conflict(f"this session does not hold node {self.server.node.name!r}; connect first")
+
+    async def _fetch_config(self, request: FetchConfig) -> ConfigData:
+        if self.server.token is not None:
+            self._require_init()
+        return ConfigData(node=self.server.info)
+
+    async def _initialize(self, request: InitializeConnection) -> ConnectionInfo:
+        expected = self.server.token
+        if expected is not None and not hmac.compare_digest(
+            (request.token or "").encode(), expected.encode()
+        ):
+            raise Unauthorized("invalid or missing token")
+        try:
+            version = negotiate_version(request.min_version, request.max_version)
+        except ProtocolError as exc:
+            raise NodeError.from_reply(Error(code=ErrorCode.VERSION_MISMATCH, message=str(exc))) from None
+        await self.server.store.add_session(request.session_id, request.session_name, request.client)
+        self.session_id = request.session_id
+        self.session_name = request.session_name
+        self.initialized = True
+        return ConnectionInfo(connection_id=self.id, protocol_version=version)
+
+    async def _connect_node(self, request: ConnectNode) -> ConnectionEstablished:
+        self._require_init()
+        lease = await self.server.acquire(self, request)
+        self.leased = True
+        expires = datetime.fromtimestamp(lease.expires_at, UTC) if lease.expires_at else None
+        return ConnectionEstablished(node=self.server.info, lease_id=lease.id, expires_at=expires)
+
+    async def _release(self, request: ReleaseNode) -> NodeReleased:
+        self._require_init()
+        self.close()
+        return NodeReleased()
+
+    async def _new_task(self, request: NewTask) -> TaskCreated:
+        self._require_lease()
+        return TaskCreated(task=await self.server.new_task(request.spec, self.session_id))
+
+    async def _start(self, request: StartRequest) -> TaskStarted:
+        self._require_lease()
+        if request.spec is not None:
+            task = await self.server.new_task(request.spec, self.session_id)
+            return await self.server.start_task(task, created_here=True)
+        assert request.task_id is not None
+        task = await self._own_task(request.task_id)
+        return await self.server.start_task(task, created_here=False)
+
+    async def _own_task(self, task_id: str) -> TaskInfo:
+        task = await self.server.store.get_task(task_id)
+        if task.node != self.server.node.name:
+            raise NotFound(f"no task with id {task_id!r} on node {self.server.node.name!r}")
+        return task
+
+    async def _stop(self, request: StopTask) -> TaskStopped:
+        self._require_lease()
+        await self._own_task(request.task_id)
+        return TaskStopped(task=await self.server.stop_task(request.task_id, request.grace))
+
+    async def _add_result(self, request: AddResult) -> ResultAdded:
+        self._require_init()
+        task = await self.server.store.get_task(request.task_id)
+        results = await self.server.store.add_results(task, request.results)
+        if self.server.hook.jmp_result_added.get_hookimpls():
+            self.server.hook.jmp_result_added(task=task, results=results)
+        return ResultAdded(ids=[r.id for r in results])
+
+    async def _query_results(self, request: QueryResults) -> Any:
+        self._require_init()
+        return await self.server.store.query_results(request)
+
+    async def _status(self, request: GetTaskStatus) -> TaskStatus:
+        self._require_init()
+        running = self.server._running.get(request.task_id)
+        task = running.task if running else await self.server.store.get_task(request.task_id)
+        return TaskStatus(task=task)
+
+    async def _wait(self, request: WaitTask) -> TaskStatus:
+        self._require_init()
+        return TaskStatus(task=await self.server.wait_task(request.task_id, request.timeout))
+
+    async def _list(self, request: ListTasks) -> TaskList:
+        self._require_init()
+        tasks = await self.server.store.list_tasks(
+            session=request.session, states=request.states, limit=request.limit
+        )
+        return TaskList(tasks=tasks)
+
+    async def _ping(self, request: Ping) -> Pong:
+        return Pong()

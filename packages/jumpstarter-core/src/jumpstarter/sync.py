@@ -1,0 +1,168 @@
+"""The blocking API: a thin facade over :mod:`jumpstarter.client`.
+
+Each call runs the async method on an event loop in a helper thread (an anyio
+blocking portal) and waits for it, so the two APIs cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from functools import partial
+from typing import Any
+
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+from jumpstarter_protocol import NodeInfo, OutputChunk, OutputEnd, ResultSpec, ResultsData, TaskInfo
+
+from .client import AsyncNode, AsyncSession, AsyncTask
+
+
+class Session:
+    """A session for use in ``with``; see :class:`~jumpstarter.client.AsyncSession`."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.aio = session
+        self._portal: BlockingPortal | None = None
+        self._exits: list[AbstractContextManager[Any]] = []
+
+    @property
+    def name(self) -> str:
+        return self.aio.name
+
+    @property
+    def id(self) -> str:
+        return self.aio.id
+
+    def __enter__(self) -> Session:
+        portal_cm = start_blocking_portal()
+        self._portal = portal_cm.__enter__()
+        self._exits.append(portal_cm)
+        session_cm = self._portal.wrap_async_context_manager(self.aio)
+        session_cm.__enter__()
+        self._exits.append(session_cm)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        session_cm, portal_cm = self._exits
+        self._exits.clear()
+        try:
+            session_cm.__exit__(*exc_info)
+        finally:
+            portal_cm.__exit__(None, None, None)
+            self._portal = None
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._portal is None:
+            raise RuntimeError("use the session in 'with' first")
+        return self._portal.call(partial(fn, *args, **kwargs))
+
+    def connect(self, node: str | None = None, **kwargs: Any) -> Node:
+        """Connect to ``node`` and take its lease; see ``AsyncSession.connect``."""
+        return Node(self, self._call(self.aio.connect, node, **kwargs))
+
+    def add_result(self, task_id: str, **result: Any) -> int:
+        """Attach one result to a task; see ``AsyncSession.add_result``."""
+        return self._call(self.aio.add_result, task_id, **result)
+
+    def add_results(self, task_id: str, results: Iterable[ResultSpec | Mapping[str, Any]]) -> list[int]:
+        return self._call(self.aio.add_results, task_id, list(results))
+
+    def query_results(self, **filters: Any) -> ResultsData:
+        return self._call(self.aio.query_results, **filters)
+
+
+class Node:
+    """A connected node; see :class:`~jumpstarter.client.AsyncNode`."""
+
+    def __init__(self, session: Session, node: AsyncNode) -> None:
+        self.session = session
+        self.aio = node
+
+    @property
+    def name(self) -> str:
+        return self.aio.name
+
+    @property
+    def info(self) -> NodeInfo | None:
+        return self.aio.info
+
+    def fetch_config(self) -> NodeInfo:
+        return self.session._call(self.aio.fetch_config)
+
+    def ping(self) -> None:
+        self.session._call(self.aio.ping)
+
+    def new_task(self, argv: Sequence[str] | None = None, **spec: Any) -> Task:
+        return Task(self, self.session._call(self.aio.new_task, argv, **spec))
+
+    def start(self, argv: Sequence[str] | Task | None = None, **spec: Any) -> Task:
+        if isinstance(argv, Task):
+            return argv.start()
+        return Task(self, self.session._call(self.aio.start, argv, **spec))
+
+    def task(self, task_id: str) -> Task:
+        return Task(self, self.aio.task(task_id))
+
+    def list_tasks(self, **filters: Any) -> list[TaskInfo]:
+        return self.session._call(self.aio.list_tasks, **filters)
+
+    def add_results(self, task_id: str, results: Iterable[ResultSpec | Mapping[str, Any]]) -> list[int]:
+        return self.session._call(self.aio.add_results, task_id, list(results))
+
+    def query_results(self, **filters: Any) -> ResultsData:
+        return self.session._call(self.aio.query_results, **filters)
+
+    def release(self) -> None:
+        self.session._call(self.aio.release)
+
+
+class Task:
+    """A task on a node; see :class:`~jumpstarter.client.AsyncTask`."""
+
+    def __init__(self, node: Node, task: AsyncTask) -> None:
+        self.node = node
+        self.aio = task
+
+    def __repr__(self) -> str:
+        return f"<Task {self.id} on {self.node.name}>"
+
+    @property
+    def id(self) -> str:
+        return self.aio.id
+
+    @property
+    def info(self) -> TaskInfo | None:
+        return self.aio.info
+
+    @property
+    def end(self) -> OutputEnd | None:
+        return self.aio.end
+
+    def start(self) -> Task:
+        self.node.session._call(self.aio.start)
+        return self
+
+    def status(self) -> TaskInfo:
+        return self.node.session._call(self.aio.status)
+
+    def wait(self, timeout: float | None = None) -> TaskInfo:
+        return self.node.session._call(self.aio.wait, timeout)
+
+    def stop(self, grace: float = 5.0) -> TaskInfo:
+        return self.node.session._call(self.aio.stop, grace)
+
+    def output(self, offset: int = 0, *, follow: bool = True) -> Iterator[OutputChunk]:
+        """The task's output from ``offset``; see ``AsyncTask.output``."""
+        call = self.node.session._call
+        chunks = self.aio.output(offset, follow=follow)
+        try:
+            while True:
+                try:
+                    yield call(chunks.__anext__)
+                except StopAsyncIteration:
+                    return
+        finally:
+            call(chunks.aclose)
+
+    def add_result(self, **result: Any) -> int:
+        return self.node.session.add_result(self.id, **result)

@@ -1,0 +1,36 @@
+"""The local transport: client and node server in one process, no sockets.
+
+Requests are handed to the node server as the message objects they are; the client
+built them through pydantic, so they are valid already, and nothing is encoded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from jumpstarter import NodeConfig, Transport
+from jumpstarter.driver import ClientContext
+from jumpstarter.server import NodeConnection
+from jumpstarter_protocol import ReadOutput
+
+
+class LocalTransport(Transport):
+    """Serves the node inside this process for as long as the session lasts."""
+
+    def __init__(self, connection: NodeConnection) -> None:
+        self.connection = connection
+
+    @classmethod
+    async def connect(cls, node: NodeConfig, context: ClientContext) -> LocalTransport:
+        server = await context.start_node_server(node)
+        return cls(server.connect())
+
+    async def request(self, message: Any) -> Any:
+        return await self.connection.handle(message)
+
+    def read_output(self, request: ReadOutput) -> AsyncIterator[Any]:
+        return self.connection.read_output(request)
+
+    async def aclose(self) -> None:
+        self.connection.close()

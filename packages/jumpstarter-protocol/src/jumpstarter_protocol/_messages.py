@@ -1,0 +1,431 @@
+"""Every message of the protocol, as pydantic models.
+
+Each model has a ``type`` literal; :data:`Request`, :data:`Reply` and :data:`Message`
+are discriminated unions over them, so any transport carries the same bytes.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+PROTOCOL_VERSION = 1
+"""The version this package speaks. A node and a client agree on one version in the
+handshake; :func:`negotiate_version` refuses ranges that do not overlap."""
+
+MIN_PROTOCOL_VERSION = 1
+"""The oldest version this package still understands."""
+
+Labels = dict[str, str]
+Name = Annotated[str, Field(min_length=1, max_length=512)]
+Id = Annotated[str, Field(min_length=1, max_length=128)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, ser_json_bytes="base64")
+
+
+# --- values carried by several messages ---------------------------------------------
+
+
+class TaskState(StrEnum):
+    """Where a task is in its life. State only moves forward."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    STOPPED = "stopped"
+    TIMED_OUT = "timed_out"
+    LOST = "lost"
+
+    @property
+    def finished(self) -> bool:
+        return self not in (TaskState.PENDING, TaskState.RUNNING)
+
+
+class Outcome(StrEnum):
+    """The outcome of one result (one test case, one measurement)."""
+
+    PASSED = "passed"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+    ERROR = "error"
+    XFAIL = "xfail"
+    XPASS = "xpass"
+
+
+class ErrorCode(StrEnum):
+    """Stable codes of the :class:`Error` reply; clients switch on these, not on text."""
+
+    BAD_REQUEST = "bad_request"
+    NOT_FOUND = "not_found"
+    CONFLICT = "conflict"
+    UNAUTHORIZED = "unauthorized"
+    VERSION_MISMATCH = "version_mismatch"
+    TOO_LARGE = "too_large"
+    SPAWN_FAILED = "spawn_failed"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+class TaskSpec(_Model):
+    """What to run. Exactly one of ``argv`` and ``shell`` is given: a shell string is
+    never split or guessed at, it is passed to ``/bin/sh -c`` because the user asked."""
+
+    argv: list[str] | None = None
+    shell: str | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    timeout: float | None = Field(default=None, gt=0)
+    labels: Labels = Field(default_factory=dict)
+    name: str | None = None
+
+    @model_validator(mode="after")
+    def _one_command(self) -> TaskSpec:
+        if (self.argv is None) == (self.shell is None):
+            raise ValueError("give exactly one of argv and shell")
+        if self.argv is not None and not self.argv:
+            raise ValueError("argv must not be empty")
+        return self
+
+    @property
+    def command(self) -> list[str]:
+        """The argv to execute."""
+        return self.argv if self.argv is not None else ["/bin/sh", "-c", self.shell or ""]
+
+
+class TaskInfo(_Model):
+    """A task as the node knows it."""
+
+    id: Id
+    node: str
+    session_id: str | None = None
+    name: str | None = None
+    spec: TaskSpec
+    state: TaskState
+    exit_code: int | None = None
+    message: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class Metric(_Model):
+    value: float
+    unit: str | None = None
+
+
+class ResultSpec(_Model):
+    """One result as a client submits it."""
+
+    name: Name
+    outcome: Outcome
+    duration: float | None = Field(default=None, ge=0)
+    message: str | None = None
+    metrics: dict[str, Metric] = Field(default_factory=dict)
+    labels: Labels = Field(default_factory=dict)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class Result(ResultSpec):
+    """A stored result: the submitted fields plus what the store adds."""
+
+    id: int
+    task_id: Id
+    session_id: str | None = None
+    node: str | None = None
+    created_at: datetime
+
+
+class ResultSummary(_Model):
+    """Counts per outcome and total duration over *all* results matching a query,
+    not only the page returned."""
+
+    total: int = 0
+    outcomes: dict[Outcome, int] = Field(default_factory=dict)
+    duration: float = 0.0
+
+
+class NodeInfo(_Model):
+    name: str
+    labels: Labels = Field(default_factory=dict)
+    driver: str
+    capabilities: list[str] = Field(default_factory=list)
+    limits: dict[str, int] = Field(default_factory=dict)
+    protocol_version: int = PROTOCOL_VERSION
+    jumpstarter_version: str | None = None
+
+
+# --- requests ----------------------------------------------------------------------
+
+
+class FetchConfig(_Model):
+    """Step 1: ask a node to describe itself."""
+
+    type: Literal["fetch_config"] = "fetch_config"
+
+
+class InitializeConnection(_Model):
+    """Step 2: the handshake. The node refuses versions outside its range."""
+
+    type: Literal["initialize_connection"] = "initialize_connection"
+    client: str = "jumpstarter"
+    session_id: Id
+    session_name: Name
+    min_version: int = MIN_PROTOCOL_VERSION
+    max_version: int = PROTOCOL_VERSION
+    token: str | None = Field(default=None, repr=False)
+
+
+class ConnectNode(_Model):
+    """Step 3: the session takes the node (a lease), optionally for a limited time."""
+
+    type: Literal["connect_node"] = "connect_node"
+    duration: float | None = Field(default=None, gt=0)
+    wait: float | None = Field(default=None, ge=0)
+
+
+class StartRequest(_Model):
+    """Step 4: start a pending task by id, or create and start one from a spec."""
+
+    type: Literal["start_request"] = "start_request"
+    task_id: Id | None = None
+    spec: TaskSpec | None = None
+
+    @model_validator(mode="after")
+    def _one_target(self) -> StartRequest:
+        if (self.task_id is None) == (self.spec is None):
+            raise ValueError("give exactly one of task_id and spec")
+        return self
+
+
+class StopTask(_Model):
+    """Step 5: stop a task: SIGTERM to its process group, SIGKILL after ``grace``."""
+
+    type: Literal["stop_task"] = "stop_task"
+    task_id: Id
+    grace: float = Field(default=5.0, ge=0, le=3600)
+
+
+class NewTask(_Model):
+    """Step 6: create a task without starting it."""
+
+    type: Literal["new_task"] = "new_task"
+    spec: TaskSpec
+
+
+class AddResult(_Model):
+    """Step 7: attach one result, or a batch, to a task. All or nothing."""
+
+    type: Literal["add_result"] = "add_result"
+    task_id: Id
+    results: list[ResultSpec] = Field(min_length=1)
+
+
+class QueryResults(_Model):
+    """Step 8: results matching every given filter, oldest first, paged by cursor."""
+
+    type: Literal["query_results"] = "query_results"
+    task_id: Id | None = None
+    session: str | None = None
+    node: str | None = None
+    outcomes: list[Outcome] | None = None
+    name: str | None = Field(default=None, description="a glob: * ? [...]")
+    since: datetime | None = None
+    until: datetime | None = None
+    labels: Labels = Field(default_factory=dict)
+    limit: int = Field(default=1000, ge=1, le=100_000)
+    cursor: str | None = None
+
+
+class GetTaskStatus(_Model):
+    type: Literal["get_task_status"] = "get_task_status"
+    task_id: Id
+
+
+class WaitTask(_Model):
+    """Wait until the task has finished, or ``timeout`` seconds have passed."""
+
+    type: Literal["wait_task"] = "wait_task"
+    task_id: Id
+    timeout: float | None = Field(default=None, ge=0)
+
+
+class ListTasks(_Model):
+    type: Literal["list_tasks"] = "list_tasks"
+    session: str | None = None
+    states: list[TaskState] | None = None
+    limit: int = Field(default=100, ge=1, le=10_000)
+
+
+class ReadOutput(_Model):
+    """Subscribe to a task's output from byte ``offset``. With ``follow`` the stream
+    stays open until the task has finished and all its output was sent."""
+
+    type: Literal["read_output"] = "read_output"
+    task_id: Id
+    offset: int = Field(default=0, ge=0)
+    follow: bool = True
+
+
+class Ping(_Model):
+    type: Literal["ping"] = "ping"
+
+
+class ReleaseNode(_Model):
+    """Give the lease back. Running tasks go on running."""
+
+    type: Literal["release_node"] = "release_node"
+
+
+# --- replies -----------------------------------------------------------------------
+
+
+class ConfigData(_Model):
+    type: Literal["config_data"] = "config_data"
+    node: NodeInfo
+
+
+class ConnectionInfo(_Model):
+    type: Literal["connection_info"] = "connection_info"
+    connection_id: Id
+    protocol_version: int
+
+
+class ConnectionEstablished(_Model):
+    type: Literal["connection_established"] = "connection_established"
+    node: NodeInfo
+    lease_id: Id
+    expires_at: datetime | None = None
+
+
+class TaskStarted(_Model):
+    type: Literal["task_started"] = "task_started"
+    task_id: Id
+    started_at: datetime
+    pid: int | None = None
+
+
+class TaskStopped(_Model):
+    type: Literal["task_stopped"] = "task_stopped"
+    task: TaskInfo
+
+
+class TaskCreated(_Model):
+    type: Literal["task_created"] = "task_created"
+    task: TaskInfo
+
+
+class ResultAdded(_Model):
+    type: Literal["result_added"] = "result_added"
+    ids: list[int]
+
+
+class ResultsData(_Model):
+    type: Literal["results_data"] = "results_data"
+    results: list[Result]
+    summary: ResultSummary
+    next_cursor: str | None = None
+
+
+class TaskStatus(_Model):
+    type: Literal["task_status"] = "task_status"
+    task: TaskInfo
+
+
+class TaskList(_Model):
+    type: Literal["task_list"] = "task_list"
+    tasks: list[TaskInfo]
+
+
+class OutputChunk(_Model):
+    """Bytes of a task's output starting at ``offset`` of its combined output.
+    ``data`` travels raw beside the JSON header, never inside it (see the codec)."""
+
+    type: Literal["output_chunk"] = "output_chunk"
+    task_id: Id
+    offset: int = Field(ge=0)
+    stream: Literal["stdout", "stderr"]
+    data: bytes = b""
+
+
+class OutputEnd(_Model):
+    """The last message of an output stream: where the output ended and why."""
+
+    type: Literal["output_end"] = "output_end"
+    task_id: Id
+    offset: int = Field(ge=0)
+    state: TaskState
+    exit_code: int | None = None
+
+
+class Pong(_Model):
+    type: Literal["pong"] = "pong"
+
+
+class NodeReleased(_Model):
+    type: Literal["node_released"] = "node_released"
+
+
+class Error(_Model):
+    """The one error reply. ``code`` is stable; ``message`` is for a person."""
+
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    message: str
+    details: dict[str, object] = Field(default_factory=dict)
+
+
+Request = Annotated[
+    Union[
+        FetchConfig,
+        InitializeConnection,
+        ConnectNode,
+        StartRequest,
+        StopTask,
+        NewTask,
+        AddResult,
+        QueryResults,
+        GetTaskStatus,
+        WaitTask,
+        ListTasks,
+        ReadOutput,
+        Ping,
+        ReleaseNode,
+    ],
+    Field(discriminator="type"),
+]
+"""Every message a client sends."""
+
+Reply = Annotated[
+    Union[
+        ConfigData,
+        ConnectionInfo,
+        ConnectionEstablished,
+        TaskStarted,
+        TaskStopped,
+        TaskCreated,
+        ResultAdded,
+        ResultsData,
+        TaskStatus,
+        TaskList,
+        OutputChunk,
+        OutputEnd,
+        Pong,
+        NodeReleased,
+        Error,
+    ],
+    Field(discriminator="type"),
+]
+"""Every message a node sends back."""
+
+REQUEST_TYPES: tuple[type[BaseModel], ...] = Request.__origin__.__args__  # type: ignore[attr-defined]
+REPLY_TYPES: tuple[type[BaseModel], ...] = Reply.__origin__.__args__  # type: ignore[attr-defined]
+
+Message = Annotated[Union[REQUEST_TYPES + REPLY_TYPES], Field(discriminator="type")]  # type: ignore[valid-type]
+"""Any message at all."""
