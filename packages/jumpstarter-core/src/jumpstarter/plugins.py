@@ -86,8 +86,14 @@ class Plugins:
 
     def _collect(self, hook: Any, kind: str) -> dict[str, Registration]:
         found: dict[str, Registration] = {}
+        everyone = [impl.plugin for impl in hook.get_hookimpls()]
         for impl in hook.get_hookimpls():
             plugin = self.manager.get_name(impl.plugin) or repr(impl.plugin)
+            # One plugin at a time, so each registration is credited to its plugin;
+            # through pluggy's caller, so JMP_TRACE_PLUGINS sees the call.
+            only_this = self.manager.subset_hook_caller(
+                hook.name, remove_plugins=[p for p in everyone if p is not impl.plugin]
+            )
 
             def register(name: str, target: type, *, _plugin: str = plugin) -> None:
                 if not isinstance(name, str) or not name:
@@ -99,7 +105,7 @@ class Plugins:
                     )
                 found[name] = Registration(name, target, _plugin)
 
-            impl.function(register)
+            only_this(register=register)
         return found
 
     def _lookup(self, registry: Mapping[str, Registration], name: str, kind: str) -> type:

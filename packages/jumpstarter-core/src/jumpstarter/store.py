@@ -155,7 +155,10 @@ class SQLiteStore(Store):
                     f"knows up to {self.SCHEMA_VERSION}: upgrade Jumpstarter"
                 )
             if version < 1:
-                db.executescript(_SCHEMA_V1)
+                # Statement by statement: executescript() would commit our transaction.
+                for statement in _SCHEMA_V1.split(";"):
+                    if statement.strip():
+                        db.execute(statement)
                 db.execute(f"PRAGMA user_version={self.SCHEMA_VERSION}")
 
     async def aclose(self) -> None:
@@ -342,6 +345,12 @@ class SQLiteStore(Store):
         return await self._run(self._query_results, query)
 
     def _query_results(self, query: QueryResults) -> ResultsData:
+        if query.task_id is not None:
+            self._get_task(query.task_id)  # NotFound for an unknown id
+        if query.session is not None and not self.db.execute(
+            "SELECT 1 FROM sessions WHERE id = ? OR name = ? LIMIT 1", (query.session, query.session)
+        ).fetchone():
+            raise NotFound(f"no session named {query.session!r}", details={"session": query.session})
         where, params = _result_filters(query)
         sql_where = (" WHERE " + " AND ".join(where)) if where else ""
         page_where = list(where)

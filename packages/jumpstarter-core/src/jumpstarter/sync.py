@@ -7,7 +7,7 @@ blocking portal) and waits for it, so the two APIs cannot drift apart.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager
+from contextlib import ExitStack
 from functools import partial
 from typing import Any
 
@@ -23,7 +23,7 @@ class Session:
     def __init__(self, session: AsyncSession) -> None:
         self.aio = session
         self._portal: BlockingPortal | None = None
-        self._exits: list[AbstractContextManager[Any]] = []
+        self._stack = ExitStack()
 
     @property
     def name(self) -> str:
@@ -34,21 +34,17 @@ class Session:
         return self.aio.id
 
     def __enter__(self) -> Session:
-        portal_cm = start_blocking_portal()
-        self._portal = portal_cm.__enter__()
-        self._exits.append(portal_cm)
-        session_cm = self._portal.wrap_async_context_manager(self.aio)
-        session_cm.__enter__()
-        self._exits.append(session_cm)
+        with ExitStack() as stack:
+            self._portal = stack.enter_context(start_blocking_portal())
+            stack.enter_context(self._portal.wrap_async_context_manager(self.aio))
+            self._stack = stack.pop_all()
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        session_cm, portal_cm = self._exits
-        self._exits.clear()
+        stack, self._stack = self._stack, ExitStack()
         try:
-            session_cm.__exit__(*exc_info)
+            stack.__exit__(*exc_info)
         finally:
-            portal_cm.__exit__(None, None, None)
             self._portal = None
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -85,6 +81,10 @@ class Node:
     @property
     def info(self) -> NodeInfo | None:
         return self.aio.info
+
+    @property
+    def lease_id(self) -> str | None:
+        return self.aio.lease_id
 
     def fetch_config(self) -> NodeInfo:
         return self.session._call(self.aio.fetch_config)

@@ -34,6 +34,7 @@ execute / not found, 128+N killed by signal N, 130 after Ctrl-C).
 
 
 @click.group(
+    name="jmp",
     cls=JmpGroup,
     commands={
         "run": "jumpstarter.cli.run:run",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 
@@ -76,23 +75,14 @@ async def _run(protocol, node_name, session_name, argv, spec, grace) -> int:
                         tg.start_soon(task.stop, grace if first else 0)
 
             tg.start_soon(on_signals)
-            fds = {"stdout": sys.stdout.fileno(), "stderr": sys.stderr.fileno()}
+            streams = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
             async for chunk in task.output():
-                _write_all(fds[chunk.stream], chunk.data)
+                stream = streams[chunk.stream]
+                stream.write(chunk.data)
+                stream.flush()
             tg.cancel_scope.cancel()
         end = task.end
         assert end is not None
         if interrupted:
             return 128 + interrupted
         return task_exit_code(end.state.value, end.exit_code)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[os.write(fd, view) :]
-        except BlockingIOError:
-            import select
-
-            select.select([], [fd], [])

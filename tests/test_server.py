@@ -1,0 +1,70 @@
+"""The node server's dispatcher: malformed input gets an Error reply, never a crash."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anyio
+import pytest
+from jumpstarter.config import Config, NodeConfig
+from jumpstarter.protocol import JumpStarterProtocol
+from jumpstarter_protocol import (
+    InitializeConnection,
+    NewTask,
+    Ping,
+    TaskSpec,
+    decode,
+    encode,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def server(data_dir: Path):
+    protocol = JumpStarterProtocol(Config(data_dir=data_dir))
+    node_server = protocol.make_node_server(NodeConfig(name="local"))
+    async with anyio.create_task_group() as tg:
+        await tg.start(node_server.run)
+        yield node_server
+        node_server.close()
+
+
+async def test_malformed_frames_get_an_error_and_the_server_keeps_serving(server) -> None:
+    conn = server.connect()
+    cases = {
+        b"": ("bad_request", "truncated message"),
+        b"\x00\x00\x00\x10{}": ("bad_request", "truncated message"),
+        b"\x00\x00\x00\x02{}": ("bad_request", "invalid message"),
+        b'\x00\x00\x00\x0f{"type":"nope"}': ("bad_request", None),
+        b"\x00" * (17 * 1024 * 1024): ("too_large", "message of 17825792 bytes exceeds the limit of 16777216 bytes"),
+    }
+    for frame, (code, message) in cases.items():
+        reply = decode(await conn.handle_bytes(frame))
+        assert reply.type == "error" and reply.code == code
+        if message is not None:
+            assert reply.message.startswith(message)  # exact texts: test_protocol.py
+    assert decode(await conn.handle_bytes(encode(Ping()))).type == "pong"
+
+
+async def test_requests_before_the_handshake_are_refused(server) -> None:
+    conn = server.connect()
+    reply = await conn.handle(NewTask(spec=TaskSpec(argv=["true"])))
+    assert (reply.type, reply.code, reply.message) == ("error", "unauthorized", "send initialize_connection first")
+    await conn.handle(InitializeConnection(session_id="s1", session_name="s"))
+    reply = await conn.handle(NewTask(spec=TaskSpec(argv=["true"])))
+    assert (reply.code, reply.message) == ("conflict", "this session does not hold node 'local'; connect first")
+
+
+async def test_a_version_outside_the_range_is_refused(server) -> None:
+    conn = server.connect()
+    reply = await conn.handle(InitializeConnection(session_id="s1", session_name="s", min_version=7, max_version=9))
+    assert reply.code == "version_mismatch"
+    assert reply.message == "protocol version mismatch: the client speaks 7..9, this side 1..1"
+
+
+async def test_a_reply_is_not_a_request(server) -> None:
+    from jumpstarter_protocol import Pong
+
+    reply = await server.connect().handle(Pong())
+    assert (reply.code, reply.message) == ("bad_request", "pong is not a request")
