@@ -107,3 +107,10 @@ class Transport(ABC):
     @abstractmethod
     async def aclose(self) -> None:
         """Close the connection. Tasks on the node go on running."""
+
+    @classmethod
+    async def serve(cls, server: NodeServer, options: dict[str, object]) -> None:
+        """Serve ``server`` to clients of this transport until cancelled (``jmp node
+        serve``). ``options`` come from the command line (listen address, TLS files,
+        token…). Transports that only reach nodes need not implement it."""
+        raise NotImplementedError(f"transport {cls.__name__} cannot serve a node")

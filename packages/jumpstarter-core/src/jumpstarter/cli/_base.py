@@ -27,12 +27,30 @@ EXIT_NOT_FOUND_COMMAND = 127
 
 class JmpGroup(click.Group):
     """A group whose built-in commands are imported on first use and whose plugin
-    commands come from the ``jmp_register_commands`` hook."""
+    commands come from the ``jmp_register_commands`` hook.
 
-    def __init__(self, *args: Any, commands: dict[str, str] | None = None, **kwargs: Any) -> None:
+    ``commands`` maps a name to ``("module:attribute", "short help")``: the short help
+    is what ``--help`` lists, so listing imports nothing."""
+
+    def __init__(self, *args: Any, commands: dict[str, tuple[str, str]] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.lazy = dict(commands or {})
+        self.lazy = {name: target for name, (target, _) in (commands or {}).items()}
+        self.short_help = {name: text for name, (_, text) in (commands or {}).items()}
         self._plugins_loaded = False
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in self.commands:
+                command = self.commands[name]
+                if command.hidden:
+                    continue
+                rows.append((name, command.get_short_help_str(formatter.width - 6 - len(name))))
+            else:
+                rows.append((name, self.short_help[name]))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         self._load_plugin_commands(ctx)
@@ -50,6 +68,8 @@ class JmpGroup(click.Group):
         return self.commands.get(name)
 
     def _load_plugin_commands(self, ctx: click.Context) -> None:
+        if self._plugins_loaded or ctx.parent is not None:  # plugins add top-level commands only
+            return
         if self._plugins_loaded:
             return
         self._plugins_loaded = True
@@ -138,3 +158,24 @@ def task_exit_code(state: str, exit_code: int | None) -> int:
     if exit_code < 0:
         return 128 - exit_code
     return exit_code
+
+
+def call_node(
+    state: State,
+    fn: Callable[[Any], Any],
+    *,
+    node: str | None = None,
+    session: str = "cli",
+    lease: bool = False,
+) -> Any:
+    """Connect to ``node`` in a session named ``session`` and return ``await fn(node)``.
+
+    ``lease=False`` is enough to read status, output and results; commands that start
+    or stop tasks take the lease."""
+    import anyio
+
+    async def main() -> Any:
+        async with state.protocol.create_async_session(session) as s:
+            return await fn(await s.connect(node, lease=lease))
+
+    return anyio.run(main)

@@ -1,0 +1,18 @@
+"""``jmp node``: the nodes, what they say of themselves, and serving one."""
+
+from __future__ import annotations
+
+import click
+
+from ._base import JmpGroup
+
+
+@click.group(
+    cls=JmpGroup,
+    commands={
+        "info": ("jumpstarter.cli.node_info:info", "What a node says of itself (FetchConfig)."),
+        "serve": ("jumpstarter.cli.node_serve:serve", "Serve this machine as a node to other machines."),
+    },
+)
+def node() -> None:
+    """Nodes: describe one, or serve this machine as one."""

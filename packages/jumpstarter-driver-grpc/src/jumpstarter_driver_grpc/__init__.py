@@ -1,0 +1,1 @@
+"""Jumpstarter gRPC transport."""

@@ -1,0 +1,1 @@
+"""The plugin module named by this package's ``jmp.plugins`` entry point."""

@@ -1,0 +1,1 @@
+"""pytest plugin recording tests as Jumpstarter results."""
