@@ -515,7 +515,11 @@ def open_store(url: str) -> Store:
     ``sqlite:////absolute/path`` or a plain file path."""
     if url.startswith("sqlite:///"):
         return SQLiteStore(Path(url.removeprefix("sqlite:///")))
+    if url.startswith(("postgresql://", "postgres://")):
+        from .store_postgres import PostgresStore
+
+        return PostgresStore(url)
     if "://" in url:
         scheme = url.split("://", 1)[0]
-        raise ConfigError(f"unsupported store URL scheme {scheme!r} in {url!r}; use sqlite:///PATH")
+        raise ConfigError(f"unsupported store URL scheme {scheme!r} in {url!r}; use sqlite:///PATH or postgresql://…")
     return SQLiteStore(Path(url))

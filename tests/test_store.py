@@ -1,0 +1,128 @@
+"""The store contract, run against every backend (SQLite, PostgreSQL)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import anyio
+import pytest
+from jumpstarter.errors import BadRequest, NotFound
+from jumpstarter.store import Store, open_store
+from jumpstarter_protocol import Outcome, QueryResults, ResultSpec, TaskInfo, TaskSpec, TaskState
+
+from stores import postgres_url, store_url  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path):
+    s = open_store(store_url(request.param, tmp_path, request))
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.aclose()
+
+
+def _task(task_id: str, session: str = "s1", node: str = "n1") -> TaskInfo:
+    return TaskInfo(
+        id=task_id,
+        node=node,
+        session_id=session,
+        spec=TaskSpec(argv=["true"]),
+        state=TaskState.PENDING,
+        created_at=datetime.now(UTC),
+    )
+
+
+async def test_task_states_only_move_forward(store: Store) -> None:
+    await store.add_session("s1", "nightly", "test")
+    await store.add_session("s1", "renamed?", "test")  # same id: nothing changes
+    await store.create_task(_task("t1"))
+    running = await store.mark_running("t1", 123, "host:1")
+    assert running.state is TaskState.RUNNING and running.started_at is not None
+    done = await store.finish_task("t1", TaskState.SUCCEEDED, 0)
+    assert (done.state, done.exit_code) == (TaskState.SUCCEEDED, 0)
+    again = await store.finish_task("t1", TaskState.LOST, None, "late")
+    assert (again.state, again.message) == (TaskState.SUCCEEDED, None)
+    assert (await store.mark_running("t1", 1, "x")).state is TaskState.SUCCEEDED
+    with pytest.raises(NotFound, match="^no task with id 'nope'$"):
+        await store.get_task("nope")
+    assert [t.id for t in await store.list_tasks(session="nightly")] == ["t1"]
+    assert await store.list_tasks(session="nightly", states=[TaskState.RUNNING]) == []
+
+
+async def test_running_tasks_and_pending_delete(store: Store) -> None:
+    await store.add_session("s1", "x", "test")
+    for task_id in ("a", "b"):
+        await store.create_task(_task(task_id))
+    await store.mark_running("a", 1, "host:42")
+    assert [(t.id, agent) for t, agent in await store.running_tasks("n1")] == [("a", "host:42")]
+    await store.delete_pending_task("a")  # running: stays
+    await store.delete_pending_task("b")
+    assert sorted(t.id for t in await store.list_tasks()) == ["a"]
+
+
+async def test_results_batches_query_filters_and_paging(store: Store) -> None:
+    await store.add_session("s1", "nightly", "test")
+    await store.add_session("s2", "weekly", "test")
+    t1, t2 = _task("t1"), _task("t2", session="s2", node="n2")
+    await store.create_task(t1)
+    await store.create_task(t2)
+    specs = [
+        ResultSpec(name=f"suite/case{i}", outcome=Outcome.FAILED if i % 3 == 0 else Outcome.PASSED,
+                   duration=0.5, labels={"board": "rpi4" if i % 2 else "x86"})
+        for i in range(10)
+    ]
+    stored = await store.add_results(t1, specs)
+    assert [r.id for r in stored] == sorted(r.id for r in stored)
+    await store.add_results(t2, [ResultSpec(name="other/one", outcome=Outcome.SKIPPED, metrics={"t": {"value": 1, "unit": "s"}})])
+
+    everything = await store.query_results(QueryResults())
+    assert everything.summary.total == 11
+    failed = await store.query_results(QueryResults(task_id="t1", outcomes=[Outcome.FAILED]))
+    assert [r.name for r in failed.results] == ["suite/case0", "suite/case3", "suite/case6", "suite/case9"]
+    assert failed.summary.outcomes == {Outcome.FAILED: 4} and failed.summary.duration == pytest.approx(2.0)
+    assert (await store.query_results(QueryResults(session="weekly"))).results[0].metrics["t"].unit == "s"
+    assert (await store.query_results(QueryResults(node="n2"))).summary.total == 1
+    assert (await store.query_results(QueryResults(name="suite/case[12]"))).summary.total == 2
+    assert (await store.query_results(QueryResults(name="*one"))).summary.total == 1
+    assert (await store.query_results(QueryResults(name="suite/case?"))).summary.total == 10
+    assert (await store.query_results(QueryResults(labels={"board": "rpi4"}))).summary.total == 5
+    future = datetime.now(UTC) + timedelta(hours=1)
+    assert (await store.query_results(QueryResults(since=future))).summary.total == 0
+    assert (await store.query_results(QueryResults(until=future))).summary.total == 11
+
+    names, cursor = [], None
+    while True:
+        page = await store.query_results(QueryResults(task_id="t1", limit=3, cursor=cursor))
+        assert page.summary.total == 10  # the summary covers every match, not the page
+        names += [r.name for r in page.results]
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert names == [f"suite/case{i}" for i in range(10)]
+    with pytest.raises(BadRequest, match="^invalid cursor 'x'$"):
+        await store.query_results(QueryResults(cursor="x"))
+    with pytest.raises(NotFound, match="^no session named 'monthly'$"):
+        await store.query_results(QueryResults(session="monthly"))
+
+
+async def test_a_failed_batch_adds_nothing(store: Store) -> None:
+    with pytest.raises(NotFound):
+        await store.add_results(_task("ghost"), [ResultSpec(name="a", outcome=Outcome.PASSED)])
+    assert (await store.query_results(QueryResults())).summary.total == 0
+
+
+async def test_two_stores_opening_at_once_migrate_once(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    for kind in ("sqlite", "postgres"):
+        url = store_url(kind, tmp_path, request)
+        stores = [open_store(url) for _ in range(4)]
+        async with anyio.create_task_group() as tg:
+            for s in stores:
+                tg.start_soon(s.open)
+        await stores[0].add_session("s", "n", "c")
+        for s in stores:
+            await s.aclose()
