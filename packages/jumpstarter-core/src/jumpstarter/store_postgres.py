@@ -98,6 +98,48 @@ _MIGRATIONS: list[str] = [
     CREATE INDEX results_name ON results (name text_pattern_ops, created_at);
     CREATE INDEX results_created ON results (created_at);
     """,
+    # 2: the node registry and leases by selector.
+    """
+    CREATE TABLE nodes (
+        name TEXT PRIMARY KEY,
+        labels JSONB NOT NULL DEFAULT '{}',
+        endpoint TEXT,
+        transport TEXT NOT NULL,
+        driver TEXT NOT NULL,
+        agent TEXT,
+        registered_at DOUBLE PRECISION NOT NULL,
+        last_seen DOUBLE PRECISION NOT NULL
+    );
+
+    CREATE TABLE leases (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        node TEXT NOT NULL REFERENCES nodes (name),
+        session_id TEXT NOT NULL,
+        session_name TEXT NOT NULL,
+        holder TEXT,
+        since DOUBLE PRECISION NOT NULL,
+        expires_at DOUBLE PRECISION,
+        keepalive_at DOUBLE PRECISION NOT NULL,
+        ended_at DOUBLE PRECISION,
+        end_reason TEXT,
+        request_id BIGINT
+    );
+    -- The schema itself forbids two live leases on one node.
+    CREATE UNIQUE INDEX leases_one_live_per_node ON leases (node) WHERE ended_at IS NULL;
+    CREATE INDEX leases_session ON leases (session_id) WHERE ended_at IS NULL;
+
+    CREATE TABLE lease_requests (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        selector JSONB NOT NULL,
+        session_id TEXT NOT NULL,
+        session_name TEXT NOT NULL,
+        holder TEXT,
+        duration DOUBLE PRECISION,
+        requested_at DOUBLE PRECISION NOT NULL,
+        keepalive_at DOUBLE PRECISION NOT NULL,
+        lease_id BIGINT REFERENCES leases (id)
+    );
+    """,
 ]
 
 

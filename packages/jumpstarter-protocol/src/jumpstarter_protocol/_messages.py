@@ -6,11 +6,11 @@ are discriminated unions over them, so any transport carries the same bytes.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 PROTOCOL_VERSION = 1
 """The version this package speaks. A node and a client agree on one version in the
@@ -24,8 +24,27 @@ Name = Annotated[str, Field(min_length=1, max_length=512)]
 Id = Annotated[str, Field(min_length=1, max_length=128)]
 
 
+def _to_utc(value: datetime) -> datetime:
+    # JSON carries UTC offsets in whole minutes only, so an offset like a zone's
+    # historical +00:19:32 would silently move the instant on the wire; UTC is exact.
+    if value.tzinfo is None:
+        return value
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("datetime is out of range once converted to UTC") from None
+
+
+Timestamp = Annotated[datetime, AfterValidator(_to_utc)]
+"""A point in time; aware datetimes are held (and travel) in UTC."""
+
+
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=False, ser_json_bytes="base64")
+    # JSON has no inf or NaN: pydantic would write them as null, and a timeout of inf
+    # would arrive as "no timeout", so they are refused when a message is built.
+    model_config = ConfigDict(
+        extra="forbid", frozen=False, ser_json_bytes="base64", allow_inf_nan=False
+    )
 
 
 # --- values carried by several messages ---------------------------------------------
@@ -109,9 +128,9 @@ class TaskInfo(_Model):
     state: TaskState
     exit_code: int | None = None
     message: str | None = None
-    created_at: datetime
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    created_at: Timestamp
+    started_at: Timestamp | None = None
+    finished_at: Timestamp | None = None
 
 
 class Metric(_Model):
@@ -128,8 +147,8 @@ class ResultSpec(_Model):
     message: str | None = None
     metrics: dict[str, Metric] = Field(default_factory=dict)
     labels: Labels = Field(default_factory=dict)
-    started_at: datetime | None = None
-    finished_at: datetime | None = None
+    started_at: Timestamp | None = None
+    finished_at: Timestamp | None = None
 
 
 class Result(ResultSpec):
@@ -139,7 +158,7 @@ class Result(ResultSpec):
     task_id: Id
     session_id: str | None = None
     node: str | None = None
-    created_at: datetime
+    created_at: Timestamp
 
 
 class ResultSummary(_Model):
@@ -236,8 +255,8 @@ class QueryResults(_Model):
     node: str | None = None
     outcomes: list[Outcome] | None = None
     name: str | None = Field(default=None, description="a glob: * ? [...]")
-    since: datetime | None = None
-    until: datetime | None = None
+    since: Timestamp | None = None
+    until: Timestamp | None = None
     labels: Labels = Field(default_factory=dict)
     limit: int = Field(default=1000, ge=1, le=100_000)
     cursor: str | None = None
@@ -301,13 +320,13 @@ class ConnectionEstablished(_Model):
     type: Literal["connection_established"] = "connection_established"
     node: NodeInfo
     lease_id: Id
-    expires_at: datetime | None = None
+    expires_at: Timestamp | None = None
 
 
 class TaskStarted(_Model):
     type: Literal["task_started"] = "task_started"
     task_id: Id
-    started_at: datetime
+    started_at: Timestamp
     pid: int | None = None
 
 

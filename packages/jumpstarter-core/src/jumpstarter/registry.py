@@ -1,0 +1,355 @@
+"""The node registry and leases by selector, kept in a shared PostgreSQL store.
+
+Every node agent (``jmp node serve --store postgresql://…``) registers its node and
+sends a heartbeat; every client that wants "any free node with board=rpi4" asks the
+registry for a lease. The database is the only coordinator:
+
+- A lease is a row in ``leases``; a partial unique index allows one live lease per
+  node, so no node is ever leased twice, whatever the clients do.
+- Requests wait in ``lease_requests`` and are granted in the order they arrived
+  (FIFO) by a scheduling pass that runs under a transaction-scoped advisory lock;
+  any waiting client may run it.
+- A lease ends on release, when its duration runs out, or when its holder stops
+  sending keep-alives. A node whose heartbeat stops is offline: its lease ends and
+  its running tasks are marked ``lost``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from .errors import Conflict, NotFound
+
+HEARTBEAT_INTERVAL = 2.0
+"""Seconds between two heartbeats of a node agent, and two keep-alives of a client."""
+HEARTBEAT_TIMEOUT = 10.0
+"""A node not heard of for this long is offline; a lease or request not kept alive
+for this long ends."""
+
+_SCHEDULE_LOCK = 7413520922
+
+
+@dataclass
+class LeaseRecord:
+    id: int
+    node: str
+    session_id: str
+    session_name: str
+    holder: str | None
+    since: float
+    expires_at: float | None
+
+
+@dataclass
+class NodeRecord:
+    name: str
+    labels: dict[str, str]
+    endpoint: str | None
+    transport: str
+    driver: str
+    agent: str | None
+    last_seen: float
+    online: bool
+    lease: LeaseRecord | None = None
+    status: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.status = "offline" if not self.online else ("leased" if self.lease else "free")
+
+
+def format_selector(selector: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(selector.items())) or "(any)"
+
+
+class NodeRegistry:
+    """Nodes and leases in a :class:`~jumpstarter.store_postgres.PostgresStore`."""
+
+    def __init__(self, store: Any, *, heartbeat_timeout: float = HEARTBEAT_TIMEOUT) -> None:
+        self.store = store
+        self.pool = store._pool
+        self.heartbeat_timeout = heartbeat_timeout
+
+    # --- nodes ---------------------------------------------------------------------
+
+    async def register(
+        self,
+        name: str,
+        *,
+        labels: dict[str, str],
+        endpoint: str | None,
+        transport: str,
+        driver: str,
+        agent: str,
+    ) -> None:
+        """Add or refresh the node ``name``; it is online from now on."""
+        now = time.time()
+        async with self.pool.connection() as db:
+            await db.execute(
+                "INSERT INTO nodes (name, labels, endpoint, transport, driver, agent, registered_at, last_seen)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (name) DO UPDATE SET labels = EXCLUDED.labels, endpoint = EXCLUDED.endpoint,"
+                " transport = EXCLUDED.transport, driver = EXCLUDED.driver, agent = EXCLUDED.agent,"
+                " last_seen = EXCLUDED.last_seen",
+                (name, json.dumps(labels), endpoint, transport, driver, agent, now, now),
+            )
+
+    async def heartbeat(self, name: str) -> None:
+        async with self.pool.connection() as db:
+            await db.execute("UPDATE nodes SET last_seen = %s WHERE name = %s", (time.time(), name))
+
+    async def go_offline(self, name: str) -> None:
+        """The agent stops serving: the node is offline at once."""
+        async with self.pool.connection() as db:
+            await db.execute("UPDATE nodes SET last_seen = 0 WHERE name = %s", (name,))
+
+    async def nodes(self) -> list[NodeRecord]:
+        await self.sweep()
+        now = time.time()
+        async with self.pool.connection() as db:
+            rows = await (
+                await db.execute(
+                    "SELECT n.name, n.labels, n.endpoint, n.transport, n.driver, n.agent, n.last_seen,"
+                    " l.id, l.session_id, l.session_name, l.holder, l.since, l.expires_at"
+                    " FROM nodes n LEFT JOIN leases l ON l.node = n.name AND l.ended_at IS NULL"
+                    " ORDER BY n.name"
+                )
+            ).fetchall()
+        return [
+            NodeRecord(
+                name=r[0],
+                labels=r[1],
+                endpoint=r[2],
+                transport=r[3],
+                driver=r[4],
+                agent=r[5],
+                last_seen=r[6],
+                online=r[6] >= now - self.heartbeat_timeout,
+                lease=LeaseRecord(r[7], r[0], r[8], r[9], r[10], r[11], r[12]) if r[7] else None,
+            )
+            for r in rows
+        ]
+
+    async def node(self, name: str) -> NodeRecord:
+        for record in await self.nodes():
+            if record.name == name:
+                return record
+        raise NotFound(f"no node named {name!r} in the registry")
+
+    # --- leases ---------------------------------------------------------------------
+
+    async def acquire(
+        self,
+        selector: dict[str, str],
+        *,
+        session_id: str,
+        session_name: str,
+        holder: str | None = None,
+        duration: float | None = None,
+        wait: float | None = None,
+    ) -> tuple[LeaseRecord, NodeRecord]:
+        """Lease any free online node whose labels include ``selector``; wait up to
+        ``wait`` seconds, in FIFO order with other waiters. :class:`NotFound` when no
+        node matches at all, :class:`Conflict` when all matching nodes stay busy."""
+        matching = [n for n in await self.nodes() if _matches(n.labels, selector)]
+        if not matching:
+            raise NotFound(f"no node matches {format_selector(selector)}")
+        now = time.time()
+        async with self.pool.connection() as db:
+            (request_id,) = await (
+                await db.execute(
+                    "INSERT INTO lease_requests (selector, session_id, session_name, holder, duration,"
+                    " requested_at, keepalive_at) VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                    (json.dumps(selector), session_id, session_name, holder, duration, now, now),
+                )
+            ).fetchone()
+        deadline = time.monotonic() + (wait or 0)
+        delay = 0.02
+        try:
+            while True:
+                await self._schedule()
+                async with self.pool.connection() as db:
+                    row = await (
+                        await db.execute(
+                            "UPDATE lease_requests SET keepalive_at = %s WHERE id = %s RETURNING lease_id",
+                            (time.time(), request_id),
+                        )
+                    ).fetchone()
+                if row is not None and row[0] is not None:
+                    lease = await self._lease(row[0])
+                    return lease, await self.node(lease.node)
+                if time.monotonic() >= deadline:
+                    busy = ", ".join(f"{n.name} ({n.status})" for n in matching)
+                    raise Conflict(
+                        f"no free node matches {format_selector(selector)}"
+                        + (f" after waiting {wait:g}s" if wait else "")
+                        + f": {busy}"
+                    )
+                await anyio.sleep(min(delay, max(deadline - time.monotonic(), 0)))
+                delay = min(delay * 2, 0.25)
+        finally:
+            with anyio.CancelScope(shield=True):
+                async with self.pool.connection() as db:
+                    await db.execute("DELETE FROM lease_requests WHERE id = %s", (request_id,))
+
+    async def lease_node(
+        self, node: str, *, session_id: str, session_name: str, holder: str | None = None,
+        duration: float | None = None,
+    ) -> LeaseRecord:
+        """Lease the node named ``node`` for this session, now or :class:`Conflict`.
+        A session that holds it already gets its lease back."""
+        await self.sweep()
+        now = time.time()
+        async with self.pool.connection() as db, db.transaction():
+            await db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEDULE_LOCK,))
+            live = await (
+                await db.execute(
+                    "SELECT id, session_id, session_name, since FROM leases WHERE node = %s AND ended_at IS NULL",
+                    (node,),
+                )
+            ).fetchone()
+            if live is not None:
+                if live[1] == session_id:
+                    return await self._lease(live[0], db)
+                since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(live[3]))
+                raise Conflict(
+                    f"node {node!r} is leased by session {live[2]!r} ({live[1]}) since {since}",
+                    details={"session_id": live[1], "since": since},
+                )
+            (lease_id,) = await (
+                await db.execute(
+                    "INSERT INTO leases (node, session_id, session_name, holder, since, expires_at, keepalive_at)"
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                    (node, session_id, session_name, holder, now, now + duration if duration else None, now),
+                )
+            ).fetchone()
+            return await self._lease(lease_id, db)
+
+    async def live_lease(self, node: str) -> LeaseRecord | None:
+        """The live lease on ``node``, if any."""
+        await self.sweep()
+        async with self.pool.connection() as db:
+            row = await (
+                await db.execute("SELECT id FROM leases WHERE node = %s AND ended_at IS NULL", (node,))
+            ).fetchone()
+        return await self._lease(row[0]) if row else None
+
+    async def keepalive(self, lease_id: int) -> bool:
+        """Keep a lease alive; False if it has ended."""
+        async with self.pool.connection() as db:
+            row = await (
+                await db.execute(
+                    "UPDATE leases SET keepalive_at = %s WHERE id = %s AND ended_at IS NULL RETURNING id",
+                    (time.time(), lease_id),
+                )
+            ).fetchone()
+        return row is not None
+
+    async def release(self, lease_id: int, reason: str = "released") -> bool:
+        """End a lease; False if it had ended already."""
+        async with self.pool.connection() as db:
+            row = await (
+                await db.execute(
+                    "UPDATE leases SET ended_at = %s, end_reason = %s WHERE id = %s AND ended_at IS NULL"
+                    " RETURNING id",
+                    (time.time(), reason, lease_id),
+                )
+            ).fetchone()
+        return row is not None
+
+    async def leases(self) -> list[LeaseRecord]:
+        await self.sweep()
+        async with self.pool.connection() as db:
+            rows = await (
+                await db.execute(
+                    "SELECT id, node, session_id, session_name, holder, since, expires_at FROM leases"
+                    " WHERE ended_at IS NULL ORDER BY since"
+                )
+            ).fetchall()
+        return [LeaseRecord(*row) for row in rows]
+
+    async def _lease(self, lease_id: int, db: Any = None) -> LeaseRecord:
+        sql = "SELECT id, node, session_id, session_name, holder, since, expires_at FROM leases WHERE id = %s"
+        if db is None:
+            async with self.pool.connection() as db:
+                row = await (await db.execute(sql, (lease_id,))).fetchone()
+        else:
+            row = await (await db.execute(sql, (lease_id,))).fetchone()
+        if row is None:
+            raise NotFound(f"no lease with id {lease_id}")
+        return LeaseRecord(*row)
+
+    # --- housekeeping ------------------------------------------------------------------
+
+    async def sweep(self) -> None:
+        """End what has run out: leases past their duration or keep-alive, requests
+        no longer kept alive, and nodes not heard of (their running tasks: ``lost``)."""
+        now = time.time()
+        stale = now - self.heartbeat_timeout
+        async with self.pool.connection() as db, db.transaction():
+            await db.execute(
+                "UPDATE leases SET ended_at = %s, end_reason = 'expired'"
+                " WHERE ended_at IS NULL AND expires_at IS NOT NULL AND expires_at <= %s",
+                (now, now),
+            )
+            await db.execute(
+                "UPDATE leases SET ended_at = %s, end_reason = 'holder gone'"
+                " WHERE ended_at IS NULL AND keepalive_at < %s",
+                (now, stale),
+            )
+            await db.execute(
+                "UPDATE leases SET ended_at = %s, end_reason = 'node offline' WHERE ended_at IS NULL"
+                " AND node IN (SELECT name FROM nodes WHERE last_seen < %s)",
+                (now, stale),
+            )
+            await db.execute("DELETE FROM lease_requests WHERE lease_id IS NULL AND keepalive_at < %s", (stale,))
+            await db.execute(
+                "UPDATE tasks SET state = 'lost', message = 'the node went offline', finished_at = %s"
+                " WHERE state = 'running' AND node IN (SELECT name FROM nodes WHERE last_seen < %s)",
+                (now, stale),
+            )
+
+    async def _schedule(self) -> None:
+        """Grant waiting requests in arrival order, each the first free matching node."""
+        await self.sweep()
+        now = time.time()
+        stale = now - self.heartbeat_timeout
+        async with self.pool.connection() as db, db.transaction():
+            await db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEDULE_LOCK,))
+            waiting = await (
+                await db.execute(
+                    "SELECT id, selector, session_id, session_name, holder, duration FROM lease_requests"
+                    " WHERE lease_id IS NULL ORDER BY id"
+                )
+            ).fetchall()
+            if not waiting:
+                return
+            free = await (
+                await db.execute(
+                    "SELECT name, labels FROM nodes WHERE last_seen >= %s AND name NOT IN"
+                    " (SELECT node FROM leases WHERE ended_at IS NULL) ORDER BY name",
+                    (stale,),
+                )
+            ).fetchall()
+            for request_id, selector, session_id, session_name, holder, duration in waiting:
+                pick = next((n for n in free if _matches(n[1], selector)), None)
+                if pick is None:
+                    continue
+                free.remove(pick)
+                (lease_id,) = await (
+                    await db.execute(
+                        "INSERT INTO leases (node, session_id, session_name, holder, since, expires_at,"
+                        " keepalive_at, request_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                        (pick[0], session_id, session_name, holder, now, now + duration if duration else None,
+                         now, request_id),
+                    )
+                ).fetchone()
+                await db.execute("UPDATE lease_requests SET lease_id = %s WHERE id = %s", (lease_id, request_id))
+
+
+def _matches(labels: dict[str, str], selector: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
