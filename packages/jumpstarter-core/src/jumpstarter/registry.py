@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import psycopg
 
 from .errors import Conflict, NotFound
 
@@ -32,6 +33,8 @@ HEARTBEAT_TIMEOUT = 10.0
 for this long ends."""
 
 _SCHEDULE_LOCK = 7413520922
+_CHANNEL = "jmp_leases"
+_SWEEP_EVERY = 0.5
 
 
 @dataclass
@@ -73,6 +76,7 @@ class NodeRegistry:
         self.store = store
         self.pool = store._pool
         self.heartbeat_timeout = heartbeat_timeout
+        self._swept = 0.0
 
     # --- nodes ---------------------------------------------------------------------
 
@@ -134,6 +138,17 @@ class NodeRegistry:
             for r in rows
         ]
 
+    async def _node(self, lease: LeaseRecord) -> NodeRecord:
+        """The node ``lease`` holds (one query, no sweep: the lease is fresh)."""
+        async with self.pool.connection() as db:
+            r = await (
+                await db.execute(
+                    "SELECT name, labels, endpoint, transport, driver, agent, last_seen FROM nodes WHERE name = %s",
+                    (lease.node,),
+                )
+            ).fetchone()
+        return NodeRecord(*r, online=True, lease=lease)
+
     async def node(self, name: str) -> NodeRecord:
         for record in await self.nodes():
             if record.name == name:
@@ -155,9 +170,6 @@ class NodeRegistry:
         """Lease any free online node whose labels include ``selector``; wait up to
         ``wait`` seconds, in FIFO order with other waiters. :class:`NotFound` when no
         node matches at all, :class:`Conflict` when all matching nodes stay busy."""
-        matching = [n for n in await self.nodes() if _matches(n.labels, selector)]
-        if not matching:
-            raise NotFound(f"no node matches {format_selector(selector)}")
         now = time.time()
         async with self.pool.connection() as db:
             (request_id,) = await (
@@ -168,33 +180,47 @@ class NodeRegistry:
                 )
             ).fetchone()
         deadline = time.monotonic() + (wait or 0)
-        delay = 0.02
         try:
-            while True:
-                await self._schedule()
-                async with self.pool.connection() as db:
-                    row = await (
-                        await db.execute(
-                            "UPDATE lease_requests SET keepalive_at = %s WHERE id = %s RETURNING lease_id",
-                            (time.time(), request_id),
-                        )
-                    ).fetchone()
-                if row is not None and row[0] is not None:
-                    lease = await self._lease(row[0])
-                    return lease, await self.node(lease.node)
-                if time.monotonic() >= deadline:
-                    busy = ", ".join(f"{n.name} ({n.status})" for n in matching)
-                    raise Conflict(
-                        f"no free node matches {format_selector(selector)}"
-                        + (f" after waiting {wait:g}s" if wait else "")
-                        + f": {busy}"
-                    )
-                await anyio.sleep(min(delay, max(deadline - time.monotonic(), 0)))
-                delay = min(delay * 2, 0.25)
+            granted = await self._schedule(request_id)
+            if granted is None:
+                # Wait on a connection of our own: whoever frees a node runs the
+                # scheduling pass and notifies the request it granted (LISTEN/NOTIFY);
+                # the timeout makes us look again, for leases that ran out.
+                async with await psycopg.AsyncConnection.connect(self.store.url, autocommit=True) as listener:
+                    await listener.execute(f"LISTEN {_CHANNEL}_{request_id}")
+                    granted = await self._granted(request_id)
+                    while granted is None:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise await self._unavailable(selector, wait)
+                        heard = False
+                        async for _ in listener.notifies(timeout=min(left, 1.0), stop_after=1):
+                            heard = True
+                        granted = await (self._granted(request_id) if heard else self._schedule(request_id))
+            lease = await self._lease(granted)
+            return lease, await self._node(lease)
         finally:
             with anyio.CancelScope(shield=True):
                 async with self.pool.connection() as db:
                     await db.execute("DELETE FROM lease_requests WHERE id = %s", (request_id,))
+
+    async def _granted(self, request_id: int) -> int | None:
+        async with self.pool.connection() as db:
+            row = await (
+                await db.execute(
+                    "UPDATE lease_requests SET keepalive_at = %s WHERE id = %s RETURNING lease_id",
+                    (time.time(), request_id),
+                )
+            ).fetchone()
+        return row[0] if row else None
+
+    async def _unavailable(self, selector: dict[str, str], wait: float | None) -> Exception:
+        matching = [n for n in await self.nodes() if _matches(n.labels, selector)]
+        if not matching:
+            return NotFound(f"no node matches {format_selector(selector)}")
+        busy = ", ".join(f"{n.name} ({n.status})" for n in matching)
+        waited = f" after waiting {wait:g}s" if wait else ""
+        return Conflict(f"no free node matches {format_selector(selector)}{waited}: {busy}")
 
     async def lease_node(
         self, node: str, *, session_id: str, session_name: str, holder: str | None = None,
@@ -259,6 +285,8 @@ class NodeRegistry:
                     (time.time(), reason, lease_id),
                 )
             ).fetchone()
+        if row is not None:
+            await self._schedule(None)  # hand the node to whoever waits for it
         return row is not None
 
     async def leases(self) -> list[LeaseRecord]:
@@ -288,6 +316,7 @@ class NodeRegistry:
     async def sweep(self) -> None:
         """End what has run out: leases past their duration or keep-alive, requests
         no longer kept alive, and nodes not heard of (their running tasks: ``lost``)."""
+        self._swept = time.monotonic()
         now = time.time()
         stale = now - self.heartbeat_timeout
         async with self.pool.connection() as db, db.transaction():
@@ -313,21 +342,24 @@ class NodeRegistry:
                 (now, stale),
             )
 
-    async def _schedule(self) -> None:
-        """Grant waiting requests in arrival order, each the first free matching node."""
-        await self.sweep()
+    async def _schedule(self, request_id: int | None) -> int | None:
+        """Grant waiting requests in arrival order, each the first free matching node;
+        the lease id granted to ``request_id``, if any."""
+        if time.monotonic() - self._swept >= _SWEEP_EVERY:
+            await self.sweep()
         now = time.time()
         stale = now - self.heartbeat_timeout
         async with self.pool.connection() as db, db.transaction():
             await db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEDULE_LOCK,))
+            if request_id is not None:
+                await db.execute("UPDATE lease_requests SET keepalive_at = %s WHERE id = %s", (now, request_id))
             waiting = await (
                 await db.execute(
-                    "SELECT id, selector, session_id, session_name, holder, duration FROM lease_requests"
-                    " WHERE lease_id IS NULL ORDER BY id"
+                    "SELECT id, selector, session_id, session_name, holder, duration, lease_id"
+                    " FROM lease_requests WHERE lease_id IS NULL OR id = %s ORDER BY id",
+                    (request_id,),
                 )
             ).fetchall()
-            if not waiting:
-                return
             free = await (
                 await db.execute(
                     "SELECT name, labels FROM nodes WHERE last_seen >= %s AND name NOT IN"
@@ -335,20 +367,26 @@ class NodeRegistry:
                     (stale,),
                 )
             ).fetchall()
-            for request_id, selector, session_id, session_name, holder, duration in waiting:
-                pick = next((n for n in free if _matches(n[1], selector)), None)
-                if pick is None:
-                    continue
-                free.remove(pick)
-                (lease_id,) = await (
-                    await db.execute(
-                        "INSERT INTO leases (node, session_id, session_name, holder, since, expires_at,"
-                        " keepalive_at, request_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-                        (pick[0], session_id, session_name, holder, now, now + duration if duration else None,
-                         now, request_id),
-                    )
-                ).fetchone()
-                await db.execute("UPDATE lease_requests SET lease_id = %s WHERE id = %s", (lease_id, request_id))
+            mine = None
+            for rid, selector, session_id, session_name, holder, duration, lease_id in waiting:
+                if lease_id is None:
+                    pick = next((n for n in free if _matches(n[1], selector)), None)
+                    if pick is None:
+                        continue
+                    free.remove(pick)
+                    (lease_id,) = await (
+                        await db.execute(
+                            "INSERT INTO leases (node, session_id, session_name, holder, since, expires_at,"
+                            " keepalive_at, request_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+                            (pick[0], session_id, session_name, holder, now,
+                             now + duration if duration else None, now, rid),
+                        )
+                    ).fetchone()
+                    await db.execute("UPDATE lease_requests SET lease_id = %s WHERE id = %s", (lease_id, rid))
+                    await db.execute(f"NOTIFY {_CHANNEL}_{rid}")  # its waiter may be elsewhere
+                if rid == request_id:
+                    mine = lease_id
+            return mine
 
 
 def _matches(labels: dict[str, str], selector: dict[str, str]) -> bool:

@@ -12,6 +12,7 @@ from ._base import JmpGroup
     commands={
         "info": ("jumpstarter.cli.node_info:info", "What a node says of itself (FetchConfig)."),
         "serve": ("jumpstarter.cli.node_serve:serve", "Serve this machine as a node to other machines."),
+        "list": ("jumpstarter.cli.registry:node_list", "Every registered node: free, leased or offline."),
     },
 )
 def node() -> None:

@@ -1,0 +1,147 @@
+"""``jmp node list`` and ``jmp lease list|release``: the shared registry of a lab.
+
+They need a ``postgresql://`` store (``store`` in the config, or ``JMP_STORE``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import click
+
+from ._base import JmpGroup, State, fail, handle_errors
+
+
+def with_registry(state: State, fn: Callable[[Any], Awaitable[Any]]) -> Any:
+    """Run ``await fn(registry)`` against the configured store's registry."""
+    import anyio
+
+    from ..registry import NodeRegistry
+    from ..store import open_store
+
+    url = state.protocol.config.store_url
+    if not url.startswith(("postgresql://", "postgres://")):
+        fail(f"the node registry needs a postgresql:// store; the store is {url}")
+
+    async def main() -> Any:
+        store = open_store(url)
+        await store.open()
+        try:
+            return await fn(NodeRegistry(store))
+        finally:
+            await store.aclose()
+
+    return anyio.run(main)
+
+
+def _when(epoch: float | None) -> str:
+    return "-" if not epoch else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
+
+
+def _print_table(headers: list[str], rows: list[list[str]]) -> None:
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(*headers)
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+        return
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    for row in [headers, *rows]:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+FORMAT = click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+
+
+@click.command("list")
+@FORMAT
+@click.pass_obj
+@handle_errors
+def node_list(state: State, fmt: str) -> None:
+    """Every registered node: free, leased (by whom, since when) or offline."""
+
+    async def nodes(registry: Any) -> Any:
+        return await registry.nodes()
+
+    records = with_registry(state, nodes)
+    if fmt == "json":
+        click.echo(json.dumps([
+            {
+                "name": n.name, "status": n.status, "labels": n.labels, "endpoint": n.endpoint,
+                "transport": n.transport, "driver": n.driver, "last_seen": n.last_seen,
+                "lease": None if n.lease is None else {
+                    "id": n.lease.id, "session_id": n.lease.session_id,
+                    "session_name": n.lease.session_name, "since": n.lease.since,
+                },
+            }
+            for n in records
+        ], indent=2))
+        return
+    rows = [
+        [
+            n.name,
+            n.status,
+            ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())),
+            f"{n.lease.session_name} since {_when(n.lease.since)}" if n.lease else "-",
+            n.endpoint or "-",
+        ]
+        for n in records
+    ]
+    _print_table(["NODE", "STATUS", "LABELS", "LEASED BY", "ENDPOINT"], rows)
+
+
+@click.group(cls=JmpGroup, commands={
+    "list": ("jumpstarter.cli.registry:lease_list", "Live leases: node, session, since, expiry."),
+    "release": ("jumpstarter.cli.registry:lease_release", "End a lease by id or node name."),
+})
+def lease() -> None:
+    """Leases in the shared registry (a postgresql:// store)."""
+
+
+@click.command("list")
+@FORMAT
+@click.pass_obj
+@handle_errors
+def lease_list(state: State, fmt: str) -> None:
+    """Live leases: node, session, since, expiry."""
+
+    async def leases(registry: Any) -> Any:
+        return await registry.leases()
+
+    records = with_registry(state, leases)
+    if fmt == "json":
+        click.echo(json.dumps([r.__dict__ for r in records], indent=2))
+        return
+    _print_table(
+        ["LEASE", "NODE", "SESSION", "SINCE", "EXPIRES"],
+        [[str(r.id), r.node, f"{r.session_name} ({r.session_id})", _when(r.since), _when(r.expires_at)] for r in records],
+    )
+
+
+@click.command("release")
+@click.argument("lease")
+@click.pass_obj
+@handle_errors
+def lease_release(state: State, lease: str) -> None:
+    """End LEASE (a lease id, or the name of the node it holds)."""
+    from ..errors import NotFound
+
+    async def release(registry: Any) -> int:
+        if lease.isdigit():
+            lease_id = int(lease)
+        else:
+            live = await registry.live_lease(lease)
+            if live is None:
+                raise NotFound(f"no live lease on node {lease!r}")
+            lease_id = live.id
+        if not await registry.release(lease_id, "released by jmp lease release"):
+            raise NotFound(f"no live lease with id {lease_id}")
+        return lease_id
+
+    click.echo(f"released lease {with_registry(state, release)}")
