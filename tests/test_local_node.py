@@ -289,3 +289,15 @@ os._exit(0)  # the agent dies without cleaning up
         info = session.connect(lease=False).task(task_id).status()
         assert info.state is TaskState.LOST
         assert info.message == "the node agent went away"
+
+
+def test_a_session_that_only_reads_leaves_no_trace(protocol: JumpStarterProtocol, data_dir: Path) -> None:
+    with protocol.create_session("writer") as session:
+        session.connect().start(["true"]).wait()
+    with protocol.create_session("reader") as session:
+        node = session.connect(lease=False)
+        node.list_tasks()
+        with pytest.raises(NotFound):
+            node.task("nope").status()
+    with sqlite3.connect(data_dir / "jumpstarter.db") as db:
+        assert [row[0] for row in db.execute("SELECT name FROM sessions")] == ["writer"]

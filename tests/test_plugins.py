@@ -38,7 +38,8 @@ def test_the_local_driver_comes_from_its_entry_point() -> None:
 def test_load_only_and_disable_switches() -> None:
     assert get_plugin_manager(env={"JMP_PLUGINS": ""}).transports == {}
     assert "local" in get_plugin_manager(env={"JMP_PLUGINS": "local"}).transports
-    assert get_plugin_manager(env={"JMP_DISABLE_PLUGINS": "local"}).transports == {}
+    assert "local" not in get_plugin_manager(env={"JMP_DISABLE_PLUGINS": "local"}).transports
+    assert get_plugin_manager(env={"JMP_DISABLE_PLUGINS": "local,grpc"}).transports == {}
     with pytest.raises(PluginError, match="^unknown transport 'local'; installed: none$"):
         get_plugin_manager(env={"JMP_PLUGINS": ""}).transport("local")
 
@@ -133,5 +134,5 @@ def test_unknown_transport_in_config(data_dir: Path) -> None:
     config = Config.model_validate({"data_dir": str(data_dir), "nodes": {"lab": {"transport": "carrier-pigeon"}}})
     protocol = JumpStarterProtocol(config)
     with protocol.create_session("s") as session:
-        with pytest.raises(PluginError, match="^unknown transport 'carrier-pigeon'; installed: local$"):
+        with pytest.raises(PluginError, match="^unknown transport 'carrier-pigeon'; installed: grpc, local$"):
             session.connect("lab")

@@ -24,6 +24,7 @@ from jumpstarter_protocol import (
     REPLY_TYPES,
     REQUEST_TYPES,
     AddResult,
+    CloseTask,
     ConfigData,
     ConnectionEstablished,
     ConnectionInfo,
@@ -32,24 +33,29 @@ from jumpstarter_protocol import (
     ErrorCode,
     FetchConfig,
     GetTaskStatus,
+    HistoryData,
     InitializeConnection,
     JumpstarterError,
+    ListSessions,
     ListTasks,
     Metric,
     NewTask,
     NodeInfo,
     NodeReleased,
+    OpenTask,
     OutputChunk,
     OutputEnd,
     Ping,
     Pong,
     ProtocolError,
+    QueryHistory,
     QueryResults,
     ReadOutput,
     ReleaseNode,
     Result,
     ResultAdded,
     ResultsData,
+    SessionList,
     StartRequest,
     StopTask,
     TaskCreated,
@@ -248,6 +254,10 @@ MESSAGE_STRATEGIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
     ReadOutput: derived(ReadOutput),
     Ping: derived(Ping),
     ReleaseNode: derived(ReleaseNode),
+    OpenTask: derived(OpenTask),
+    CloseTask: derived(CloseTask, state=st.sampled_from([s for s in TaskState if s.finished])),
+    ListSessions: derived(ListSessions),
+    QueryHistory: derived(QueryHistory),
     # replies
     ConfigData: derived(ConfigData),
     ConnectionInfo: derived(ConnectionInfo),
@@ -263,6 +273,8 @@ MESSAGE_STRATEGIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
     OutputEnd: derived(OutputEnd),
     Pong: derived(Pong),
     NodeReleased: derived(NodeReleased),
+    SessionList: derived(SessionList),
+    HistoryData: derived(HistoryData),
     Error: derived(Error),
 }
 any_message = st.one_of(*MESSAGE_STRATEGIES.values())
@@ -273,7 +285,7 @@ by_name = pytest.mark.parametrize("cls", list(MESSAGE_STRATEGIES), ids=lambda cl
 
 
 def test_every_message_type_has_a_strategy() -> None:
-    assert len(MESSAGE_TYPES) == len(set(MESSAGE_TYPES)) == 29
+    assert len(MESSAGE_TYPES) == len(set(MESSAGE_TYPES)) == 35
     assert set(MESSAGE_STRATEGIES) == set(MESSAGE_TYPES)
 
 

@@ -57,6 +57,10 @@ class Config(BaseModel):
     store: str | None = Field(default=None, description="store URL; default: SQLite in data_dir")
     data_dir: Path | None = Field(default=None, description="task output and the SQLite store")
     nodes: dict[str, NodeConfig] = Field(default_factory=dict)
+    registry: NodeConfig = Field(
+        default_factory=NodeConfig,
+        description="token_file and tls_ca for nodes leased by label from the registry",
+    )
     source: Path | None = Field(default=None, exclude=True)
 
     def model_post_init(self, _context: Any) -> None:
@@ -132,6 +136,33 @@ def load_config(
         raise ConfigError(f"{where}: {key}: {error['msg']}") from None
     config.source = source
     return config
+
+
+def resolve_paths(config: Config) -> Config:
+    """A copy of ``config`` with its defaults filled in and every path absolute
+    (``data_dir``, a SQLite ``store``, the paths of each node), so a process started
+    elsewhere (``jmp config show``, a detached task's agent running in ``/``) reads
+    the same files."""
+
+    def absolute(path: Path) -> Path:
+        return Path(os.path.abspath(path))
+
+    def node_paths(node: NodeConfig) -> NodeConfig:
+        paths = {k: absolute(v.expanduser()) for k, v in node.__dict__.items() if isinstance(v, Path)}
+        return node.model_copy(update=paths)
+
+    store = config.store_url
+    if store.startswith("sqlite:///"):
+        store = "sqlite:///" + str(absolute(Path(store.removeprefix("sqlite:///"))))
+    elif "://" not in store:
+        store = str(absolute(Path(store)))
+    update: dict[str, Any] = {"data_dir": absolute(config.data_path), "store": store}
+    for key, value in config.__dict__.items():  # nodes, and any other node-shaped settings
+        if isinstance(value, NodeConfig):
+            update[key] = node_paths(value)
+        elif isinstance(value, dict) and value and all(isinstance(v, NodeConfig) for v in value.values()):
+            update[key] = {name: node_paths(node) for name, node in value.items()}
+    return config.model_copy(update=update)
 
 
 TEMPLATE = """\

@@ -16,7 +16,9 @@ the specs below, found through the ``jmp.plugins`` entry-point group::
 
 Registration hooks hand the plugin a ``register`` function, so the core can check
 names at once. Notification hooks return nothing; an exception in one is a bug in
-that plugin and propagates.
+that plugin and propagates. ``jmp drivers`` shows what each installed plugin
+registers; docs/writing-a-node-driver.md and docs/writing-a-transport.md walk through
+a whole plugin package.
 """
 
 from __future__ import annotations
@@ -43,20 +45,22 @@ hookimpl = pluggy.HookimplMarker("jmp")
 @hookspec
 def jmp_register_transports(register: Callable[[str, type[Transport]], None]) -> None:
     """Register transports: call ``register(name, TransportClass)`` once per
-    transport. Called once, the first time the core needs the list of transports.
-    A node's ``transport = "name"`` in the config picks one."""
+    transport. Called once, the first time the core needs the list of transports
+    (and by ``jmp drivers``, one plugin at a time). A node's ``transport = "name"`` in
+    the config picks one. Returns nothing; ``register`` raises
+    :class:`~jumpstarter.errors.PluginError` for a name another plugin took."""
 
 
 @hookspec
 def jmp_session_connected(session: AsyncSession, node: AsyncNode) -> None:
     """Called in the client after ``session`` has connected to ``node`` (handshake
-    done, lease held)."""
+    done, lease held). Returns nothing."""
 
 
 @hookspec
 def jmp_session_disconnected(session: AsyncSession, node: AsyncNode) -> None:
     """Called in the client when ``session`` lets go of ``node`` (release or close),
-    before the connection is closed."""
+    before the connection is closed. Returns nothing."""
 
 
 # --- task: how work runs ---------------------------------------------------------------
@@ -65,24 +69,28 @@ def jmp_session_disconnected(session: AsyncSession, node: AsyncNode) -> None:
 @hookspec
 def jmp_register_node_drivers(register: Callable[[str, type[NodeDriver]], None]) -> None:
     """Register node drivers: call ``register(name, DriverClass)`` once per driver.
-    Called once, the first time the core needs the list of drivers. A node's
-    ``driver = "name"`` in the config picks one."""
+    Called once, the first time the core needs the list of drivers (and by ``jmp
+    drivers``, one plugin at a time). A node's ``driver = "name"`` in the config picks
+    one. Returns nothing; ``register`` raises :class:`~jumpstarter.errors.PluginError`
+    for a name another plugin took."""
 
 
 @hookspec
 def jmp_task_created(task: TaskInfo) -> None:
-    """Called on the node after a task was created (state ``pending``)."""
+    """Called on the node after a task was created (state ``pending``). Returns
+    nothing."""
 
 
 @hookspec
 def jmp_task_started(task: TaskInfo) -> None:
-    """Called on the node after a task's process started (state ``running``)."""
+    """Called on the node after a task's process started (state ``running``).
+    Returns nothing."""
 
 
 @hookspec
 def jmp_task_finished(task: TaskInfo) -> None:
     """Called on the node after a task reached its final state and all its output
-    was stored."""
+    was stored. Returns nothing."""
 
 
 # --- result: what came of it -------------------------------------------------------------
@@ -90,13 +98,14 @@ def jmp_task_finished(task: TaskInfo) -> None:
 
 @hookspec
 def jmp_result_added(task: TaskInfo, results: list[Result]) -> None:
-    """Called on the node after a batch of results was committed for ``task``."""
+    """Called on the node after a batch of results was committed for ``task``.
+    Returns nothing."""
 
 
 @hookspec
 def jmp_results_exported(results: list[Result], format: str) -> None:
     """Called in the client after ``jmp result query`` wrote ``results`` in
-    ``format`` (``table``, ``json``, ``csv``, ``junit``…)."""
+    ``format`` (``table``, ``json``, ``csv``, ``junit``…). Returns nothing."""
 
 
 # --- cli ------------------------------------------------------------------------------------
@@ -104,6 +113,8 @@ def jmp_results_exported(results: list[Result], format: str) -> None:
 
 @hookspec
 def jmp_register_commands(cli: click.Group) -> None:
-    """Add subcommands to ``jmp``: call ``cli.add_command(command)``. Called when a
-    ``jmp`` command that is not built in is asked for, or when ``jmp --help`` lists
-    them."""
+    """Add subcommands to ``jmp``: call ``cli.add_command(command)``. Called at most
+    once per ``jmp`` run: when a command that is not built in is asked for, or when
+    ``jmp --help`` lists them (and by ``jmp drivers``, on a scratch group, to list
+    what each plugin adds). Import your commands inside the hook, so ``jmp --help``
+    stays fast. Returns nothing."""

@@ -6,7 +6,8 @@ Offsets are positions in the combined log, so "everything from offset N" is one
 where it stopped, and a reader in another process sees the same bytes.
 
 Files, in the node's ``<data dir>/output/``: ``<task id>.out`` (the bytes) and
-``<task id>.idx`` (9-byte records: offset where a run starts, stream 1 or 2).
+``<task id>.idx`` (9-byte records: offset where a run starts, stream 1 or 2). They are
+created with the first byte a task writes, so a task with no output has no files.
 """
 
 from __future__ import annotations
@@ -32,25 +33,34 @@ class OutputLog:
     def __init__(self, directory: Path, task_id: str, *, write: bool) -> None:
         self.path = directory / f"{task_id}.out"
         self._index_path = directory / f"{task_id}.idx"
-        flags = (os.O_RDWR | os.O_CREAT | os.O_APPEND) if write else os.O_RDONLY
-        self._fd = os.open(self.path, flags | os.O_CLOEXEC, 0o644)
-        self._index_fd = os.open(self._index_path, flags | os.O_CLOEXEC, 0o644)
+        # A writer opens (creates) its files on the first write: creating a file can
+        # cost as much as starting the task's process, and many tasks print nothing.
+        self._fd = self._index_fd = -1
+        if not write:
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self._index_fd = os.open(self._index_path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                os.close(self._fd)
+                raise
         self._starts: list[int] = []
         self._streams: list[int] = []
         self._index_size = 0
         self.size = 0
         self._writable = write
         self._changed = anyio.Event()
-        self._refresh()
+        if not write:
+            self._refresh()
 
     @classmethod
     def create(cls, directory: Path, task_id: str) -> OutputLog:
-        directory.mkdir(parents=True, exist_ok=True)
+        """A log to write; its files appear with the first byte written."""
         return cls(directory, task_id, write=True)
 
     @classmethod
     def open(cls, directory: Path, task_id: str) -> OutputLog | None:
-        """Open for reading; None while the task has no log (it has not started)."""
+        """Open for reading; None while the task has no log (it has not started, or
+        has written nothing yet)."""
         try:
             return cls(directory, task_id, write=False)
         except FileNotFoundError:
@@ -59,6 +69,8 @@ class OutputLog:
     def write(self, stream: Stream, data: bytes) -> None:
         if not data:
             return
+        if self._fd < 0:
+            self._open_files()
         code = _STREAMS[stream]
         if not self._streams or self._streams[-1] != code:
             os.write(self._index_fd, _RECORD.pack(self.size, code))
@@ -70,6 +82,13 @@ class OutputLog:
         self.size += len(data)
         self._changed.set()
         self._changed = anyio.Event()
+
+    def _open_files(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+        # The index first: a reader that finds the bytes file finds its index too.
+        self._index_fd = os.open(self._index_path, flags, 0o644)
+        self._fd = os.open(self.path, flags, 0o644)
 
     def read(self, offset: int, max_bytes: int) -> list[tuple[int, Stream, bytes]]:
         """Up to ``max_bytes`` from ``offset``, split where the stream changes."""
@@ -99,10 +118,13 @@ class OutputLog:
 
     def close(self) -> None:
         for fd in (self._fd, self._index_fd):
+            if fd < 0:
+                continue
             try:
                 os.close(fd)
             except OSError:
                 pass
+        self._fd = self._index_fd = -1
 
     def remove(self) -> None:
         self.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -391,3 +392,67 @@ class NodeRegistry:
 
 def _matches(labels: dict[str, str], selector: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
+
+
+async def lease_for_session(
+    session: Any, selector: dict[str, str], *, duration: float | None, wait: float | None
+) -> tuple[Any, Callable[[], Awaitable[None]]]:
+    """Lease a node matching ``selector`` for ``session`` and keep the lease alive
+    from the session's task group. Returns how to reach the node and how to end the
+    lease. Tokens and CA for nodes found this way: ``[nodes.NAME]`` if the config
+    names the node, else the ``[registry]`` section."""
+    import os
+    import socket
+
+    from .config import NodeConfig
+    from .errors import ConfigError
+    from .store import open_store
+
+    config = session.protocol.config
+    url = config.store_url
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"selecting nodes by label needs a postgresql:// store; the store is {url}")
+    store = open_store(url)
+    await store.open()
+    registry = NodeRegistry(store)
+    try:
+        lease, record = await registry.acquire(
+            selector,
+            session_id=session.id,
+            session_name=session.name,
+            holder=f"{socket.gethostname()}:{os.getpid()}",
+            duration=duration,
+            wait=wait,
+        )
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await store.aclose()
+        raise
+    keepalive = anyio.CancelScope()
+
+    async def keep_alive() -> None:
+        with keepalive:
+            while await registry.keepalive(lease.id):
+                await anyio.sleep(HEARTBEAT_INTERVAL)
+
+    session._tg.start_soon(keep_alive)
+
+    async def release() -> None:
+        keepalive.cancel()
+        with anyio.CancelScope(shield=True):
+            try:
+                await registry.release(lease.id)
+            finally:
+                await store.aclose()
+
+    known = config.nodes.get(record.name) or config.registry
+    node = NodeConfig(
+        name=record.name,
+        transport=record.transport,
+        driver=record.driver,
+        endpoint=record.endpoint,
+        token_file=known.token_file,
+        tls_ca=known.tls_ca,
+        labels=record.labels,
+    )
+    return node, release

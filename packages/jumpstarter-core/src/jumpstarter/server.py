@@ -16,6 +16,7 @@ import os
 import secrets
 import socket
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from jumpstarter_protocol import (
     MAX_MESSAGE_SIZE,
     AddResult,
+    CloseTask,
     ConfigData,
     ConnectionEstablished,
     ConnectionInfo,
@@ -36,19 +38,23 @@ from jumpstarter_protocol import (
     FetchConfig,
     GetTaskStatus,
     InitializeConnection,
+    ListSessions,
     ListTasks,
     NewTask,
     NodeInfo,
     NodeReleased,
+    OpenTask,
     OutputChunk,
     OutputEnd,
     Ping,
     Pong,
     ProtocolError,
+    QueryHistory,
     QueryResults,
     ReadOutput,
     ReleaseNode,
     ResultAdded,
+    SessionList,
     StartRequest,
     StopTask,
     TaskCreated,
@@ -66,6 +72,8 @@ from jumpstarter_protocol import (
 )
 
 from ._version import __version__
+from .agent import alive as agent_alive
+from .agent import request_stop
 from .config import NodeConfig
 from .driver import NodeDriver, RunningProcess
 from .errors import BadRequest, Conflict, NodeError, NotFound, Unauthorized, Unavailable
@@ -84,6 +92,12 @@ TIMEOUT_GRACE = 5.0
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+_LIVE: set[str] = set()
+"""Ids of the tasks that node servers in this process run or hold open. Every node
+server of a process has the same agent (host:pid), so this, not the agent, tells a
+new server which running tasks of its own process are not lost."""
 
 
 @dataclass
@@ -105,6 +119,17 @@ class Lease:
     session_name: str
     since: float
     expires_at: float | None
+
+
+@dataclass
+class _LeaseWaiter:
+    """A session in the queue for the node's lease (``ConnectNode`` with ``wait``)."""
+
+    session_id: str
+    session_name: str
+    duration: float | None
+    granted: anyio.Event = field(default_factory=anyio.Event)
+    lease: Lease | None = None
 
 
 class NodeServer:
@@ -130,6 +155,8 @@ class NodeServer:
         self.driver = driver
         self.store = store
         self.hook = hook
+        self.data_dir = data_dir
+        self._agents_checked: dict[str, float] = {}  # task id -> when its agent was last looked at
         self.output_dir = data_dir / "output"
         self.token = token
         self.max_message_size = max_message_size
@@ -143,8 +170,10 @@ class NodeServer:
         )
         self.agent = f"{socket.gethostname()}:{os.getpid()}"
         self._running: dict[str, _Running] = {}
+        self._open: dict[str, str | None] = {}  # tasks opened with OpenTask → their session
         self._lease: Lease | None = None
         self._lease_changed = anyio.Event()
+        self._lease_queue: deque[_LeaseWaiter] = deque()
         self._closed = anyio.Event()
         self._tg: TaskGroup | None = None
 
@@ -162,6 +191,7 @@ class NodeServer:
                 await self._closed.wait()
                 with anyio.CancelScope(shield=True):
                     await self._stop_all()
+                    await self._lose_open_tasks()
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
@@ -176,10 +206,21 @@ class NodeServer:
             for running in list(self._running.values()):
                 tg.start_soon(self._stop, running, STOP_GRACE_ON_SHUTDOWN)
 
+    async def _lose_open_tasks(self) -> None:
+        for task_id in list(self._open):
+            del self._open[task_id]
+            _LIVE.discard(task_id)
+            task = await self.store.finish_task(
+                task_id, TaskState.LOST, None, "the node server stopped before the task was closed"
+            )
+            self.hook.jmp_task_finished(task=task)
+
     async def _mark_lost(self) -> None:
         host = socket.gethostname()
         for task, agent in await self.store.running_tasks(self.node.name):
             agent_host, _, pid = (agent or "").rpartition(":")
+            if task.id in _LIVE:
+                continue  # another node server in this process runs it
             if agent_host == host and pid.isdigit() and _alive(int(pid)) and agent != self.agent:
                 continue  # another agent on this machine runs it
             await self.store.finish_task(task.id, TaskState.LOST, None, "the node agent went away")
@@ -194,39 +235,75 @@ class NodeServer:
         lease = self._lease
         if lease and lease.expires_at is not None and lease.expires_at <= time.time():
             self._set_lease(None)
-            return None
+            return self._lease  # handed to the next session in the queue, if any
         return lease
 
     def _set_lease(self, lease: Lease | None) -> None:
+        # A lease let go of goes straight to the session that has waited longest, so
+        # waiting is first come, first served, and no one can slip in between.
+        if lease is None and self._lease_queue:
+            waiter = self._lease_queue.popleft()
+            lease = waiter.lease = self._new_lease(waiter.session_id, waiter.session_name, waiter.duration)
+            waiter.granted.set()
         self._lease = lease
         self._lease_changed.set()
         self._lease_changed = anyio.Event()
 
+    @staticmethod
+    def _new_lease(session_id: str, session_name: str, duration: float | None) -> Lease:
+        now = time.time()
+        return Lease(secrets.token_hex(8), session_id, session_name, now, now + duration if duration else None)
+
+    def _conflict(self, holder: Lease) -> Conflict:
+        since = datetime.fromtimestamp(holder.since, UTC).isoformat(timespec="seconds")
+        return Conflict(
+            f"node {self.node.name!r} is leased by session {holder.session_name!r} "
+            f"({holder.session_id}) since {since}",
+            details={"session_id": holder.session_id, "since": since},
+        )
+
     async def acquire(self, conn: NodeConnection, request: ConnectNode) -> Lease:
-        deadline = None if request.wait is None else time.monotonic() + request.wait
-        while True:
-            holder = self._lease_holder()
-            if holder is None or holder.session_id == conn.session_id:
-                expires = time.time() + request.duration if request.duration else None
-                lease = Lease(
-                    id=holder.id if holder else secrets.token_hex(8),
-                    session_id=conn.session_id or "",
-                    session_name=conn.session_name or "",
-                    since=holder.since if holder else time.time(),
-                    expires_at=expires,
-                )
-                self._set_lease(lease)
-                return lease
-            if deadline is None or time.monotonic() >= deadline:
-                since = datetime.fromtimestamp(holder.since, UTC).isoformat(timespec="seconds")
-                raise Conflict(
-                    f"node {self.node.name!r} is leased by session {holder.session_name!r} "
-                    f"({holder.session_id}) since {since}",
-                    details={"session_id": holder.session_id, "since": since},
-                )
-            changed = self._lease_changed
-            with anyio.move_on_after(min(deadline - time.monotonic(), 1.0)):
-                await changed.wait()
+        """Take the lease for ``conn``'s session, or renew it. When another session
+        holds it: :class:`Conflict` at once, or with ``request.wait`` a place in the
+        queue (first come, first served) for up to that many seconds."""
+        session_id, session_name = conn.session_id or "", conn.session_name or ""
+        holder = self._lease_holder()
+        if holder is not None and holder.session_id == session_id:
+            expires = time.time() + request.duration if request.duration else None
+            lease = Lease(holder.id, session_id, session_name, holder.since, expires)
+            self._set_lease(lease)
+            return lease
+        if holder is None:  # free; the queue is empty then, a released lease goes to it
+            lease = self._new_lease(session_id, session_name, request.duration)
+            self._set_lease(lease)
+            return lease
+        if not request.wait:
+            raise self._conflict(holder)
+        waiter = _LeaseWaiter(session_id, session_name, request.duration)
+        self._lease_queue.append(waiter)
+        taken = False
+        try:
+            with anyio.move_on_after(request.wait):
+                while not waiter.granted.is_set():
+                    # Look at least once a second: a lease whose duration ran out ends
+                    # only when someone looks.
+                    with anyio.move_on_after(1.0):
+                        await waiter.granted.wait()
+                    self._lease_holder()
+            if waiter.lease is not None:
+                taken = True
+                return waiter.lease
+        finally:
+            if waiter in self._lease_queue:
+                self._lease_queue.remove(waiter)
+            elif not taken and self._lease is waiter.lease:
+                self._set_lease(None)  # granted as this call was cancelled: pass it on
+        holder = self._lease_holder()
+        if holder is None:
+            lease = self._new_lease(session_id, session_name, request.duration)
+            self._set_lease(lease)
+            return lease
+        raise self._conflict(holder)
 
     def release(self, conn: NodeConnection) -> None:
         holder = self._lease
@@ -272,10 +349,54 @@ class NodeServer:
             raise
         running = _Running(task, process, output)
         self._running[task.id] = running
+        _LIVE.add(task.id)
         running.task = await self.store.mark_running(task.id, process.pid, self.agent)
         self.hook.jmp_task_started(task=running.task)
         self._tg.start_soon(self._supervise, running)
         return TaskStarted(task_id=task.id, started_at=running.task.started_at or _now(), pid=process.pid)
+
+    async def open_task(self, spec: TaskSpec, session_id: str | None) -> TaskInfo:
+        """Record work that runs outside the node as a task in state running."""
+        task = TaskInfo(
+            id=secrets.token_hex(6),
+            node=self.node.name,
+            session_id=session_id,
+            name=spec.name,
+            spec=spec,
+            state=TaskState.PENDING,
+            created_at=_now(),
+        )
+        await self.store.create_task(task, self.agent)
+        self.hook.jmp_task_created(task=task)
+        # The agent is this server: if it goes away unclosed, the task is lost.
+        task = await self.store.mark_running(task.id, None, self.agent)
+        self._open[task.id] = session_id
+        _LIVE.add(task.id)
+        self.hook.jmp_task_started(task=task)
+        return task
+
+    async def close_task(self, request: CloseTask, session_id: str | None) -> TaskInfo:
+        """Finish a task opened with :meth:`open_task` by the same session."""
+        if request.task_id not in self._open:
+            task = await self.store.get_task(request.task_id)  # NotFound for an unknown id
+            if task.state.finished:
+                return task  # as with stop: the answer is its final state
+            raise Conflict(
+                f"task {request.task_id} was not opened with open_task on this node server; "
+                "only the session that opened a task can close it"
+            )
+        if self._open[request.task_id] != session_id:
+            raise Conflict(
+                f"task {request.task_id} was opened by another session; "
+                "only the session that opened a task can close it"
+            )
+        del self._open[request.task_id]
+        _LIVE.discard(request.task_id)
+        task = await self.store.finish_task(
+            request.task_id, request.state, request.exit_code, request.message
+        )
+        self.hook.jmp_task_finished(task=task)
+        return task
 
     async def _supervise(self, running: _Running) -> None:
         exit_code: int | None = None
@@ -311,6 +432,7 @@ class NodeServer:
             running.task = await self.store.finish_task(running.task.id, state, exit_code, message)
             running.output.close()
             del self._running[running.task.id]
+            _LIVE.discard(running.task.id)
             running.done.set()
             running.output.wake()
             self.hook.jmp_task_finished(task=running.task)
@@ -330,8 +452,32 @@ class NodeServer:
         if task.state is TaskState.PENDING:
             return await self.store.finish_task(task_id, TaskState.STOPPED, None, "stopped before it started")
         if task.state is TaskState.RUNNING:
-            raise Conflict(f"task {task_id} runs under another node process; stop it there")
+            pid = await self._ask_agent_to_stop(task_id, grace)
+            if pid is None:
+                raise Conflict(f"task {task_id} runs under another node process; stop it there")
+            return await self._wait_for_agent(task_id, pid)
         return task  # finished: the answer is its final state
+
+    async def _ask_agent_to_stop(self, task_id: str, grace: float) -> int | None:
+        """A detached task's agent on this machine is asked to stop it (see
+        :mod:`jumpstarter.agent`); its pid, or None if the task runs elsewhere."""
+        for task, agent in await self.store.running_tasks(self.node.name):
+            if task.id == task_id and agent:
+                return request_stop(self.data_dir, task_id, agent, grace)
+        return None
+
+    async def _wait_for_agent(self, task_id: str, pid: int) -> TaskInfo:
+        """The final state of a task another process on this machine runs."""
+        while True:
+            task = await self.store.get_task(task_id)
+            if task.state.finished:
+                return task
+            if not agent_alive(pid):
+                task = await self.store.get_task(task_id)  # it may have finished as it went
+                if task.state.finished:
+                    return task
+                return await self.store.finish_task(task_id, TaskState.LOST, None, "the node agent went away")
+            await anyio.sleep(POLL_INTERVAL)
 
     async def wait_task(self, task_id: str, timeout: float | None) -> TaskInfo:
         with anyio.move_on_after(timeout):
@@ -344,7 +490,25 @@ class NodeServer:
                 if task.state.finished:
                     return task
                 await anyio.sleep(POLL_INTERVAL)
+                await self._lose_if_its_agent_died(task_id)
         return await self.store.get_task(task_id)
+
+    async def _lose_if_its_agent_died(self, task_id: str) -> None:
+        """Mark ``task_id`` lost if the process on this machine that runs it has died
+        (say, killed), so that nobody waits for it or follows it forever. Looks at
+        most once a second."""
+        now = time.monotonic()
+        if now - self._agents_checked.get(task_id, now - 2) < 1:
+            return
+        self._agents_checked[task_id] = now
+        for task, agent in await self.store.running_tasks(self.node.name):
+            agent_host, _, pid = (agent or "").rpartition(":")
+            if task.id != task_id or task.id in _LIVE or agent == self.agent:
+                continue
+            if agent_host == socket.gethostname() and pid.isdigit() and not agent_alive(int(pid)):
+                await self.store.finish_task(task_id, TaskState.LOST, None, "the node agent went away")
+        if len(self._agents_checked) > 1000:  # forget the tasks nobody asks about any more
+            self._agents_checked.clear()
 
     async def read_output(self, request: ReadOutput) -> AsyncIterator[OutputChunk | OutputEnd]:
         task_id, offset = request.task_id, request.offset
@@ -362,9 +526,13 @@ class NodeServer:
                 running = self._running.get(task_id)
                 task = running.task if running else await self.store.get_task(task_id)
                 if task.state.finished or not request.follow:
-                    # Bytes written by another process just before it finished the task.
-                    if task.state.finished and reader and reader.read(offset, 1):
-                        continue
+                    # Bytes written by another process just before it finished the task
+                    # (its log may even have appeared only then: logs are created with
+                    # the first byte written).
+                    if task.state.finished:
+                        reader = reader or OutputLog.open(self.output_dir, task_id)
+                        if reader and reader.read(offset, 1):
+                            continue
                     yield OutputEnd(
                         task_id=task_id, offset=offset, state=task.state, exit_code=task.exit_code
                     )
@@ -373,6 +541,7 @@ class NodeServer:
                     await running.output.wait_beyond(offset)
                 else:
                     await anyio.sleep(POLL_INTERVAL)
+                    await self._lose_if_its_agent_died(task_id)
         finally:
             if reader is not None:
                 reader.close()
@@ -398,6 +567,8 @@ class NodeConnection:
         self.session_name: str | None = None
         self.initialized = False
         self.leased = False
+        self.client = "jumpstarter"
+        self._session_recorded = False
         self._handlers: dict[type, Callable[[Any], Any]] = {
             FetchConfig: self._fetch_config,
             InitializeConnection: self._initialize,
@@ -412,6 +583,10 @@ class NodeConnection:
             ListTasks: self._list,
             Ping: self._ping,
             ReleaseNode: self._release,
+            OpenTask: self._open_task,
+            CloseTask: self._close_task,
+            ListSessions: self._list_sessions,
+            QueryHistory: self._history,
         }
 
     async def handle(self, request: Any) -> Any:
@@ -436,7 +611,11 @@ class NodeConnection:
             request = decode(data, max_size=self.server.max_message_size)
         except ProtocolError as exc:
             return encode(Error(code=ErrorCode(exc.code), message=str(exc)))
-        return encode(await self.handle(request))
+        reply = await self.handle(request)
+        try:
+            return encode(reply, max_size=self.server.max_message_size)
+        except ProtocolError as exc:  # a reply too large to send (say, a huge page)
+            return encode(Error(code=ErrorCode(exc.code), message=f"the reply cannot be sent: {exc}"))
 
     async def read_output(self, request: ReadOutput) -> AsyncIterator[Any]:
         """The output stream answering ``request``; an ``Error`` ends it early."""
@@ -479,9 +658,9 @@ class NodeConnection:
             version = negotiate_version(request.min_version, request.max_version)
         except ProtocolError as exc:
             raise NodeError.from_reply(Error(code=ErrorCode.VERSION_MISMATCH, message=str(exc))) from None
-        await self.server.store.add_session(request.session_id, request.session_name, request.client)
         self.session_id = request.session_id
         self.session_name = request.session_name
+        self.client = request.client
         self.initialized = True
         return ConnectionInfo(connection_id=self.id, protocol_version=version)
 
@@ -497,14 +676,22 @@ class NodeConnection:
         self.close()
         return NodeReleased()
 
+    async def _session_for_task(self) -> str | None:
+        """The session id to file a new task under, recorded in the store the first
+        time (not at the handshake: a session that only reads leaves no trace)."""
+        if not self._session_recorded:
+            await self.server.store.add_session(self.session_id or "", self.session_name or "", self.client)
+            self._session_recorded = True
+        return self.session_id
+
     async def _new_task(self, request: NewTask) -> TaskCreated:
         self._require_lease()
-        return TaskCreated(task=await self.server.new_task(request.spec, self.session_id))
+        return TaskCreated(task=await self.server.new_task(request.spec, await self._session_for_task()))
 
     async def _start(self, request: StartRequest) -> TaskStarted:
         self._require_lease()
         if request.spec is not None:
-            task = await self.server.new_task(request.spec, self.session_id)
+            task = await self.server.new_task(request.spec, await self._session_for_task())
             return await self.server.start_task(task, created_here=True)
         assert request.task_id is not None
         task = await self._own_task(request.task_id)
@@ -524,14 +711,36 @@ class NodeConnection:
     async def _add_result(self, request: AddResult) -> ResultAdded:
         self._require_init()
         task = await self.server.store.get_task(request.task_id)
-        results = await self.server.store.add_results(task, request.results)
         if self.server.hook.jmp_result_added.get_hookimpls():
+            results = await self.server.store.add_results(task, request.results)
             self.server.hook.jmp_result_added(task=task, results=results)
-        return ResultAdded(ids=[r.id for r in results])
+            return ResultAdded(ids=[r.id for r in results])
+        # No plugin wants the stored results: skip building them (most of the cost of
+        # a big batch after the insert itself).
+        return ResultAdded(ids=await self.server.store.add_result_ids(task, request.results))
 
     async def _query_results(self, request: QueryResults) -> Any:
         self._require_init()
         return await self.server.store.query_results(request)
+
+    async def _open_task(self, request: OpenTask) -> TaskCreated:
+        self._require_init()  # no lease: the node runs nothing for it
+        return TaskCreated(task=await self.server.open_task(request.spec, await self._session_for_task()))
+
+    async def _close_task(self, request: CloseTask) -> TaskStatus:
+        self._require_init()
+        return TaskStatus(task=await self.server.close_task(request, self.session_id))
+
+    async def _list_sessions(self, request: ListSessions) -> SessionList:
+        self._require_init()
+        sessions = await self.server.store.list_sessions(
+            name=request.name, with_results=request.with_results, limit=request.limit
+        )
+        return SessionList(sessions=sessions)
+
+    async def _history(self, request: QueryHistory) -> Any:
+        self._require_init()
+        return await self.server.store.history(request.name, session=request.session, limit=request.limit)
 
     async def _status(self, request: GetTaskStatus) -> TaskStatus:
         self._require_init()

@@ -16,12 +16,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from jumpstarter_protocol import (
+    HistoryData,
     Outcome,
     QueryResults,
     Result,
     ResultSpec,
     ResultsData,
     ResultSummary,
+    SessionInfo,
     TaskInfo,
     TaskState,
 )
@@ -33,6 +35,7 @@ from .store import (
     Store,
     _result,
     _task,
+    sessions_with_summaries,
     to_datetime,
     to_epoch,
 )
@@ -361,6 +364,60 @@ class PostgresStore(Store):
                 duration=float(sum(d for _, _, d in counts)),
             ),
             next_cursor=str(rows[-1][0]) if more and rows else None,
+        )
+
+    # --- sessions and history -------------------------------------------------------------
+
+    async def list_sessions(
+        self, *, name: str | None = None, with_results: bool = True, limit: int = 20
+    ) -> list[SessionInfo]:
+        where, params = [], []
+        if name is not None:
+            where.append("(id = %s OR name ~ %s)")
+            params += [name, glob_to_regex(name)]
+        if with_results:
+            where.append("EXISTS (SELECT 1 FROM results WHERE results.session_id = sessions.id)")
+        sql = "SELECT id, name, client, created_at FROM sessions"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, id DESC LIMIT %s"
+        async with self._pool.connection() as db, db.transaction():
+            await db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            rows = await (await db.execute(sql, (*params, limit))).fetchall()
+            counts = await (
+                await db.execute(
+                    "SELECT session_id, outcome, count(*), coalesce(sum(duration), 0) FROM results"
+                    " WHERE session_id = ANY(%s) GROUP BY session_id, outcome",
+                    ([row[0] for row in rows],),
+                )
+            ).fetchall()
+        return sessions_with_summaries(rows, counts)
+
+    async def history(self, name: str, *, session: str | None = None, limit: int = 50) -> HistoryData:
+        sql = f"SELECT {_RESULT_COLUMNS} FROM results WHERE name = %s"
+        params: list[Any] = [name]
+        if session is not None:
+            sql += " AND session_id IN (SELECT id FROM sessions WHERE id = %s OR name ~ %s)"
+            params += [session, glob_to_regex(session)]
+        sql += " ORDER BY created_at DESC, id DESC LIMIT %s"
+        async with self._pool.connection() as db, db.transaction():
+            await db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            if session is not None and not await (
+                await db.execute(
+                    "SELECT 1 FROM sessions WHERE id = %s OR name ~ %s LIMIT 1",
+                    (session, glob_to_regex(session)),
+                )
+            ).fetchone():
+                raise NotFound(f"no session named {session!r}", details={"session": session})
+            rows = await (await db.execute(sql, (*params, limit))).fetchall()
+            ids = sorted({row[2] for row in rows if row[2] is not None})
+            names = await (
+                await db.execute("SELECT id, name FROM sessions WHERE id = ANY(%s)", (ids,))
+            ).fetchall()
+        return HistoryData(
+            name=name,
+            results=[_result(_jsonb_as_text(row)) for row in rows],
+            session_names=dict(names),
         )
 
 

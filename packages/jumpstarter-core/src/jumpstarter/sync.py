@@ -95,10 +95,12 @@ class Node:
     def new_task(self, argv: Sequence[str] | None = None, **spec: Any) -> Task:
         return Task(self, self.session._call(self.aio.new_task, argv, **spec))
 
-    def start(self, argv: Sequence[str] | Task | None = None, **spec: Any) -> Task:
+    def start(self, argv: Sequence[str] | Task | None = None, *, detach: bool = False, **spec: Any) -> Task:
+        """Start a task; see ``AsyncNode.start`` (``detach=True``: it outlives this
+        process)."""
         if isinstance(argv, Task):
-            return argv.start()
-        return Task(self, self.session._call(self.aio.start, argv, **spec))
+            return argv.start(detach=detach)
+        return Task(self, self.session._call(self.aio.start, argv, detach=detach, **spec))
 
     def task(self, task_id: str) -> Task:
         return Task(self, self.aio.task(task_id))
@@ -111,6 +113,10 @@ class Node:
 
     def query_results(self, **filters: Any) -> ResultsData:
         return self.session._call(self.aio.query_results, **filters)
+
+    def request(self, message: Any) -> Any:
+        """Send one protocol request; see ``AsyncNode.request``."""
+        return self.session._call(self.aio.request, message)
 
     def release(self) -> None:
         self.session._call(self.aio.release)
@@ -138,8 +144,8 @@ class Task:
     def end(self) -> OutputEnd | None:
         return self.aio.end
 
-    def start(self) -> Task:
-        self.node.session._call(self.aio.start)
+    def start(self, *, detach: bool = False) -> Task:
+        self.node.session._call(self.aio.start, detach=detach)
         return self
 
     def status(self) -> TaskInfo:

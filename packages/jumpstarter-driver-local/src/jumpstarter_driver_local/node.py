@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Mapping, Sequence
 
 import anyio
 from jumpstarter import NodeDriver, RunningProcess
@@ -31,22 +32,40 @@ class LocalNodeDriver(NodeDriver):
     capabilities = ["exec", "shell", "env", "cwd", "timeout", "process-group"]
 
     async def spawn(self, spec: TaskSpec, output: OutputWriter) -> RunningProcess:
-        env = {**os.environ, **spec.env}
+        return await self.start_process(spec.command, output, cwd=spec.cwd, env=spec.env)
+
+    async def start_process(
+        self,
+        command: Sequence[str],
+        output: OutputWriter,
+        *,
+        cwd: str | os.PathLike[str] | None = None,
+        env: Mapping[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
+    ) -> LocalProcess:
+        """Start ``command`` as :meth:`spawn` starts a task: its own process group,
+        stdin from /dev/null, output to ``output``; ``env`` is added to this process's
+        environment, ``pass_fds`` stay open in the child. Drivers built on this one
+        (say, one that runs each task in a directory of its own) call it from their
+        ``spawn``. Raises :class:`SpawnFailed` (see :func:`spawn_failed`)."""
         pipes = [_pipe(), _pipe()]
         try:
             process = await anyio.open_process(
-                spec.command,
+                list(command),
                 stdin=subprocess.DEVNULL,
                 stdout=pipes[0][1],
                 stderr=pipes[1][1],
-                cwd=spec.cwd,
-                env=env,
+                cwd=cwd,
+                # None inherits this process's environment as is: copying it into a
+                # dict for Popen to encode back costs a tenth of a fast task's start.
+                env={**os.environ, **env} if env else None,
                 start_new_session=True,
+                pass_fds=pass_fds,
             )
         except OSError as exc:
             for read_end, _ in pipes:
                 os.close(read_end)
-            raise _spawn_failed(spec.command[0], exc) from None
+            raise spawn_failed(command[0], exc) from None
         finally:
             for _, write_end in pipes:
                 os.close(write_end)
@@ -63,7 +82,10 @@ def _pipe() -> tuple[int, int]:
     return read_end, write_end
 
 
-def _spawn_failed(command: str, exc: OSError) -> SpawnFailed:
+def spawn_failed(command: str, exc: OSError) -> SpawnFailed:
+    """The :class:`SpawnFailed` for ``command`` that could not be executed: its
+    message names the command, ``details["errno"]`` the reason (``ENOENT`` makes
+    ``jmp run`` exit 127, anything else 126)."""
     code = errno.errorcode.get(exc.errno or 0, "EIO")
     if exc.errno == errno.ENOENT:
         text = f"command not found: {command}"

@@ -170,6 +170,17 @@ class ResultSummary(_Model):
     duration: float = 0.0
 
 
+class SessionInfo(_Model):
+    """A session as the store knows it. ``summary`` covers all its results; it is
+    ``None`` where the reply does not compute it."""
+
+    id: Id
+    name: str
+    client: str | None = None
+    created_at: Timestamp
+    summary: ResultSummary | None = None
+
+
 class NodeInfo(_Model):
     name: str
     labels: Labels = Field(default_factory=dict)
@@ -302,6 +313,50 @@ class ReleaseNode(_Model):
     type: Literal["release_node"] = "release_node"
 
 
+class OpenTask(_Model):
+    """Record work that runs outside the node (a pytest run, a CI job) as a task in
+    state ``running``, so results can be attached to it as they come. The node runs
+    nothing, so no lease is needed. The session that opened it finishes it with
+    :class:`CloseTask`; a task never closed ends ``lost`` when its node server stops."""
+
+    type: Literal["open_task"] = "open_task"
+    spec: TaskSpec
+
+
+class CloseTask(_Model):
+    """Finish a task opened with :class:`OpenTask`: its final state and exit code."""
+
+    type: Literal["close_task"] = "close_task"
+    task_id: Id
+    state: TaskState
+    exit_code: int | None = None
+    message: str | None = None
+
+    @model_validator(mode="after")
+    def _finished(self) -> CloseTask:
+        if not self.state.finished:
+            raise ValueError(f"state must be a final state, not {self.state.value}")
+        return self
+
+
+class ListSessions(_Model):
+    """Sessions, newest first, each with a summary of its results."""
+
+    type: Literal["list_sessions"] = "list_sessions"
+    name: str | None = Field(default=None, description="a session id, or a glob over session names")
+    with_results: bool = Field(default=True, description="only sessions that have results")
+    limit: int = Field(default=20, ge=1, le=10_000)
+
+
+class QueryHistory(_Model):
+    """The results named exactly ``name``, newest first: one test across sessions."""
+
+    type: Literal["query_history"] = "query_history"
+    name: Name
+    session: str | None = Field(default=None, description="a session id, or a glob over session names")
+    limit: int = Field(default=50, ge=1, le=10_000)
+
+
 # --- replies -----------------------------------------------------------------------
 
 
@@ -391,6 +446,20 @@ class NodeReleased(_Model):
     type: Literal["node_released"] = "node_released"
 
 
+class SessionList(_Model):
+    type: Literal["session_list"] = "session_list"
+    sessions: list[SessionInfo]
+
+
+class HistoryData(_Model):
+    """Results of one name, newest first, with the names of their sessions."""
+
+    type: Literal["history_data"] = "history_data"
+    name: str
+    results: list[Result]
+    session_names: dict[str, str] = Field(default_factory=dict)
+
+
 class Error(_Model):
     """The one error reply. ``code`` is stable; ``message`` is for a person."""
 
@@ -416,6 +485,10 @@ Request = Annotated[
         ReadOutput,
         Ping,
         ReleaseNode,
+        OpenTask,
+        CloseTask,
+        ListSessions,
+        QueryHistory,
     ],
     Field(discriminator="type"),
 ]
@@ -437,6 +510,8 @@ Reply = Annotated[
         OutputEnd,
         Pong,
         NodeReleased,
+        SessionList,
+        HistoryData,
         Error,
     ],
     Field(discriminator="type"),

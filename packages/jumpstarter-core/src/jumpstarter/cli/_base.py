@@ -35,7 +35,8 @@ class JmpGroup(click.Group):
     def __init__(self, *args: Any, commands: dict[str, tuple[str, str]] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lazy = {name: target for name, (target, _) in (commands or {}).items()}
-        self.short_help = {name: text for name, (_, text) in (commands or {}).items()}
+        # Not ``short_help``: click reads that attribute as this group's own help line.
+        self.lazy_help = {name: text for name, (_, text) in (commands or {}).items()}
         self._plugins_loaded = False
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -47,7 +48,7 @@ class JmpGroup(click.Group):
                     continue
                 rows.append((name, command.get_short_help_str(formatter.width - 6 - len(name))))
             else:
-                rows.append((name, self.short_help[name]))
+                rows.append((name, self.lazy_help[name]))
         if rows:
             with formatter.section("Commands"):
                 formatter.write_dl(rows)
@@ -134,6 +135,15 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except JumpstarterError as exc:
             fail(str(exc), exit_code_for(exc))
+        except ValueError as exc:
+            from pydantic import ValidationError
+
+            if not isinstance(exc, ValidationError):
+                raise
+            # A value click let through but the protocol refuses (say, a timeout of inf).
+            error = exc.errors(include_url=False)[0]
+            where = ".".join(str(part) for part in error["loc"]) or "value"
+            fail(f"invalid {where}: {error['msg']}", EXIT_USAGE)
 
     return wrapper  # type: ignore[return-value]
 

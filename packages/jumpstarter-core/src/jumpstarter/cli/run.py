@@ -8,11 +8,22 @@ import sys
 import click
 
 from ._base import handle_errors, parse_pairs, task_exit_code
+from ._params import Seconds
+
+WAIT_FOREVER = 10 * 365 * 86400.0
+"""What ``--wait`` without SECONDS means."""
 
 
 @click.command(context_settings={"allow_interspersed_args": False})
 @click.option("-n", "--node", help="Node to run on (default: the config's default_node, 'local').")
 @click.option("-s", "--session", default="run", show_default=True, help="Session name.")
+@click.option("--endpoint", metavar="URL",
+              help="Reach the node at grpc://HOST:PORT (or grpcs:// for TLS) instead of through the config.")
+@click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the node's token (with --endpoint).")
+@click.option("--tls-ca", type=click.Path(dir_okay=False),
+              help="CA certificate the node's is signed by (with --endpoint; default: the system's).")
+@click.option("--wait", type=Seconds(), is_flag=False, flag_value=WAIT_FOREVER, metavar="[SECONDS]",
+              help="When another session holds the node, wait in line for it (up to SECONDS) instead of failing.")
 @click.option("-t", "--timeout", type=click.FloatRange(min=0, min_open=True), help="Stop after SECONDS; exit 124.")
 @click.option("-e", "--env", multiple=True, metavar="K=V", help="Set an environment variable (repeatable).")
 @click.option("--cwd", help="Working directory of the task, on the node.")
@@ -24,7 +35,8 @@ from ._base import handle_errors, parse_pairs, task_exit_code
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_obj
 @handle_errors
-def run(state, node, session, timeout, env, cwd, name, label, shell, grace, command) -> None:
+def run(state, node, session, endpoint, token_file, tls_ca, wait, timeout, env, cwd, name, label, shell, grace,
+        command) -> None:
     """Run COMMAND on a node and stream its output.
 
     stdout and stderr of the task go to jmp's stdout and stderr as they come. jmp
@@ -37,7 +49,12 @@ def run(state, node, session, timeout, env, cwd, name, label, shell, grace, comm
       jmp run -- pytest -q
       jmp run --timeout 60 --env BOARD=rpi4 -- ./flash.sh image.bin
       jmp run --shell -- 'make -j2 && ./run-tests'
+      jmp run --endpoint grpcs://lab1.example:7100 --token-file lab1.token -- ./flash.sh
     """
+    if endpoint is not None:
+        node = endpoint_node(state.protocol, endpoint, node, token_file, tls_ca)
+    elif token_file is not None or tls_ca is not None:
+        raise click.UsageError("--token-file and --tls-ca go with --endpoint (a configured node has them in its config)")
     spec = {
         "env": parse_pairs(env, "--env"),
         "labels": parse_pairs(label, "--label"),
@@ -52,15 +69,35 @@ def run(state, node, session, timeout, env, cwd, name, label, shell, grace, comm
         argv = list(command)
     import anyio
 
-    code = anyio.run(_run, state.protocol, node, session, argv, spec, grace)
+    code = anyio.run(_run, state.protocol, node, session, argv, spec, grace, wait)
     sys.exit(code)
 
 
-async def _run(protocol, node_name, session_name, argv, spec, grace) -> int:
+def endpoint_node(protocol, endpoint: str, name: str | None, token_file: str | None, tls_ca: str | None) -> str:
+    """Add the node at ``endpoint`` to ``protocol``'s config (as ``name``, keeping what
+    the config says of it, or named by the endpoint) and return its name."""
+    from pathlib import Path
+
+    from ..config import NodeConfig
+
+    transport = {"grpc": "grpc", "grpcs": "grpc"}.get(endpoint.partition("://")[0])
+    if transport is None:
+        raise click.BadParameter(f"expected grpc://HOST:PORT or grpcs://HOST:PORT, got {endpoint!r}",
+                                 param_hint="--endpoint")
+    name = name or endpoint
+    known = protocol.config.nodes.get(name) or NodeConfig(name=name)
+    update = {"transport": transport, "endpoint": endpoint}
+    update |= {"token_file": Path(token_file)} if token_file is not None else {}
+    update |= {"tls_ca": Path(tls_ca)} if tls_ca is not None else {}
+    protocol.config.nodes[name] = known.model_copy(update=update)
+    return name
+
+
+async def _run(protocol, node_name, session_name, argv, spec, grace, wait=None) -> int:
     import anyio
 
     async with protocol.create_async_session(session_name) as session:
-        node = await session.connect(node_name)
+        node = await session.connect(node_name, wait=wait)
         task = await node.start(argv, **spec)
         interrupted = 0
         async with anyio.create_task_group() as tg:

@@ -1,0 +1,266 @@
+"""The gRPC transport's figures (issue 4): a node served by ``jmp node serve`` in a
+process of its own, reached over loopback, beside raw grpcio and raw pipes measured
+in the same run.
+
+The raw gRPC baseline is an echo server in a process of its own too (bytes in, the
+same bytes out, no metadata, no deadline), so both sides pay the same process hops.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+
+import anyio
+from jumpstarter.client import AsyncNode
+from jumpstarter.config import Config, NodeConfig
+from jumpstarter.protocol import JumpStarterProtocol
+from jumpstarter_driver_grpc._wire import grpc
+from jumpstarter_protocol import Ping, encode
+
+from ._figure import Figure, figure
+
+MB = 1_000_000
+STREAM_BYTES = 200 * 1024 * 1024
+
+RAW_ECHO_SERVER = """
+import asyncio, grpc
+async def echo(request, context):
+    return request
+async def main():
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(f"listening on grpc://127.0.0.1:{port}", flush=True)
+    await server.wait_for_termination()
+asyncio.run(main())
+"""
+
+
+def _jmp() -> str:
+    here = Path(sys.executable).with_name("jmp")
+    found = str(here) if here.exists() else shutil.which("jmp")
+    if found is None:
+        raise RuntimeError("no jmp executable beside this Python or on PATH")
+    return found
+
+
+@contextmanager
+def _process(command: list[str], env: dict[str, str] | None = None) -> Iterator[str]:
+    """Run a server process; yield the URL from its "listening on URL" line."""
+    with tempfile.TemporaryFile() as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                log.seek(0)
+                text = log.read().decode(errors="replace")
+                match = re.search(r"listening on (\S+)\n", text)
+                if match:
+                    break
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{command[0]} did not start: {text}")
+                time.sleep(0.05)
+            yield match.group(1)
+        finally:
+            process.terminate()
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@contextmanager
+def _served_node(data_dir: Path) -> Iterator[str]:
+    """``jmp node serve`` on an ephemeral loopback port, storing in ``data_dir``."""
+    env = {**os.environ, "JMP_DATA_DIR": str(data_dir)}
+    env.pop("JMP_CONFIG", None)
+    env.pop("JMP_STORE", None)
+    with _process(
+        [_jmp(), "node", "serve", "--listen", "127.0.0.1:0", "--name", "bench"], env
+    ) as url:
+        yield url
+
+
+@asynccontextmanager
+async def _remote(url: str) -> AsyncIterator[AsyncNode]:
+    """A session connected (and leased) to the node at ``url`` over gRPC."""
+    protocol = JumpStarterProtocol(
+        Config(nodes={"bench": NodeConfig(transport="grpc", endpoint=url)})
+    )
+    async with protocol.create_async_session("bench") as session:
+        yield await session.connect("bench")
+
+
+@asynccontextmanager
+async def _raw_echo(url: str) -> AsyncIterator[Callable[[bytes], Awaitable[bytes]]]:
+    async with grpc.aio.insecure_channel(url.removeprefix("grpc://")) as channel:
+        yield channel.unary_unary("/bench.Echo/Echo")
+
+
+async def _alternate(
+    n: int, ours: Callable[[], Awaitable[object]], baseline: Callable[[], Awaitable[object]]
+) -> tuple[list[float], list[float]]:
+    """Time ``n`` calls of each, alternating, so load from elsewhere hits both alike."""
+    a, b = [], []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await ours()
+        t1 = time.perf_counter()
+        await baseline()
+        t2 = time.perf_counter()
+        a.append(t1 - t0)
+        b.append(t2 - t1)
+    return a, b
+
+
+# --- ping --------------------------------------------------------------------------------
+
+
+@figure
+def ping(quick: bool) -> list[Figure]:
+    """a no-op request (ping) through the gRPC transport vs a raw grpcio unary echo"""
+    rounds, per_round = (10, 100) if quick else (30, 300)
+    frame = encode(Ping())
+
+    async def main(node_url: str, echo_url: str) -> tuple[list[float], list[float]]:
+        async with _remote(node_url) as node, _raw_echo(echo_url) as echo:
+
+            async def ours() -> None:
+                for _ in range(per_round):
+                    await node.ping()
+
+            async def baseline() -> None:
+                for _ in range(per_round):
+                    await echo(frame)
+
+            await _alternate(2, ours, baseline)  # warm up
+            return await _alternate(rounds, ours, baseline)
+
+    with (
+        tempfile.TemporaryDirectory(prefix="jmp-bench-") as tmp,
+        _served_node(Path(tmp)) as node_url,
+        _process([sys.executable, "-c", RAW_ECHO_SERVER]) as echo_url,
+    ):
+        ours, base = anyio.run(main, node_url, echo_url)
+    us = 1e6 / per_round
+    return [
+        Figure(
+            "a no-op request (ping) through the gRPC transport, loopback",
+            statistics.median(ours) * us,
+            statistics.median(base) * us,
+            "us",
+            "<= 1.5x",
+            "raw grpcio unary echo of the same bytes",
+        )
+    ]
+
+
+# --- streaming output --------------------------------------------------------------------
+
+
+def _raw_pipe_rate(command: list[str], size: int) -> float:
+    """MB/s reading ``command``'s stdout through a plain pipe, 1 MiB reads."""
+    t0 = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    fd = process.stdout.fileno()
+    got = 0
+    while data := os.read(fd, 1024 * 1024):
+        got += len(data)
+    process.wait()
+    elapsed = time.perf_counter() - t0
+    process.stdout.close()
+    assert got == size, (got, size)
+    return size / MB / elapsed
+
+
+@figure
+def stream_output(quick: bool) -> list[Figure]:
+    """stream 200 MB of task output over gRPC on loopback vs a raw pipe"""
+    size = STREAM_BYTES // 4 if quick else STREAM_BYTES
+    repeats = 1 if quick else 3
+    command = ["head", "-c", str(size), "/dev/zero"]
+
+    async def ours_rate(url: str) -> float:
+        async with _remote(url) as node:
+            t0 = time.perf_counter()
+            task = await node.start(command)
+            got = 0
+            async for chunk in task.output():
+                assert chunk.offset == got, (chunk.offset, got)  # complete and ordered
+                got += len(chunk.data)
+            elapsed = time.perf_counter() - t0
+            assert got == size and task.end is not None and task.end.exit_code == 0
+            return size / MB / elapsed
+
+    ours, base = [], []
+    with tempfile.TemporaryDirectory(prefix="jmp-bench-") as tmp, _served_node(Path(tmp)) as url:
+        for _ in range(repeats):
+            base.append(_raw_pipe_rate(command, size))
+            ours.append(anyio.run(ours_rate, url))
+    return [
+        Figure(
+            f"stream {size // (1024 * 1024)} MiB of task output over gRPC, loopback",
+            statistics.median(ours),
+            statistics.median(base),
+            "MB/s",
+            ">= 0.25x",
+            "the same command's stdout through a raw pipe",
+        )
+    ]
+
+
+# --- run `true` remotely -----------------------------------------------------------------
+
+
+@figure
+def run_true(quick: bool) -> list[Figure]:
+    """run `true` on a node over gRPC, start -> exit code, vs raw spawn + one raw gRPC round trip"""
+    n = 50 if quick else 200
+    frame = encode(Ping())
+
+    async def main(node_url: str, echo_url: str) -> tuple[list[float], list[float]]:
+        async with _remote(node_url) as node, _raw_echo(echo_url) as echo:
+
+            async def ours() -> None:
+                task = await node.start(["true"])
+                info = await task.wait()
+                assert info.exit_code == 0, info
+
+            async def baseline() -> None:
+                done = await anyio.run_process(["true"])
+                assert done.returncode == 0
+                await echo(frame)
+
+            await _alternate(5, ours, baseline)  # warm up
+            return await _alternate(n, ours, baseline)
+
+    with (
+        tempfile.TemporaryDirectory(prefix="jmp-bench-") as tmp,
+        _served_node(Path(tmp)) as node_url,
+        _process([sys.executable, "-c", RAW_ECHO_SERVER]) as echo_url,
+    ):
+        ours, base = anyio.run(main, node_url, echo_url)
+    return [
+        Figure(
+            f"run `true` on a node over gRPC, start -> exit code (median of {n})",
+            statistics.median(ours) * 1000,
+            statistics.median(base) * 1000,
+            "ms",
+            "<= 3x",
+            "anyio.run_process(['true']) + one raw grpcio round trip",
+        )
+    ]

@@ -1,0 +1,193 @@
+"""``jmp node serve``: serve a node driver of this machine to clients on other machines."""
+
+from __future__ import annotations
+
+import ipaddress
+import signal
+import socket
+import stat
+from pathlib import Path
+
+import click
+
+from ._base import EXIT_USAGE, fail, handle_errors, parse_pairs
+
+DEFAULT_LISTEN = "127.0.0.1:7100"
+
+
+@click.command()
+@click.option(
+    "--transport", default="grpc", show_default=True, help="Transport plugin that serves the node."
+)
+@click.option(
+    "--listen",
+    default=DEFAULT_LISTEN,
+    show_default=True,
+    metavar="HOST:PORT",
+    help="Address to listen on; port 0 picks a free one. "
+    "Anything but loopback needs TLS and a token.",
+)
+@click.option("--name", help="The node's name (default: this machine's host name).")
+@click.option("-l", "--label", multiple=True, metavar="K=V", help="Label the node (repeatable).")
+@click.option("--driver", default=None, help="Node driver that runs the tasks (default: local).")
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False),
+    help="File holding the token clients must present (one line; keep it mode 600).",
+)
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="TLS certificate (chain), PEM.")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="TLS private key, PEM.")
+@click.option(
+    "--keepalive",
+    type=click.FloatRange(min=0.5),
+    default=30.0,
+    metavar="SECONDS",
+    show_default=True,
+    help="Seconds a silent client keeps its connection and its lease on the node.",
+)
+@click.option(
+    "--insecure",
+    is_flag=True,
+    help="Allow a non-loopback address without TLS or without a token (anyone who can "
+    "reach the port can then run commands here).",
+)
+@click.pass_obj
+@handle_errors
+def serve(
+    state,
+    transport,
+    listen,
+    name,
+    label,
+    driver,
+    token_file,
+    tls_cert,
+    tls_key,
+    keepalive,
+    insecure,
+) -> None:
+    """Serve this machine as a node: clients elsewhere connect to it and run tasks here.
+
+    Prints one line saying where it listens, then serves until SIGTERM or Ctrl-C
+    (tasks it still runs are then stopped). Tasks, output and results go to this
+    machine's store; a node killed and started again marks the tasks it was running
+    'lost' and keeps every result.
+
+    \b
+    Examples:
+      jmp node serve --name bench1 --label board=rpi4
+      jmp node serve --listen 0.0.0.0:7100 --name lab1 --token-file /etc/jmp/token \\
+          --tls-cert cert.pem --tls-key key.pem
+    """
+    from ..config import NodeConfig
+
+    labels = parse_pairs(label, "--label")
+    host = _listen_host(listen)
+    token = _read_token(token_file) if token_file else None
+    if (tls_cert is None) != (tls_key is None):
+        fail("TLS needs both --tls-cert and --tls-key", EXIT_USAGE)
+    if not _is_loopback(host):
+        missing = [what for what, given in (("TLS", tls_cert), ("a token", token)) if not given]
+        if missing and not insecure:
+            fail(
+                f"refusing to listen on {listen} without {' and '.join(missing)}: give "
+                "--tls-cert/--tls-key and --token-file, or --insecure to accept the risk",
+                EXIT_USAGE,
+            )
+        if missing:
+            click.echo(
+                f"jmp: warning: listening on {listen} without {' and '.join(missing)} "
+                "(--insecure): anyone who can reach this port can run commands on this machine",
+                err=True,
+            )
+
+    protocol = state.protocol
+    name = name or socket.gethostname()
+    node = protocol.config.nodes.get(name)
+    node = node.model_copy(deep=True) if node is not None else NodeConfig(name=name)
+    node.labels.update(labels)
+    if driver is not None:
+        node.driver = driver
+    transport_cls = protocol.plugins.transport(transport)
+    protocol.plugins.node_driver(node.driver)  # an unknown driver fails before listening
+
+    def ready(url: str) -> None:
+        click.echo(f"node {node.name!r} (driver {node.driver}) listening on {url}")
+
+    options = {
+        "listen": listen,
+        "tls_cert": tls_cert,
+        "tls_key": tls_key,
+        "keepalive": keepalive,
+        "ready": ready,
+    }
+    import anyio
+
+    anyio.run(_serve, protocol, node, token, transport_cls, options)
+
+
+async def _serve(protocol, node, token, transport_cls, options) -> None:
+    import anyio
+
+    server = protocol.make_node_server(node, token=token)
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(server.run)
+            async with anyio.create_task_group() as serving:
+                serving.start_soon(_stop_on_signal, serving.cancel_scope)
+                try:
+                    await transport_cls.serve(server, options)
+                finally:
+                    serving.cancel_scope.cancel()
+            server.close()  # stops the tasks it still runs
+    except BaseExceptionGroup as group:
+        # One failure (say, the port is taken) reads as itself, not as a group.
+        raise _first(group) from None
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+async def _stop_on_signal(scope) -> None:
+    import anyio
+
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            scope.cancel()
+            return
+
+
+def _listen_host(listen: str) -> str:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise click.BadParameter(f"expected HOST:PORT, got {listen!r}", param_hint="--listen")
+    return host.strip("[]")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _read_token(path: str) -> str:
+    file = Path(path).expanduser()
+    try:
+        token = file.read_text().strip()
+        mode = file.stat().st_mode
+    except (OSError, UnicodeDecodeError) as exc:
+        fail(f"cannot read --token-file {path}: {getattr(exc, 'strerror', None) or 'not text'}")
+    if not token or not token.isascii() or not token.isprintable():
+        fail(f"--token-file {path} must hold one line of printable ASCII")
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        click.echo(
+            f"jmp: warning: token file {path} is readable by others (chmod 600 {path})", err=True
+        )
+    return token

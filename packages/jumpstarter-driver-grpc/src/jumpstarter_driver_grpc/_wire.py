@@ -1,0 +1,100 @@
+"""What both ends of the gRPC transport agree on: the service, its two methods, the
+metadata keys and the channel options. No ``.proto``: the messages are the
+protocol codec's frames, carried as opaque bytes.
+
+Service ``jumpstarter.v1.Node``:
+
+``Request`` (unary)
+    one request frame in, one reply frame out (``Error`` frames included).
+``ReadOutput`` (server streaming)
+    one ``ReadOutput`` frame in, ``OutputChunk`` frames out, then one ``OutputEnd``
+    (or ``Error``) frame.
+
+Metadata on every call:
+
+``authorization: Bearer <token>``
+    checked before anything else when the node has a token.
+``jmp-connection: <id>``
+    the ``connection_id`` of the ``ConnectionInfo`` reply; every call after the
+    handshake names it. A call without it gets a connection of its own for that one
+    call (enough for ``FetchConfig`` and ``Ping`` on a node without a token).
+
+The ``InitializeConnection`` reply carries ``jmp-keepalive-ms`` in its trailing
+metadata: a connection not heard of for that long is closed and its lease released,
+so a client sends ``Ping`` (or anything else) well within it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from jumpstarter_protocol import MAX_MESSAGE_SIZE
+
+# grpc's C core logs TLS handshake failures and the like to stderr at INFO level; the
+# CLI already says what went wrong in one line. The level is read when grpc is first
+# imported, so set it for that moment only (tasks the node spawns inherit nothing).
+if "GRPC_VERBOSITY" not in os.environ:
+    os.environ["GRPC_VERBOSITY"] = "ERROR"
+    try:
+        import grpc
+        import grpc.aio
+    finally:
+        del os.environ["GRPC_VERBOSITY"]
+else:  # pragma: no cover - the user chose a level
+    import grpc
+    import grpc.aio
+
+__all__ = ["grpc"]
+
+SERVICE = "jumpstarter.v1.Node"
+REQUEST_METHOD = "Request"
+READ_OUTPUT_METHOD = "ReadOutput"
+REQUEST_PATH = f"/{SERVICE}/{REQUEST_METHOD}"
+READ_OUTPUT_PATH = f"/{SERVICE}/{READ_OUTPUT_METHOD}"
+
+TOKEN_KEY = "authorization"
+CONNECTION_KEY = "jmp-connection"
+KEEPALIVE_KEY = "jmp-keepalive-ms"
+
+UNKNOWN_CONNECTION = "unknown connection"
+"""Details of the ``NOT_FOUND`` status a node answers for a connection it does not
+know (it restarted, or the connection timed out): the client hands shakes again."""
+
+DEFAULT_PORT = 7100
+DEFAULT_KEEPALIVE = 30.0
+"""Seconds a node keeps a silent client's connection (and lease)."""
+
+
+def channel_options(max_message_size: int = MAX_MESSAGE_SIZE) -> list[tuple[str, int]]:
+    """Options shared by both ends: message size limits, HTTP/2 keep-alive pings
+    (a dead peer is noticed within ~30 s even when nothing is sent)."""
+    return [
+        ("grpc.max_send_message_length", max_message_size),
+        ("grpc.max_receive_message_length", max_message_size),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def server_options(max_message_size: int) -> list[tuple[str, int]]:
+    return [
+        *channel_options(max_message_size),
+        # Accept the clients' keep-alive pings instead of answering them with GOAWAY.
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 0),
+        # grpc sets SO_REUSEPORT by default: a second node on the same port would
+        # silently share it. One port, one node.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def client_options(max_message_size: int = MAX_MESSAGE_SIZE) -> list[tuple[str, int]]:
+    return [
+        *channel_options(max_message_size),
+        # Reconnect quickly after a blip; grpc's defaults start at 1 s, grow to 120 s.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 2_000),
+    ]
