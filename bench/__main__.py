@@ -66,7 +66,10 @@ def table(figures: list[Figure]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = []
     for n, row in enumerate(rows):
-        cells = [cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths, strict=True))]
+        cells = [
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ]
         lines.append("  ".join(cells).rstrip())
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -78,10 +81,14 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench",
         description="Measure Jumpstarter's hot paths beside baselines measured in the same run.",
     )
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions: all figures in under a minute")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer repetitions: all figures in under a minute"
+    )
     parser.add_argument("--json", metavar="FILE", help="also write the figures as JSON to FILE")
     parser.add_argument(
-        "--only", metavar="TEXT", help="run only the figure functions whose module.name or docstring contains TEXT"
+        "--only",
+        metavar="TEXT",
+        help="run only the figure functions whose module.name or docstring contains TEXT",
     )
     args = parser.parse_args(argv)
 
@@ -110,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(figures))
     for error in errors:
         print(f"FAILED {error['function']}: {error['error']}")
-    print(f"({elapsed:.1f}s{', quick' if args.quick else ''}, {os.cpu_count()} CPUs, Python {platform.python_version()})")
+    mode = ", quick" if args.quick else ""
+    print(f"({elapsed:.1f}s{mode}, {os.cpu_count()} CPUs, Python {platform.python_version()})")
     if args.json:
         report = {
             "quick": args.quick,

@@ -25,7 +25,7 @@ from jumpstarter.client import AsyncNode, AsyncSession
 from jumpstarter.config import Config
 from jumpstarter.protocol import JumpStarterProtocol
 from jumpstarter.store import _SCHEMA_V1, SQLiteStore
-from jumpstarter_protocol import Ping, ResultSpec, decode, encode
+from jumpstarter_protocol import Ping, decode, encode
 
 from ._figure import Figure, figure
 
@@ -244,7 +244,10 @@ def _raw_store(path: Path) -> sqlite3.Connection:
     for statement in _SCHEMA_V1.split(";"):
         if statement.strip():
             db.execute(statement)
-    db.execute("INSERT INTO tasks (id, node, spec, state, created_at) VALUES ('t', 'n', '{}', 'running', 0)")
+    db.execute(
+        "INSERT INTO tasks (id, node, spec, state, created_at)"
+        " VALUES ('t', 'n', '{}', 'running', 0)"
+    )
     return db
 
 
@@ -252,7 +255,20 @@ def _raw_rows(batches: list[list[dict[str, Any]]]) -> list[list[tuple[Any, ...]]
     now = time.time()
     return [
         [
-            ("t", "s", "n", r["name"], r["outcome"], r["duration"], r["message"], None, None, None, None, now)
+            (
+                "t",
+                "s",
+                "n",
+                r["name"],
+                r["outcome"],
+                r["duration"],
+                r["message"],
+                None,
+                None,
+                None,
+                None,
+                now,
+            )
             for r in batch
         ]
         for batch in batches
@@ -334,7 +350,9 @@ def _build_store(data_dir: Path) -> str:
     for statement in tables:
         db.execute(statement)
     db.execute(f"PRAGMA user_version={SQLiteStore.SCHEMA_VERSION}")
-    db.execute("INSERT INTO sessions (id, name, client, created_at) VALUES ('s', 'history', 'bench', 0)")
+    db.execute(
+        "INSERT INTO sessions (id, name, client, created_at) VALUES ('s', 'history', 'bench', 0)"
+    )
     spec = '{"argv": ["pytest"]}'
     db.executemany(
         "INSERT INTO tasks (id, node, session_id, spec, state, exit_code, created_at)"
@@ -429,5 +447,7 @@ def cli_version(quick: bool) -> list[Figure]:
         a.append(run(jmp))
         b.append(run(click))
     return [
-        Figure("jmp --version", _median_ms(a), _median_ms(b), "ms", "<= 2x", 'python -c "import click"')
+        Figure(
+            "jmp --version", _median_ms(a), _median_ms(b), "ms", "<= 2x", 'python -c "import click"'
+        )
     ]

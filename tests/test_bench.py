@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 # The rows of issue 6's table, as ``--quick`` names them, and whether each has a
@@ -28,7 +27,11 @@ ISSUE_6_FIGURES = {
 
 def _bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "bench", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -44,7 +47,11 @@ def test_quick_run_reports_every_figure_with_numbers(tmp_path: Path) -> None:
         matching = [f for f in figures if f["name"] == name]
         assert len(matching) == 1, (name, [f["name"] for f in figures])
         figure = matching[0]
-        assert isinstance(figure["ours"], float) and math.isfinite(figure["ours"]) and figure["ours"] > 0
+        assert (
+            isinstance(figure["ours"], float)
+            and math.isfinite(figure["ours"])
+            and figure["ours"] > 0
+        )
         assert figure["unit"] and figure["target"][:2] in ("<=", ">=")
         assert isinstance(figure["met"], bool)
         if has_baseline:

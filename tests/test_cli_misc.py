@@ -128,7 +128,10 @@ def test_completion_scripts_and_completing(runner: CliRunner) -> None:
         script = runner.invoke(cli, ["completion", shell])
         assert script.exit_code == 0 and "_JMP_COMPLETE" in script.stdout
     bad = runner.invoke(cli, ["completion", "tcsh"])
-    assert bad.exit_code == 2 and bad.stderr.endswith("'tcsh' is not one of 'bash', 'zsh', 'fish'.\n")
+    assert bad.exit_code == 2 and bad.stderr == (
+        "jmp: error: Invalid value for '{bash|zsh|fish}': 'tcsh' is not one of 'bash', 'zsh', 'fish'."
+        " (try 'jmp completion --help')\n"
+    )
 
     def complete(words: str) -> str:
         env = {**os.environ, "_JMP_COMPLETE": "bash_complete", "COMP_WORDS": words, "COMP_CWORD": str(len(words.split()) - 1)}

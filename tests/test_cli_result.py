@@ -201,11 +201,11 @@ def test_bad_input(task_id: str, data_dir: Path, how: str, args: list[str], code
     before = store_rows(data_dir)
     got_code, stdout, stderr = _invoke(how, args)
     assert (got_code, stdout) == (code, "")
-    if message is None or message.startswith("Error: "):
-        assert stderr.startswith(f"Usage: jmp result {args[1]} ")
-        assert stderr.count("Error: ") == 1
+    if message is None or message.startswith("Error: "):  # a usage error: one line
+        hint = f" (try 'jmp result {args[1]} --help')\n"
+        assert stderr.startswith("jmp: error: ") and stderr.endswith(hint) and stderr.count("\n") == 1
         if message is not None:
-            assert stderr.endswith(message)
+            assert stderr == "jmp: error: " + message.removeprefix("Error: ").removesuffix("\n") + hint
     else:
         assert stderr == message
     assert store_rows(data_dir) == before

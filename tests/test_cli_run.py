@@ -66,8 +66,8 @@ def test_run_bad_input(runner: CliRunner, data_dir: Path, args: list[str], code:
     if message is not None:
         assert result.stderr == message
     else:
-        assert result.stderr.startswith("Usage: jmp run [OPTIONS] COMMAND...\n")
-        assert result.stderr.count("Error: ") == 1
+        assert result.stderr.startswith("jmp: error: ")
+        assert result.stderr.endswith(" (try 'jmp run --help')\n") and result.stderr.count("\n") == 1
     assert not (data_dir / "jumpstarter.db").exists() or _task_count(data_dir) == 0
 
 

@@ -224,8 +224,9 @@ def test_a_name_registered_twice_is_a_problem_jmp_drivers_names(site: Path) -> N
 def test_drivers_bad_format_is_a_usage_error(site: Path) -> None:
     result = CliRunner().invoke(cli, ["drivers", "--format", "yaml"])
     assert result.exit_code == 2
-    assert result.stderr.splitlines()[-1] == (
-        "Error: Invalid value for '--format': 'yaml' is not one of 'table', 'json'."
+    assert result.stderr == (
+        "jmp: error: Invalid value for '--format': 'yaml' is not one of 'table', 'json'."
+        " (try 'jmp drivers --help')\n"
     )
 
 
@@ -241,7 +242,7 @@ def test_a_plugin_adds_a_subcommand(site: Path) -> None:
     assert "  drivers     List installed plugins and what they register." in help_text
     unknown = runner.invoke(cli, ["goodbye"])
     assert unknown.exit_code == 2
-    assert unknown.stderr.splitlines()[-1] == "Error: No such command 'goodbye'."
+    assert unknown.stderr == "jmp: error: No such command 'goodbye'. (try 'jmp --help')\n"
 
 
 def test_a_plugin_subcommand_through_the_real_jmp(site: Path) -> None:
@@ -277,7 +278,7 @@ def test_empty_jmp_plugins_turns_autoload_off(site: Path) -> None:
     )
     done = run_jmp("hello", env=env)
     assert done.returncode == 2
-    assert done.stderr.splitlines()[-1] == "Error: No such command 'hello'."
+    assert done.stderr == "jmp: error: No such command 'hello'. (try 'jmp --help')\n"
 
 
 def test_jmp_disable_plugins_leaves_those_out(site: Path) -> None:

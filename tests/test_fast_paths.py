@@ -80,7 +80,9 @@ async def test_inline_writes_keep_the_wal_checkpointed(tmp_path: Path) -> None:
         assert db.execute("SELECT count(*) FROM tasks").fetchone()[0] == 1000
 
 
-def test_a_task_without_output_has_no_log_files(protocol: JumpStarterProtocol, data_dir: Path) -> None:
+def test_a_task_without_output_has_no_log_files(
+    protocol: JumpStarterProtocol, data_dir: Path
+) -> None:
     with protocol.create_session("quiet") as session:
         node = session.connect("local")
         quiet = node.start(["true"])
@@ -105,7 +107,9 @@ def test_batch_ids_are_the_stored_ids(protocol: JumpStarterProtocol) -> None:
         node = session.connect("local")
         task = node.start(["true"])
         task.wait()
-        first = session.add_results(task.id, [{"name": f"a/{i}", "outcome": "passed"} for i in range(5)])
+        first = session.add_results(
+            task.id, [{"name": f"a/{i}", "outcome": "passed"} for i in range(5)]
+        )
         second = session.add_results(task.id, [{"name": "b", "outcome": "failed", "message": "no"}])
         stored = session.query_results(task_id=task.id)
         assert first + second == [r.id for r in stored.results]

@@ -242,7 +242,9 @@ class SQLiteStore(Store):
     def _open_inline(self) -> None:
         # Used only from the event loop's thread once open; never waits for a lock
         # (timeout=0: SQLITE_BUSY at once) and never checkpoints (that may fsync).
-        inline = sqlite3.connect(self.path, timeout=0, isolation_level=None, check_same_thread=False)
+        inline = sqlite3.connect(
+            self.path, timeout=0, isolation_level=None, check_same_thread=False
+        )
         for pragma in ("synchronous=NORMAL", "foreign_keys=ON", "wal_autocheckpoint=0"):
             inline.execute(f"PRAGMA {pragma}")
         self._inline = inline

@@ -78,6 +78,8 @@ DEADLINE = 30.0
 """Seconds a unary call may take, beyond what the request itself asks to wait."""
 RECONNECT_TIMEOUT = 60.0
 """Seconds to keep trying to reach a node again after the connection broke."""
+READY_POLL = 0.05
+"""How often a broken channel is looked at while it reconnects."""
 WAIT_SLICE = 60.0
 """A long WaitTask is sent as several of at most this many seconds, so each call has
 a deadline and a broken connection costs one slice, not the whole wait."""
@@ -208,8 +210,12 @@ class _Retry:
             return False
         await anyio.sleep(min(self.delay * random.uniform(0.75, 1.25), self.give_up - now))
         self.delay = min(self.delay * 2, self.most)
-        with anyio.move_on_after(max(self.give_up - time.monotonic(), 0)):
-            await channel.channel_ready()  # connects, with grpc's own backoff
+        # Look, rather than await channel_ready(): its watch outlives a cancelled wait
+        # inside grpc, and fires later on an event loop that may be gone by then.
+        while channel.get_state(try_to_connect=True) != grpc.ChannelConnectivity.READY:
+            if time.monotonic() >= self.give_up:
+                break
+            await anyio.sleep(READY_POLL)
         return True  # one more attempt, even at the end: it says what is wrong now
 
 
