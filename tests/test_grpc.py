@@ -419,6 +419,7 @@ def test_tls_to_a_plaintext_node_and_unreachable_nodes(agents, data_dir: Path, c
             "a token: give --tls-cert/--tls-key and --token-file, or --insecure to accept the risk",
         ),
         (["--tls-cert", "c.pem"], "TLS needs both --tls-cert and --tls-key"),
+        (["--transport", "local"], "transport 'local' cannot serve a node (it only reaches them)"),
     ],
 )
 def test_serve_refuses_to_listen_unprotected(data_dir: Path, args: list[str], message: str) -> None:
@@ -485,10 +486,17 @@ async def test_a_held_node_is_a_conflict_and_waiting_is_first_come_first_served(
             with pytest.raises(Conflict, match=r"^node 'lab1' is leased by session 'first'"):
                 await second.connect("lab1", wait=0.3)
         release = {name: anyio.Event() for name in ("b", "c", "d")}
-        async with anyio.create_task_group() as tg:
-            for name in ("b", "c", "d"):  # queue up in this order
+        async with protocol.create_async_session("probe") as probe, anyio.create_task_group() as tg:
+
+            async def waiting() -> int:
+                with pytest.raises(Conflict) as conflict:
+                    await probe.connect("lab1")
+                return conflict.value.details["waiting"]
+
+            for n, name in enumerate(("b", "c", "d"), 1):  # queue up in this order
                 tg.start_soon(take, name, release[name])
-                await anyio.sleep(0.3)
+                while await waiting() < n:
+                    await anyio.sleep(0.02)
             assert got == []
             await first.nodes[0].release()
             for name in ("b", "c", "d"):
@@ -699,7 +707,7 @@ async def test_an_agent_killed_mid_task_restarts_with_the_task_lost_and_results_
             agent.process.send_signal(signal.SIGKILL)
             agent.process.wait()
             restarted = agents(listen=f"127.0.0.1:{agent.port}")
-            # The follower was cut off; it reconnects to the new agent, hands shakes
+            # The follower was cut off; it reconnects to the new agent, shakes hands
             # again and the output ends where it was: the task is lost.
             rest = [chunk async for chunk in stream]
             assert rest == [] and task.end is not None

@@ -259,7 +259,11 @@ class NodeServer:
         return Conflict(
             f"node {self.node.name!r} is leased by session {holder.session_name!r} "
             f"({holder.session_id}) since {since}",
-            details={"session_id": holder.session_id, "since": since},
+            details={
+                "session_id": holder.session_id,
+                "since": since,
+                "waiting": len(self._lease_queue),
+            },
         )
 
     async def acquire(self, conn: NodeConnection, request: ConnectNode) -> Lease:

@@ -15,8 +15,8 @@ import hmac
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Mapping
+from contextlib import aclosing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,8 +57,9 @@ STOP_GRACE = 2.0
 """Seconds calls in flight get to finish when the node stops."""
 READ_AHEAD = 16
 """Output messages read ahead of what gRPC has sent, at most."""
-MERGE_UP_TO = 1024 * 1024
-"""Output chunks are merged into frames of up to about this many bytes."""
+MERGE_UP_TO = 8 * 1024 * 1024
+"""Output chunks are merged into chunks of at most this many bytes: gRPC's cost per
+message is such that 8 MiB frames stream about twice as fast as 1 MiB ones."""
 SMALL_CHUNK = 64 * 1024
 SMALL_CHUNK_WAIT = 0.002
 """Seconds a small output chunk waits for more to send with it."""
@@ -81,6 +82,8 @@ class NodeService:
         self.clients: dict[str, _Client] = {}
         self._refused = encode(Error(code=ErrorCode.UNAUTHORIZED, message=TOKEN_REFUSED))
         self._token = server.token.encode() if server.token is not None else None
+        # Leave room for the header within the node's message size limit.
+        self.merge_up_to = min(MERGE_UP_TO, server.max_message_size // 2)
 
     def handler(self) -> grpc.GenericRpcHandler:
         # No serializers: requests and replies are the codec's frames, as bytes.
@@ -131,7 +134,7 @@ class NodeService:
             async for frame in self._frames(client.connection.read_output(request)):
                 yield frame
 
-    async def _frames(self, messages: AsyncIterator[Any]) -> AsyncIterator[bytes]:
+    async def _frames(self, messages: AsyncGenerator[Any, None]) -> AsyncIterator[bytes]:
         """``messages`` as frames, small output chunks merged into larger ones.
 
         A task writing fast wakes the reader for every write, and each message costs
@@ -142,8 +145,9 @@ class NodeService:
 
         async def read_ahead() -> None:
             try:
-                async for message in messages:
-                    await queue.put(message)
+                async with aclosing(messages):  # its files close when the client goes
+                    async for message in messages:
+                        await queue.put(message)
                 await queue.put(_END)
             except Exception as exc:  # handed to the sending side, which raises it
                 await queue.put(exc)
@@ -162,7 +166,7 @@ class NodeService:
                     yield self._encode(message)
                     continue
                 parts, size = [message.data], len(message.data)
-                while size < MERGE_UP_TO:
+                while size < self.merge_up_to:
                     if not queue.empty():
                         after = queue.get_nowait()
                     elif size < SMALL_CHUNK:
@@ -178,6 +182,7 @@ class NodeService:
                         isinstance(after, OutputChunk)
                         and after.stream == message.stream
                         and after.offset == message.offset + size
+                        and size + len(after.data) <= self.merge_up_to
                     ):
                         held = after
                         break
@@ -341,6 +346,9 @@ async def serve(server: NodeServer, options: Mapping[str, object]) -> None:
     ready: Callable[[str], object] | None = options.get("ready")  # type: ignore[assignment]
 
     service = NodeService(server, keepalive)
+    # Clients learn the largest output chunk from FetchConfig; merged ones are larger.
+    output_chunk = server.info.limits.get("output_chunk", 0)
+    server.info.limits["output_chunk"] = max(output_chunk, service.merge_up_to)
     grpc_server = grpc.aio.server(options=server_options(server.max_message_size))
     grpc_server.add_generic_rpc_handlers((service.handler(),))
     address = join_address(host, port)

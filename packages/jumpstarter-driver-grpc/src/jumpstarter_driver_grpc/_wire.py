@@ -58,7 +58,7 @@ KEEPALIVE_KEY = "jmp-keepalive-ms"
 
 UNKNOWN_CONNECTION = "unknown connection"
 """Details of the ``NOT_FOUND`` status a node answers for a connection it does not
-know (it restarted, or the connection timed out): the client hands shakes again."""
+know (it restarted, or the connection timed out): the client shakes hands again."""
 
 DEFAULT_PORT = 7100
 DEFAULT_KEEPALIVE = 30.0

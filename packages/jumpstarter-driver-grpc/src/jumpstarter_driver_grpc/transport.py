@@ -14,7 +14,7 @@ itself asks to wait). Once a node was reached, a broken connection is retried wi
 backoff for up to ``reconnect_timeout`` seconds: requests that are safe to repeat are
 sent again, and an output stream resumes from the offset it had reached, so nothing
 is lost and nothing doubled. If the node forgot the connection (it restarted, or the
-client was silent past its keep-alive), the transport hands shakes again and retakes
+client was silent past its keep-alive), the transport shakes hands again and retakes
 the lease it held. A background ``Ping`` keeps the connection (and lease) alive.
 """
 
@@ -410,7 +410,7 @@ class GrpcTransport(Transport):
         return self._explain(reply)
 
     async def _handshake_again(self, stale: str | None) -> None:
-        """The node no longer knows our connection: hand shakes again, retake the lease."""
+        """The node no longer knows our connection: shake hands again, retake the lease."""
         async with self._handshake_lock:
             if self._connection_id != stale or self._handshake is None:
                 return  # another call did it meanwhile

@@ -80,6 +80,7 @@ def serve(
           --tls-cert cert.pem --tls-key key.pem
     """
     from ..config import NodeConfig
+    from ..driver import Transport
 
     labels = parse_pairs(label, "--label")
     host = _listen_host(listen)
@@ -109,6 +110,8 @@ def serve(
     if driver is not None:
         node.driver = driver
     transport_cls = protocol.plugins.transport(transport)
+    if getattr(transport_cls.serve, "__func__", None) is Transport.serve.__func__:
+        fail(f"transport {transport!r} cannot serve a node (it only reaches them)", EXIT_USAGE)
     protocol.plugins.node_driver(node.driver)  # an unknown driver fails before listening
 
     def ready(url: str) -> None:
