@@ -17,6 +17,7 @@ registry for a lease. The database is the only coordinator:
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -27,15 +28,23 @@ import psycopg
 
 from .errors import Conflict, NotFound
 
-HEARTBEAT_INTERVAL = 2.0
-"""Seconds between two heartbeats of a node agent, and two keep-alives of a client."""
-HEARTBEAT_TIMEOUT = 10.0
+HEARTBEAT_INTERVAL = float(os.environ.get("JMP_HEARTBEAT_INTERVAL", "2"))
+"""Seconds between two heartbeats of a node agent, and two keep-alives of a client
+(``JMP_HEARTBEAT_INTERVAL``)."""
+HEARTBEAT_TIMEOUT = float(os.environ.get("JMP_HEARTBEAT_TIMEOUT", "10"))
 """A node not heard of for this long is offline; a lease or request not kept alive
-for this long ends."""
+for this long ends (``JMP_HEARTBEAT_TIMEOUT``)."""
 
 _SCHEDULE_LOCK = 7413520922
 _CHANNEL = "jmp_leases"
 _SWEEP_EVERY = 0.5
+# Every time in the registry is the database's clock, so machines whose clocks
+# disagree still agree on who holds what and since when.
+_NOW = "extract(epoch from clock_timestamp())"
+
+
+async def _db_now(db: Any) -> float:
+    return float((await (await db.execute(f"SELECT {_NOW}")).fetchone())[0])
 
 
 @dataclass
@@ -92,20 +101,19 @@ class NodeRegistry:
         agent: str,
     ) -> None:
         """Add or refresh the node ``name``; it is online from now on."""
-        now = time.time()
         async with self.pool.connection() as db:
             await db.execute(
                 "INSERT INTO nodes (name, labels, endpoint, transport, driver, agent, registered_at, last_seen)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+                f" VALUES (%s, %s, %s, %s, %s, %s, {_NOW}, {_NOW})"
                 " ON CONFLICT (name) DO UPDATE SET labels = EXCLUDED.labels, endpoint = EXCLUDED.endpoint,"
                 " transport = EXCLUDED.transport, driver = EXCLUDED.driver, agent = EXCLUDED.agent,"
                 " last_seen = EXCLUDED.last_seen",
-                (name, json.dumps(labels), endpoint, transport, driver, agent, now, now),
+                (name, json.dumps(labels), endpoint, transport, driver, agent),
             )
 
     async def heartbeat(self, name: str) -> None:
         async with self.pool.connection() as db:
-            await db.execute("UPDATE nodes SET last_seen = %s WHERE name = %s", (time.time(), name))
+            await db.execute(f"UPDATE nodes SET last_seen = {_NOW} WHERE name = %s", (name,))
 
     async def go_offline(self, name: str) -> None:
         """The agent stops serving: the node is offline at once."""
@@ -114,14 +122,15 @@ class NodeRegistry:
 
     async def nodes(self) -> list[NodeRecord]:
         await self.sweep()
-        now = time.time()
         async with self.pool.connection() as db:
             rows = await (
                 await db.execute(
                     "SELECT n.name, n.labels, n.endpoint, n.transport, n.driver, n.agent, n.last_seen,"
-                    " l.id, l.session_id, l.session_name, l.holder, l.since, l.expires_at"
+                    " l.id, l.session_id, l.session_name, l.holder, l.since, l.expires_at,"
+                    f" n.last_seen >= {_NOW} - %s"
                     " FROM nodes n LEFT JOIN leases l ON l.node = n.name AND l.ended_at IS NULL"
-                    " ORDER BY n.name"
+                    " ORDER BY n.name",
+                    (self.heartbeat_timeout,),
                 )
             ).fetchall()
         return [
@@ -133,7 +142,7 @@ class NodeRegistry:
                 driver=r[4],
                 agent=r[5],
                 last_seen=r[6],
-                online=r[6] >= now - self.heartbeat_timeout,
+                online=r[13],
                 lease=LeaseRecord(r[7], r[0], r[8], r[9], r[10], r[11], r[12]) if r[7] else None,
             )
             for r in rows
@@ -171,13 +180,12 @@ class NodeRegistry:
         """Lease any free online node whose labels include ``selector``; wait up to
         ``wait`` seconds, in FIFO order with other waiters. :class:`NotFound` when no
         node matches at all, :class:`Conflict` when all matching nodes stay busy."""
-        now = time.time()
         async with self.pool.connection() as db:
             (request_id,) = await (
                 await db.execute(
                     "INSERT INTO lease_requests (selector, session_id, session_name, holder, duration,"
-                    " requested_at, keepalive_at) VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
-                    (json.dumps(selector), session_id, session_name, holder, duration, now, now),
+                    f" requested_at, keepalive_at) VALUES (%s, %s, %s, %s, %s, {_NOW}, {_NOW}) RETURNING id",
+                    (json.dumps(selector), session_id, session_name, holder, duration),
                 )
             ).fetchone()
         deadline = time.monotonic() + (wait or 0)
@@ -209,8 +217,8 @@ class NodeRegistry:
         async with self.pool.connection() as db:
             row = await (
                 await db.execute(
-                    "UPDATE lease_requests SET keepalive_at = %s WHERE id = %s RETURNING lease_id",
-                    (time.time(), request_id),
+                    f"UPDATE lease_requests SET keepalive_at = {_NOW} WHERE id = %s RETURNING lease_id",
+                    (request_id,),
                 )
             ).fetchone()
         return row[0] if row else None
@@ -230,7 +238,6 @@ class NodeRegistry:
         """Lease the node named ``node`` for this session, now or :class:`Conflict`.
         A session that holds it already gets its lease back."""
         await self.sweep()
-        now = time.time()
         async with self.pool.connection() as db, db.transaction():
             await db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEDULE_LOCK,))
             live = await (
@@ -250,8 +257,8 @@ class NodeRegistry:
             (lease_id,) = await (
                 await db.execute(
                     "INSERT INTO leases (node, session_id, session_name, holder, since, expires_at, keepalive_at)"
-                    " VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id",
-                    (node, session_id, session_name, holder, now, now + duration if duration else None, now),
+                    f" VALUES (%s, %s, %s, %s, {_NOW}, {_NOW} + %s, {_NOW}) RETURNING id",
+                    (node, session_id, session_name, holder, duration),
                 )
             ).fetchone()
             return await self._lease(lease_id, db)
@@ -270,8 +277,8 @@ class NodeRegistry:
         async with self.pool.connection() as db:
             row = await (
                 await db.execute(
-                    "UPDATE leases SET keepalive_at = %s WHERE id = %s AND ended_at IS NULL RETURNING id",
-                    (time.time(), lease_id),
+                    f"UPDATE leases SET keepalive_at = {_NOW} WHERE id = %s AND ended_at IS NULL RETURNING id",
+                    (lease_id,),
                 )
             ).fetchone()
         return row is not None
@@ -281,9 +288,9 @@ class NodeRegistry:
         async with self.pool.connection() as db:
             row = await (
                 await db.execute(
-                    "UPDATE leases SET ended_at = %s, end_reason = %s WHERE id = %s AND ended_at IS NULL"
+                    f"UPDATE leases SET ended_at = {_NOW}, end_reason = %s WHERE id = %s AND ended_at IS NULL"
                     " RETURNING id",
-                    (time.time(), reason, lease_id),
+                    (reason, lease_id),
                 )
             ).fetchone()
         if row is not None:
@@ -318,9 +325,9 @@ class NodeRegistry:
         """End what has run out: leases past their duration or keep-alive, requests
         no longer kept alive, and nodes not heard of (their running tasks: ``lost``)."""
         self._swept = time.monotonic()
-        now = time.time()
-        stale = now - self.heartbeat_timeout
         async with self.pool.connection() as db, db.transaction():
+            now = await _db_now(db)
+            stale = now - self.heartbeat_timeout
             await db.execute(
                 "UPDATE leases SET ended_at = %s, end_reason = 'expired'"
                 " WHERE ended_at IS NULL AND expires_at IS NOT NULL AND expires_at <= %s",
@@ -348,10 +355,10 @@ class NodeRegistry:
         the lease id granted to ``request_id``, if any."""
         if time.monotonic() - self._swept >= _SWEEP_EVERY:
             await self.sweep()
-        now = time.time()
-        stale = now - self.heartbeat_timeout
         async with self.pool.connection() as db, db.transaction():
             await db.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEDULE_LOCK,))
+            now = await _db_now(db)
+            stale = now - self.heartbeat_timeout
             if request_id is not None:
                 await db.execute("UPDATE lease_requests SET keepalive_at = %s WHERE id = %s", (now, request_id))
             waiting = await (
@@ -377,10 +384,12 @@ class NodeRegistry:
                     free.remove(pick)
                     (lease_id,) = await (
                         await db.execute(
+                            # Dated by the clock as it inserts: after the release
+                            # that freed the node committed, so spans never overlap.
                             "INSERT INTO leases (node, session_id, session_name, holder, since, expires_at,"
-                            " keepalive_at, request_id) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-                            (pick[0], session_id, session_name, holder, now,
-                             now + duration if duration else None, now, rid),
+                            f" keepalive_at, request_id) VALUES (%s, %s, %s, %s, {_NOW}, {_NOW} + %s, {_NOW}, %s)"
+                            " RETURNING id",
+                            (pick[0], session_id, session_name, holder, duration, rid),
                         )
                     ).fetchone()
                     await db.execute("UPDATE lease_requests SET lease_id = %s WHERE id = %s", (lease_id, rid))
@@ -454,5 +463,6 @@ async def lease_for_session(
         token_file=known.token_file,
         tls_ca=known.tls_ca,
         labels=record.labels,
+        options=known.options,
     )
     return node, release

@@ -176,6 +176,7 @@ class NodeServer:
         self._lease_queue: deque[_LeaseWaiter] = deque()
         self._closed = anyio.Event()
         self._tg: TaskGroup | None = None
+        self.registry: Any = None  # a NodeRegistry when the store is shared (serve --store)
 
     # --- life ---------------------------------------------------------------------------
 
@@ -270,6 +271,8 @@ class NodeServer:
         """Take the lease for ``conn``'s session, or renew it. When another session
         holds it: :class:`Conflict` at once, or with ``request.wait`` a place in the
         queue (first come, first served) for up to that many seconds."""
+        if self.registry is not None:
+            return await self._acquire_in_registry(conn, request)
         session_id, session_name = conn.session_id or "", conn.session_name or ""
         holder = self._lease_holder()
         if holder is not None and holder.session_id == session_id:
@@ -312,7 +315,60 @@ class NodeServer:
     def release(self, conn: NodeConnection) -> None:
         holder = self._lease
         if holder is not None and holder.session_id == conn.session_id:
+            if self.registry is not None and self._tg is not None:
+                self._lease = None
+                self._tg.start_soon(self.registry.release, int(holder.id))
+                return
             self._set_lease(None)
+
+    async def _acquire_in_registry(self, conn: NodeConnection, request: ConnectNode) -> Lease:
+        """With a shared store the lease lives in the registry, where clients that
+        select nodes by label take it too: one live lease per node, whoever asks.
+        (Waiting in order is what selecting by label does; here ``wait`` retries.)"""
+        from .errors import Conflict as _Conflict
+
+        deadline = time.monotonic() + (request.wait or 0)
+        while True:
+            try:
+                record = await self.registry.lease_node(
+                    self.node.name,
+                    session_id=conn.session_id or "",
+                    session_name=conn.session_name or "",
+                    holder=self.agent,
+                    duration=request.duration,
+                )
+                break
+            except _Conflict:
+                if time.monotonic() >= deadline:
+                    raise
+                await anyio.sleep(0.2)
+        self._lease = Lease(str(record.id), record.session_id, record.session_name, record.since, record.expires_at)
+        return self._lease
+
+    async def keep_registered(self, *, endpoint: str, transport: str, interval: float) -> None:
+        """Register this node in the shared registry, then send a heartbeat (and keep
+        the current lease alive) every ``interval`` seconds until cancelled; the node
+        goes offline at once when this ends."""
+        registry = self.registry
+        await registry.register(
+            self.node.name,
+            labels=self.node.labels,
+            endpoint=endpoint,
+            transport=transport,
+            driver=self.info.driver,
+            agent=self.agent,
+        )
+        try:
+            while True:
+                await anyio.sleep(interval)
+                await registry.heartbeat(self.node.name)
+                lease = self._lease
+                if lease is not None and not await registry.keepalive(int(lease.id)):
+                    if self._lease is lease:  # ended elsewhere (expired, jmp lease release)
+                        self._lease = None
+        finally:
+            with anyio.CancelScope(shield=True):
+                await registry.go_offline(self.node.name)
 
     def holds_lease(self, conn: NodeConnection) -> bool:
         holder = self._lease_holder()

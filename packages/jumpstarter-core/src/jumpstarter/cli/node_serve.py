@@ -46,6 +46,18 @@ DEFAULT_LISTEN = "127.0.0.1:7100"
     help="Seconds a silent client keeps its connection and its lease on the node.",
 )
 @click.option(
+    "--store",
+    metavar="URL",
+    help="Store for tasks and results (default: the config's). A postgresql:// store "
+    "shared by a lab also registers this node there, for 'jmp node list' and --select.",
+)
+@click.option(
+    "--advertise",
+    metavar="URL",
+    help="Endpoint clients use to reach this node, recorded in a shared store "
+    "(default: the listen address, with this host's name for 0.0.0.0).",
+)
+@click.option(
     "--insecure",
     is_flag=True,
     help="Allow a non-loopback address without TLS or without a token (anyone who can "
@@ -64,6 +76,8 @@ def serve(
     tls_cert,
     tls_key,
     keepalive,
+    store,
+    advertise,
     insecure,
 ) -> None:
     """Serve this machine as a node: clients elsewhere connect to it and run tasks here.
@@ -103,6 +117,8 @@ def serve(
             )
 
     protocol = state.protocol
+    if store is not None:
+        protocol.config.store = store
     name = name or socket.gethostname()
     node = protocol.config.nodes.get(name)
     node = node.model_copy(deep=True) if node is not None else NodeConfig(name=name)
@@ -116,6 +132,13 @@ def serve(
 
     def ready(url: str) -> None:
         click.echo(f"node {node.name!r} (driver {node.driver}) listening on {url}")
+        endpoint.append(advertise or _advertised(url))
+        listening.set()
+
+    endpoint: list[str] = []
+    import anyio
+
+    listening = anyio.Event()
 
     options = {
         "listen": listen,
@@ -124,12 +147,11 @@ def serve(
         "keepalive": keepalive,
         "ready": ready,
     }
-    import anyio
+    registered = (transport, endpoint, listening)
+    anyio.run(_serve, protocol, node, token, transport_cls, options, registered)
 
-    anyio.run(_serve, protocol, node, token, transport_cls, options)
 
-
-async def _serve(protocol, node, token, transport_cls, options) -> None:
+async def _serve(protocol, node, token, transport_cls, options, registered) -> None:
     import anyio
 
     server = protocol.make_node_server(node, token=token)
@@ -138,6 +160,8 @@ async def _serve(protocol, node, token, transport_cls, options) -> None:
             await tg.start(server.run)
             async with anyio.create_task_group() as serving:
                 serving.start_soon(_stop_on_signal, serving.cancel_scope)
+                if protocol.config.store_url.startswith(("postgresql://", "postgres://")):
+                    serving.start_soon(_register, server, *registered)
                 try:
                     await transport_cls.serve(server, options)
                 finally:
@@ -146,6 +170,23 @@ async def _serve(protocol, node, token, transport_cls, options) -> None:
     except BaseExceptionGroup as group:
         # One failure (say, the port is taken) reads as itself, not as a group.
         raise _first(group) from None
+
+
+async def _register(server, transport: str, endpoint: list[str], listening) -> None:
+    """Once listening: register in the shared store and keep the heartbeat going."""
+    from ..registry import HEARTBEAT_INTERVAL, NodeRegistry
+
+    server.registry = NodeRegistry(server.store)  # leases go through it from now on
+    await listening.wait()
+    await server.keep_registered(endpoint=endpoint[0], transport=transport, interval=HEARTBEAT_INTERVAL)
+
+
+def _advertised(url: str) -> str:
+    """The listen URL, with this host's name where it listens on every address."""
+    for anywhere in ("0.0.0.0", "[::]"):
+        if f"//{anywhere}:" in url:
+            return url.replace(anywhere, socket.getfqdn(), 1)
+    return url
 
 
 def _first(group: BaseExceptionGroup) -> BaseException:

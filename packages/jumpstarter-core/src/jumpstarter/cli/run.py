@@ -22,6 +22,9 @@ WAIT_FOREVER = 10 * 365 * 86400.0
 @click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the node's token (with --endpoint).")
 @click.option("--tls-ca", type=click.Path(dir_okay=False),
               help="CA certificate the node's is signed by (with --endpoint; default: the system's).")
+@click.option("--select", metavar="K=V[,K=V...]",
+              help="Lease any free node with these labels from the shared registry (a postgresql:// store).")
+@click.option("--duration", type=Seconds(), metavar="SECONDS", help="End the lease after SECONDS.")
 @click.option("--wait", type=Seconds(), is_flag=False, flag_value=WAIT_FOREVER, metavar="[SECONDS]",
               help="When another session holds the node, wait in line for it (up to SECONDS) instead of failing.")
 @click.option("-t", "--timeout", type=click.FloatRange(min=0, min_open=True), help="Stop after SECONDS; exit 124.")
@@ -35,8 +38,8 @@ WAIT_FOREVER = 10 * 365 * 86400.0
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_obj
 @handle_errors
-def run(state, node, session, endpoint, token_file, tls_ca, wait, timeout, env, cwd, name, label, shell, grace,
-        command) -> None:
+def run(state, node, session, endpoint, token_file, tls_ca, select, duration, wait, timeout, env, cwd, name, label,
+        shell, grace, command) -> None:
     """Run COMMAND on a node and stream its output.
 
     stdout and stderr of the task go to jmp's stdout and stderr as they come. jmp
@@ -50,7 +53,15 @@ def run(state, node, session, endpoint, token_file, tls_ca, wait, timeout, env, 
       jmp run --timeout 60 --env BOARD=rpi4 -- ./flash.sh image.bin
       jmp run --shell -- 'make -j2 && ./run-tests'
       jmp run --endpoint grpcs://lab1.example:7100 --token-file lab1.token -- ./flash.sh
+      jmp run --select board=rpi4,site=lab2 --wait 600 -- ./flash.sh
     """
+    selector = None
+    if select is not None:
+        if node is not None or endpoint is not None:
+            raise click.UsageError("--select picks the node: give it without --node and --endpoint")
+        selector = parse_pairs(tuple(part for part in select.split(",") if part), "--select")
+        if not selector:
+            raise click.BadParameter("expected K=V[,K=V...]", param_hint="--select")
     if endpoint is not None:
         node = endpoint_node(state.protocol, endpoint, node, token_file, tls_ca)
     elif token_file is not None or tls_ca is not None:
@@ -69,7 +80,8 @@ def run(state, node, session, endpoint, token_file, tls_ca, wait, timeout, env, 
         argv = list(command)
     import anyio
 
-    code = anyio.run(_run, state.protocol, node, session, argv, spec, grace, wait)
+    connect = {"wait": wait, "duration": duration, "select": selector}
+    code = anyio.run(_run, state.protocol, node, session, argv, spec, grace, connect)
     sys.exit(code)
 
 
@@ -93,11 +105,11 @@ def endpoint_node(protocol, endpoint: str, name: str | None, token_file: str | N
     return name
 
 
-async def _run(protocol, node_name, session_name, argv, spec, grace, wait=None) -> int:
+async def _run(protocol, node_name, session_name, argv, spec, grace, connect) -> int:
     import anyio
 
     async with protocol.create_async_session(session_name) as session:
-        node = await session.connect(node_name, wait=wait)
+        node = await session.connect(node_name, **connect)
         task = await node.start(argv, **spec)
         interrupted = 0
         async with anyio.create_task_group() as tg:
