@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -47,6 +49,7 @@ def test_run_shell_cwd_and_timeout(data_dir: Path, tmp_path: Path) -> None:
     assert (done.returncode, done.stdout) == (0, f"{tmp_path}\n2\n")
     done = run_jmp("run", "--timeout", "0.2", "--", "sleep", "30")
     assert done.returncode == 124
+    assert re.fullmatch(r"jmp: task [0-9a-f]+ timed out after 0\.2s and was stopped\n", done.stderr)
 
 
 @pytest.mark.parametrize(
@@ -111,3 +114,33 @@ def test_ctrl_c_stops_the_task_cleanly(data_dir: Path) -> None:
         process.stdout.close()
         process.stderr.close()
     assert os.path.exists(data_dir / "jumpstarter.db")
+
+
+def test_a_node_that_dies_mid_run_is_one_line_and_exit_5(data_dir: Path, tmp_path: Path) -> None:
+    log = tmp_path / "agent.log"
+    with open(log, "wb") as out:
+        agent = subprocess.Popen([JMP, "node", "serve", "--listen", "127.0.0.1:0", "--name", "frail"],
+                                 stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while not (match := re.search(r"listening on (\S+)\n", log.read_text())):
+            assert agent.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        config = tmp_path / "jumpstarter.toml"
+        config.write_text(
+            f'[nodes.frail]\ntransport = "grpc"\nendpoint = "{match.group(1)}"\n'
+            "options = { reconnect_timeout = 1 }\n"
+        )
+        client = subprocess.Popen([JMP, "run", "--node", "frail", "--", "sh", "-c", "echo $$; exec sleep 60"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+        task_group = int(client.stdout.readline())
+        agent.kill()
+        agent.wait()
+        _, stderr = client.communicate(timeout=60)
+        assert client.returncode == 5
+        assert stderr.startswith("jmp: error: ") and stderr.count("\n") == 1, stderr
+    finally:
+        agent.kill()
+        agent.wait()
+        with contextlib.suppress(NameError, ProcessLookupError):
+            os.killpg(task_group, signal.SIGKILL)  # its agent died: the task is ours to end

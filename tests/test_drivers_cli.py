@@ -263,7 +263,9 @@ def test_jmp_plugins_loads_only_those(site: Path) -> None:
     )
     done = run_jmp("run", "--", "echo", "no", env=env)
     assert (done.returncode, done.stdout) == (1, "")
-    assert done.stderr == "jmp: error: unknown transport 'local'; installed: pigeon\n"
+    assert done.stderr == (
+        "jmp: error: unknown transport 'local'; installed: pigeon (JMP_PLUGINS is set: only 'demo' may load)\n"
+    )
     assert run_jmp("hello", env=env).stdout == "hello, world\n"
 
 
@@ -274,7 +276,8 @@ def test_empty_jmp_plugins_turns_autoload_off(site: Path) -> None:
     done = run_jmp("run", "--", "echo", "no", env=env)
     assert (done.returncode, done.stderr) == (
         1,
-        "jmp: error: unknown transport 'local'; installed: none\n",
+        "jmp: error: unknown transport 'local'; installed: none "
+        "(JMP_PLUGINS is set but empty: no plugin may load)\n",
     )
     done = run_jmp("hello", env=env)
     assert done.returncode == 2

@@ -231,7 +231,8 @@ def test_jmp_run_on_a_configured_node_and_by_endpoint(
         "sleep",
         "30",
     )
-    assert (done.returncode, done.stderr) == (124, "")
+    assert done.returncode == 124
+    assert re.fullmatch(r"jmp: task [0-9a-f]+ timed out after 0\.5s and was stopped\n", done.stderr)
     done = run_jmp(
         "run", "--endpoint", agent.url, "--token-file", str(token_file), "--", "no-such-command"
     )

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import anyio
 import pytest
+from click.testing import CliRunner
+from jumpstarter.cli import cli
 from jumpstarter.errors import BadRequest, NotFound
 from jumpstarter.store import Store, open_store
 from jumpstarter_protocol import Outcome, QueryResults, ResultSpec, TaskInfo, TaskSpec, TaskState
@@ -108,6 +110,30 @@ async def test_results_batches_query_filters_and_paging(store: Store) -> None:
         await store.query_results(QueryResults(cursor="x"))
     with pytest.raises(NotFound, match="^no session named 'monthly'$"):
         await store.query_results(QueryResults(session="monthly"))
+
+
+async def test_an_unknown_session_is_not_found_not_empty(store: Store) -> None:
+    await store.add_session("s1", "nightly", "test")
+    await store.add_session("s2", "idle", "test")
+    await store.create_task(_task("t1"))
+    for call in (
+        lambda: store.list_tasks(session="nosuch"),
+        lambda: store.list_tasks(session="nosuch", states=[TaskState.PENDING], node="n1"),
+        lambda: store.query_results(QueryResults(session="nosuch")),
+    ):
+        with pytest.raises(NotFound, match="^no session named 'nosuch'$"):
+            await call()
+    assert await store.list_tasks(session="idle") == []  # known, without tasks: empty
+    assert [t.id for t in await store.list_tasks(session="s1")] == ["t1"]  # by id too
+
+
+def test_task_list_of_an_unknown_session_exits_3(data_dir: Path) -> None:
+    result = CliRunner().invoke(cli, ["task", "list", "--session", "nosuch"])
+    assert (result.exit_code, result.stdout, result.stderr) == (
+        3,
+        "",
+        "jmp: error: no session named 'nosuch'\n",
+    )
 
 
 async def test_a_failed_batch_adds_nothing(store: Store) -> None:

@@ -15,8 +15,8 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AsyncExitStack, contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -52,7 +52,7 @@ from pydantic import ValidationError
 
 from .config import NodeConfig
 from .driver import Transport
-from .errors import Conflict, NodeError, NotFound, TransportError
+from .errors import BadRequest, Conflict, NodeError, NotFound, TransportError
 
 if TYPE_CHECKING:
     from .protocol import JumpStarterProtocol
@@ -154,9 +154,9 @@ class AsyncSession:
                 )
             )
             if lease:
-                established: ConnectionEstablished = await handle.request(
-                    ConnectNode(duration=duration, wait=wait)
-                )
+                with _valid_request():
+                    connect = ConnectNode(duration=duration, wait=wait)
+                established: ConnectionEstablished = await handle.request(connect)
                 handle.info = established.node
                 handle.lease_id = established.lease_id
         except BaseException:
@@ -192,17 +192,19 @@ class AsyncSession:
         finished_at: datetime | None = None,
     ) -> int:
         """Attach one result to a task; returns its id. ``metrics`` maps a name to a
-        number or to ``{"value": …, "unit": …}``."""
-        spec = ResultSpec(
-            name=name,
-            outcome=outcome,  # type: ignore[arg-type]
-            duration=duration,
-            message=message,
-            metrics={k: v if isinstance(v, Mapping) else {"value": v} for k, v in (metrics or {}).items()},  # type: ignore[misc]
-            labels=dict(labels or {}),
-            started_at=started_at,
-            finished_at=finished_at,
-        )
+        number or to ``{"value": …, "unit": …}``. A value the protocol refuses raises
+        :class:`~jumpstarter.errors.BadRequest` naming the field."""
+        with _valid_request():
+            spec = ResultSpec(
+                name=name,
+                outcome=outcome,  # type: ignore[arg-type]
+                duration=duration,
+                message=message,
+                metrics={k: v if isinstance(v, Mapping) else {"value": v} for k, v in (metrics or {}).items()},  # type: ignore[misc]
+                labels=dict(labels or {}),
+                started_at=started_at,
+                finished_at=finished_at,
+            )
         return (await self.add_results(task_id, [spec]))[0]
 
     async def add_results(self, task_id: str, results: Iterable[ResultSpec | Mapping[str, Any]]) -> list[int]:
@@ -245,7 +247,9 @@ class AsyncNode:
 
     async def new_task(self, argv: Sequence[str] | None = None, **spec: Any) -> AsyncTask:
         """Create a task without starting it (``NewTask``); see :meth:`start`."""
-        created = await self.request(NewTask(spec=_spec(argv, spec)))
+        with _valid_request():
+            request = NewTask(spec=_spec(argv, spec))
+        created = await self.request(request)
         return self._task(created.task.id, created.task)
 
     async def start(
@@ -253,7 +257,8 @@ class AsyncNode:
     ) -> AsyncTask:
         """Start a task (``StartRequest``): a pending task handle, or a new task from
         ``argv`` (a list) or ``shell="…"``, with ``env``, ``cwd``, ``timeout``,
-        ``labels`` and ``name``. Returns as soon as it runs.
+        ``labels`` and ``name``. Returns as soon as it runs. A spec the protocol
+        refuses (``[]``, ``timeout=-1``) raises :class:`~jumpstarter.errors.BadRequest`.
 
         ``detach=True``: the task outlives this session and this process, and any
         process can follow, wait for or stop it by id. On a node served in this
@@ -264,7 +269,9 @@ class AsyncNode:
             return await argv.start(detach=detach)
         if detach:
             return await self._start_detached(None, argv, spec)
-        started = await self.request(StartRequest(spec=_spec(argv, spec)))
+        with _valid_request():
+            request = StartRequest(spec=_spec(argv, spec))
+        started = await self.request(request)
         return self._task(started.task_id)
 
     async def _start_detached(
@@ -287,9 +294,9 @@ class AsyncNode:
         try:
             await start_detached(self.session.protocol.config, self.name, task.id)
         except NodeError:
-            if created:  # leave the store as it was: the task never ran
+            if created and task.info is not None:  # leave the store as it was: the task never ran
                 with anyio.CancelScope(shield=True):
-                    await server.store.delete_pending_task(task.id)
+                    await server.discard_task(task.info)
             raise
         return task
 
@@ -304,7 +311,9 @@ class AsyncNode:
     async def list_tasks(
         self, *, session: str | None = None, states: Sequence[TaskState | str] | None = None, limit: int = 100
     ) -> list[TaskInfo]:
-        reply = await self.request(ListTasks(session=session, states=states, limit=limit))  # type: ignore[arg-type]
+        with _valid_request():
+            request = ListTasks(session=session, states=states, limit=limit)  # type: ignore[arg-type]
+        reply = await self.request(request)
         return reply.tasks
 
     async def add_results(self, task_id: str, results: Iterable[ResultSpec | Mapping[str, Any]]) -> list[int]:
@@ -316,12 +325,15 @@ class AsyncNode:
         except ValidationError:
             # Validate result by result, so the error names the field of the result
             # that is wrong ("outcome"), not its place in the request.
-            specs = [r if isinstance(r, ResultSpec) else ResultSpec.model_validate(r) for r in batch]
-            request = AddResult(task_id=task_id, results=specs)
+            with _valid_request():
+                specs = [r if isinstance(r, ResultSpec) else ResultSpec.model_validate(r) for r in batch]
+                request = AddResult(task_id=task_id, results=specs)
         return (await self.request(request)).ids
 
     async def query_results(self, **filters: Any) -> ResultsData:
-        return await self.request(QueryResults(**filters))
+        with _valid_request():
+            request = QueryResults(**filters)
+        return await self.request(request)
 
     async def release(self) -> None:
         """Give the node's lease back; tasks go on running."""
@@ -371,22 +383,26 @@ class AsyncTask:
 
     async def wait(self, timeout: float | None = None) -> TaskInfo:
         """Wait until the task has finished (or ``timeout`` seconds); its info."""
-        self.info = (await self.node.request(WaitTask(task_id=self.id, timeout=timeout))).task
+        with _valid_request():
+            request = WaitTask(task_id=self.id, timeout=timeout)
+        self.info = (await self.node.request(request)).task
         return self.info
 
     async def stop(self, grace: float = 5.0) -> TaskInfo:
         """Stop it: SIGTERM to its process group, SIGKILL after ``grace`` seconds. A
         finished task is left alone; either way its final info is returned."""
-        self.info = (await self.node.request(StopTask(task_id=self.id, grace=grace))).task
+        with _valid_request():
+            request = StopTask(task_id=self.id, grace=grace)
+        self.info = (await self.node.request(request)).task
         return self.info
 
     async def output(self, offset: int = 0, *, follow: bool = True) -> AsyncIterator[OutputChunk]:
         """The task's output from byte ``offset``, chunk by chunk, stdout and stderr
         in the order produced (``chunk.stream`` says which). With ``follow`` it ends
         when the task has finished; ``self.end`` then says where and how."""
-        async for message in self.node.transport.read_output(
-            ReadOutput(task_id=self.id, offset=offset, follow=follow)
-        ):
+        with _valid_request():
+            request = ReadOutput(task_id=self.id, offset=offset, follow=follow)
+        async for message in self.node.transport.read_output(request):
             if isinstance(message, OutputChunk):
                 yield message
             elif isinstance(message, OutputEnd):
@@ -397,6 +413,32 @@ class AsyncTask:
 
     async def add_result(self, **result: Any) -> int:
         return await self.node.session.add_result(self.id, **result)
+
+
+@contextmanager
+def _valid_request() -> Iterator[None]:
+    """Turn pydantic's ``ValidationError``, raised while a request (or a spec or
+    result inside one) is built from the caller's arguments, into a
+    :class:`~jumpstarter.errors.BadRequest` of one line naming the field:
+    ``invalid outcomes.0: Input should be 'passed', …``. Callers catch one
+    hierarchy, and the CLI prints it as any other error."""
+    try:
+        yield
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        more = exc.error_count() - 1
+        tail = f" (and {more} more)" if more else ""
+        where = ".".join(str(part) for part in error["loc"])
+        message = " ".join(str(error["msg"]).split())  # one line, whatever the value held
+        if error["type"] == "extra_forbidden":
+            message = f"unknown field {where!r}"
+        elif error["type"] == "value_error":
+            message = message.removeprefix("Value error, ")  # a check of ours: its own words
+            if where:
+                message = f"invalid {where}: {message}"
+        else:
+            message = f"invalid {where or 'value'}: {message}"
+        raise BadRequest(message + tail) from None
 
 
 def _spec(argv: Sequence[str] | str | None, spec: dict[str, Any]) -> TaskSpec:

@@ -48,6 +48,16 @@ class NodeConfig(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict, description="passed to the driver")
 
 
+class RegistryConfig(BaseModel):
+    """How to reach nodes leased by label from the shared registry (``[registry]``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token_file: Path | None = None
+    tls_ca: Path | None = None
+    options: dict[str, Any] = Field(default_factory=dict, description="passed to the transport")
+
+
 class Config(BaseModel):
     """The whole configuration. ``source`` is the file it came from, if any."""
 
@@ -57,11 +67,9 @@ class Config(BaseModel):
     store: str | None = Field(default=None, description="store URL; default: SQLite in data_dir")
     data_dir: Path | None = Field(default=None, description="task output and the SQLite store")
     nodes: dict[str, NodeConfig] = Field(default_factory=dict)
-    registry: NodeConfig = Field(
-        default_factory=NodeConfig,
-        description="token_file and tls_ca for nodes leased by label from the registry",
-    )
+    registry: RegistryConfig = Field(default_factory=RegistryConfig)
     source: Path | None = Field(default=None, exclude=True)
+    from_env: dict[str, str] = Field(default_factory=dict, exclude=True)  # key -> variable
 
     def model_post_init(self, _context: Any) -> None:
         for name, node in self.nodes.items():
@@ -78,13 +86,19 @@ class Config(BaseModel):
     def node(self, name: str | None = None) -> NodeConfig:
         """The config of node ``name`` (default: ``default_node``). ``local`` is always
         known, even when no file names it."""
+        default = name is None
         name = name or self.default_node
         if name in self.nodes:
             return self.nodes[name]
         if name == "local":
             return NodeConfig(name="local")
         known = ", ".join(sorted({"local", *self.nodes}))
-        where = f" in {self.source}" if self.source else ""
+        if default and "default_node" in self.from_env:
+            where = f" (from {self.from_env['default_node']})"
+        elif default and self.source:
+            where = f" (default_node in {self.source})"
+        else:
+            where = f" in {self.source}" if self.source else ""
         raise UnknownNode(f"unknown node {name!r}{where}; known nodes: {known}")
 
 
@@ -123,10 +137,12 @@ def load_config(
             raise ConfigError(f"cannot read config file {source}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+    from_env = {}
     for key in ENV_OVERRIDES:
         value = env.get(f"JMP_{key.upper()}")
         if value:
             data[key] = value
+            from_env[key] = f"JMP_{key.upper()}"
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
@@ -135,6 +151,7 @@ def load_config(
         where = source or "environment"
         raise ConfigError(f"{where}: {key}: {error['msg']}") from None
     config.source = source
+    config.from_env = from_env
     return config
 
 
@@ -158,7 +175,7 @@ def resolve_paths(config: Config) -> Config:
         store = str(absolute(Path(store)))
     update: dict[str, Any] = {"data_dir": absolute(config.data_path), "store": store}
     for key, value in config.__dict__.items():  # nodes, and any other node-shaped settings
-        if isinstance(value, NodeConfig):
+        if isinstance(value, NodeConfig | RegistryConfig):
             update[key] = node_paths(value)
         elif isinstance(value, dict) and value and all(isinstance(v, NodeConfig) for v in value.values()):
             update[key] = {name: node_paths(node) for name, node in value.items()}

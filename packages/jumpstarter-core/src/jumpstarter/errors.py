@@ -148,3 +148,11 @@ _BY_CODE: dict[ErrorCode, type[NodeError]] = {
         InternalError,
     )
 }
+
+
+def sole_error(exc: BaseException) -> BaseException:
+    """The one error inside (nested) exception groups of one error each, as anyio
+    task groups wrap them; ``exc`` itself otherwise."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc

@@ -14,7 +14,8 @@ Environment switches:
     print each hook call and its result to stderr.
 
 A plugin that fails to import is recorded in :attr:`Plugins.failed` with the reason,
-and everything else goes on working.
+and everything else goes on working. A name in either switch that no installed entry
+point has (a typo) is recorded in :attr:`Plugins.warnings`.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError
+
+# PluginError is imported where it is raised: jumpstarter.errors pulls in the protocol
+# and pydantic, which ``jmp --help`` (it loads plugins for their commands) never needs.
 
 ENTRY_POINT_GROUP = "jmp.plugins"
 
@@ -59,6 +62,14 @@ class Plugins:
 
     manager: pluggy.PluginManager
     entry_points: list[PluginInfo] = field(default_factory=list)
+    only: frozenset[str] | None = None
+    """The names ``JMP_PLUGINS`` allows; ``None`` when it is not set."""
+    disabled: frozenset[str] = frozenset()
+    """The installed entry points ``JMP_DISABLE_PLUGINS`` kept from loading."""
+    warnings: list[str] = field(default_factory=list)
+    """One line per name in ``JMP_PLUGINS`` or ``JMP_DISABLE_PLUGINS`` that no
+    installed entry point has, e.g. ``JMP_PLUGINS names no installed plugin 'nosuch'
+    (installed: grpc, local)``; the CLI prints them as warnings."""
 
     @property
     def hook(self) -> Any:
@@ -96,6 +107,8 @@ class Plugins:
             )
 
             def register(name: str, target: type, *, _plugin: str = plugin) -> None:
+                from .errors import PluginError
+
                 if not isinstance(name, str) or not name:
                     raise PluginError(f"plugin {_plugin!r} registered a {kind} without a name")
                 if name in found:
@@ -116,7 +129,20 @@ class Plugins:
         failed = [info for info in self.failed if info.name == name]
         if failed:
             message += f" (plugin {name!r} failed to load: {failed[0].error})"
+        message += self._switch_hint()
+        from .errors import PluginError
+
         raise PluginError(message)
+
+    def _switch_hint(self) -> str:
+        """Why fewer plugins loaded than are installed, when a switch is the reason."""
+        if self.only is not None:
+            if not self.only:
+                return " (JMP_PLUGINS is set but empty: no plugin may load)"
+            return f" (JMP_PLUGINS is set: only {_quoted(self.only)} may load)"
+        if self.disabled:
+            return f" (JMP_DISABLE_PLUGINS is set: {_quoted(self.disabled)} may not load)"
+        return ""
 
 
 def get_plugin_manager(
@@ -134,7 +160,8 @@ def get_plugin_manager(
     for name in blocked:
         manager.set_blocked(name)
     infos = []
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    installed = entry_points(group=ENTRY_POINT_GROUP)
+    for ep in installed:
         if (only is not None and ep.name not in only) or ep.name in blocked:
             continue
         infos.append(_load(manager, ep))
@@ -143,10 +170,31 @@ def get_plugin_manager(
     try:
         manager.check_pending()
     except pluggy.PluginValidationError as exc:
+        from .errors import PluginError
+
         raise PluginError(f"plugin {exc.plugin_name!r} is invalid: {exc}") from None
     if env.get("JMP_TRACE_PLUGINS"):
         _trace(manager, trace or (lambda line: print(line, file=sys.stderr)))
-    return Plugins(manager, infos)
+    names = {ep.name for ep in installed}
+    # A typo in a switch would otherwise pass in silence, and the user would only
+    # see "unknown transport 'local'" later.
+    known = ", ".join(sorted(names)) or "none"
+    warnings = [
+        f"{switch} names no installed plugin {name!r} (installed: {known})"
+        for switch, given in (("JMP_PLUGINS", only or set()), ("JMP_DISABLE_PLUGINS", blocked))
+        for name in sorted(given - names)
+    ]
+    return Plugins(
+        manager,
+        infos,
+        only=None if only is None else frozenset(only),
+        disabled=frozenset(blocked & names),
+        warnings=warnings,
+    )
+
+
+def _quoted(names: frozenset[str]) -> str:
+    return ", ".join(repr(name) for name in sorted(names))
 
 
 def _names(value: str | None) -> set[str] | None:

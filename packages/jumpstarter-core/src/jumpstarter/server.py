@@ -16,6 +16,7 @@ import os
 import secrets
 import socket
 import time
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -73,7 +74,7 @@ from jumpstarter_protocol import (
 
 from ._version import __version__
 from .agent import alive as agent_alive
-from .agent import request_stop
+from .agent import kill_left_behind, request_stop
 from .config import NodeConfig
 from .driver import NodeDriver, RunningProcess
 from .errors import BadRequest, Conflict, NodeError, NotFound, Unauthorized, Unavailable
@@ -176,6 +177,7 @@ class NodeServer:
         self._lease_queue: deque[_LeaseWaiter] = deque()
         self._closed = anyio.Event()
         self._tg: TaskGroup | None = None
+        self._connections: weakref.WeakSet[NodeConnection] = weakref.WeakSet()
         self.registry: Any = None  # a NodeRegistry when the store is shared (serve --store)
 
     # --- life ---------------------------------------------------------------------------
@@ -222,13 +224,29 @@ class NodeServer:
             agent_host, _, pid = (agent or "").rpartition(":")
             if task.id in _LIVE:
                 continue  # another node server in this process runs it
-            if agent_host == host and pid.isdigit() and _alive(int(pid)) and agent != self.agent:
+            here = agent_host == host and pid.isdigit()
+            if here and agent_alive(int(pid)) and agent != self.agent:
                 continue  # another agent on this machine runs it
-            await self.store.finish_task(task.id, TaskState.LOST, None, "the node agent went away")
+            if here:
+                await self._lose(task)
+            else:  # its agent is on another machine: so is whatever it left running
+                await self.store.finish_task(task.id, TaskState.LOST, None, "the node agent went away")
+
+    async def _lose(self, task: TaskInfo) -> TaskInfo:
+        """Mark ``task`` lost because the agent on this machine that ran it died, and
+        kill the process group it left behind, which nobody could stop otherwise."""
+        pid = await self.store.task_pid(task.id)
+        lost = await self.store.finish_task(task.id, TaskState.LOST, None, "the node agent went away")
+        # A task that finished just as its agent went keeps its state: nothing to kill.
+        if lost.state is TaskState.LOST and pid is not None and task.started_at is not None:
+            kill_left_behind(pid, task.started_at.timestamp())
+        return lost
 
     def connect(self) -> NodeConnection:
         """A new client connection."""
-        return NodeConnection(self)
+        connection = NodeConnection(self)
+        self._connections.add(connection)
+        return connection
 
     # --- leases ---------------------------------------------------------------------------
 
@@ -362,6 +380,9 @@ class NodeServer:
             while True:
                 await anyio.sleep(interval)
                 await registry.heartbeat(self.node.name)
+                # Every agent also ends what ran out, so a node that died is marked
+                # offline (its tasks lost) within the timeout even when no one looks.
+                await registry.sweep()
                 lease = self._lease
                 if lease is not None and not await registry.keepalive(int(lease.id)):
                     if self._lease is lease:  # ended elsewhere (expired, jmp lease release)
@@ -376,9 +397,19 @@ class NodeServer:
 
     # --- tasks ----------------------------------------------------------------------------
 
-    async def new_task(self, spec: TaskSpec, session_id: str | None) -> TaskInfo:
+    @staticmethod
+    def check_spec(spec: TaskSpec) -> None:
+        """:class:`BadRequest` for a spec no task can run with (a missing working
+        directory); checked before anything is stored for it."""
         if spec.cwd is not None and not Path(spec.cwd).is_dir():
             raise BadRequest(f"working directory does not exist: {spec.cwd}")
+
+    async def new_task(self, spec: TaskSpec, session_id: str | None) -> TaskInfo:
+        self.check_spec(spec)
+        return await self._create_task(spec, session_id)
+
+    async def _create_task(self, spec: TaskSpec, session_id: str | None) -> TaskInfo:
+        """Store a new pending task for ``spec`` and tell the plugins."""
         task = TaskInfo(
             id=secrets.token_hex(6),
             node=self.node.name,
@@ -405,7 +436,7 @@ class NodeServer:
             output.remove()
             if created_here:
                 with anyio.CancelScope(shield=True):
-                    await self.store.delete_pending_task(task.id)
+                    await self.discard_task(task)
             raise
         running = _Running(task, process, output)
         self._running[task.id] = running
@@ -415,19 +446,19 @@ class NodeServer:
         self._tg.start_soon(self._supervise, running)
         return TaskStarted(task_id=task.id, started_at=running.task.started_at or _now(), pid=process.pid)
 
+    async def discard_task(self, task: TaskInfo) -> None:
+        """Remove the pending ``task`` created for a start whose command could not
+        start, and its session if that has no other task: bad input leaves the store
+        as it was. Connections of that session record it again with their next task."""
+        await self.store.delete_pending_task(task.id)
+        if task.session_id is not None and await self.store.delete_session_if_empty(task.session_id):
+            for connection in list(self._connections):
+                if connection.session_id == task.session_id:
+                    connection._session_recorded = False
+
     async def open_task(self, spec: TaskSpec, session_id: str | None) -> TaskInfo:
         """Record work that runs outside the node as a task in state running."""
-        task = TaskInfo(
-            id=secrets.token_hex(6),
-            node=self.node.name,
-            session_id=session_id,
-            name=spec.name,
-            spec=spec,
-            state=TaskState.PENDING,
-            created_at=_now(),
-        )
-        await self.store.create_task(task, self.agent)
-        self.hook.jmp_task_created(task=task)
+        task = await self._create_task(spec, session_id)
         # The agent is this server: if it goes away unclosed, the task is lost.
         task = await self.store.mark_running(task.id, None, self.agent)
         self._open[task.id] = session_id
@@ -536,7 +567,7 @@ class NodeServer:
                 task = await self.store.get_task(task_id)  # it may have finished as it went
                 if task.state.finished:
                     return task
-                return await self.store.finish_task(task_id, TaskState.LOST, None, "the node agent went away")
+                return await self._lose(task)
             await anyio.sleep(POLL_INTERVAL)
 
     async def wait_task(self, task_id: str, timeout: float | None) -> TaskInfo:
@@ -566,7 +597,7 @@ class NodeServer:
             if task.id != task_id or task.id in _LIVE or agent == self.agent:
                 continue
             if agent_host == socket.gethostname() and pid.isdigit() and not agent_alive(int(pid)):
-                await self.store.finish_task(task_id, TaskState.LOST, None, "the node agent went away")
+                await self._lose(task)
         if len(self._agents_checked) > 1000:  # forget the tasks nobody asks about any more
             self._agents_checked.clear()
 
@@ -605,16 +636,6 @@ class NodeServer:
         finally:
             if reader is not None:
                 reader.close()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class NodeConnection:
@@ -746,11 +767,13 @@ class NodeConnection:
 
     async def _new_task(self, request: NewTask) -> TaskCreated:
         self._require_lease()
+        self.server.check_spec(request.spec)  # before the session is recorded
         return TaskCreated(task=await self.server.new_task(request.spec, await self._session_for_task()))
 
     async def _start(self, request: StartRequest) -> TaskStarted:
         self._require_lease()
         if request.spec is not None:
+            self.server.check_spec(request.spec)  # before the session is recorded
             task = await self.server.new_task(request.spec, await self._session_for_task())
             return await self.server.start_task(task, created_here=True)
         assert request.task_id is not None

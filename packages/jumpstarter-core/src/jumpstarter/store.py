@@ -22,6 +22,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -85,6 +86,15 @@ class Store(ABC):
         """Remove a task that never ran (its command could not start)."""
 
     @abstractmethod
+    async def delete_session_if_empty(self, session_id: str) -> bool:
+        """Remove the session ``session_id`` if no task is filed under it (its only
+        task could not start), so bad input leaves no trace; True if removed."""
+
+    @abstractmethod
+    async def task_pid(self, task_id: str) -> int | None:
+        """The pid :meth:`mark_running` stored for the task (None if none)."""
+
+    @abstractmethod
     async def mark_running(self, task_id: str, pid: int | None, agent: str) -> TaskInfo:
         """``pending → running``; :class:`Conflict` if the task is not pending."""
 
@@ -107,7 +117,8 @@ class Store(ABC):
         states: Sequence[TaskState] | None = None,
         limit: int = 100,
     ) -> list[TaskInfo]:
-        """Newest first."""
+        """Newest first. ``session`` is a session id or name; :class:`NotFound` when
+        it names no session."""
 
     @abstractmethod
     async def running_tasks(self, node: str) -> list[tuple[TaskInfo, str | None]]:
@@ -294,38 +305,34 @@ class SQLiteStore(Store):
         )
 
     async def create_task(self, task: TaskInfo, agent: str | None = None) -> None:
-        await self._quick(
-            self._execute,
-            "INSERT INTO tasks (id, node, session_id, name, spec, state, labels, created_at, agent)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                task.id,
-                task.node,
-                task.session_id,
-                task.name,
-                task.spec.model_dump_json(),
-                task.state.value,
-                json.dumps(task.spec.labels),
-                to_epoch(task.created_at),
-                agent,
-            ),
-        )
+        await self._quick(self._execute, INSERT_TASK, task_params(task, agent))
 
     async def delete_pending_task(self, task_id: str) -> None:
         await self._quick(
             self._execute, "DELETE FROM tasks WHERE id = ? AND state = 'pending'", (task_id,)
         )
 
+    async def delete_session_if_empty(self, session_id: str) -> bool:
+        return await self._quick(self._delete_session_if_empty, session_id)
+
+    def _delete_session_if_empty(self, session_id: str) -> bool:
+        # One statement, so a task filed meanwhile keeps its session.
+        cursor = self.db.execute(
+            "DELETE FROM sessions WHERE id = ? AND NOT EXISTS (SELECT 1 FROM tasks WHERE session_id = ?)",
+            (session_id, session_id),
+        )
+        return cursor.rowcount > 0
+
+    async def task_pid(self, task_id: str) -> int | None:
+        rows = await self._quick(self._fetchall, "SELECT pid FROM tasks WHERE id = ?", (task_id,))
+        return rows[0][0] if rows else None
+
     async def mark_running(self, task_id: str, pid: int | None, agent: str) -> TaskInfo:
         return await self._quick(self._mark_running, task_id, pid, agent)
 
     def _mark_running(self, task_id: str, pid: int | None, agent: str) -> TaskInfo:
         with self._transaction() as db:
-            db.execute(
-                "UPDATE tasks SET state = 'running', started_at = ?, pid = ?, agent = ?"
-                " WHERE id = ? AND state = 'pending'",
-                (time.time(), pid, agent, task_id),
-            )
+            db.execute(MARK_RUNNING, (time.time(), pid, agent, task_id))
             return self._get_task(task_id)
 
     async def finish_task(
@@ -337,20 +344,16 @@ class SQLiteStore(Store):
         self, task_id: str, state: TaskState, exit_code: int | None, message: str | None
     ) -> TaskInfo:
         with self._transaction() as db:
-            db.execute(
-                "UPDATE tasks SET state = ?, exit_code = ?, message = ?, finished_at = ?"
-                " WHERE id = ? AND state IN (?, ?)",
-                (state.value, exit_code, message, time.time(), task_id, *_UNFINISHED),
-            )
+            db.execute(FINISH_TASK, finish_params(task_id, state, exit_code, message))
             return self._get_task(task_id)
 
     async def get_task(self, task_id: str) -> TaskInfo:
         return await self._quick(self._get_task, task_id)
 
     def _get_task(self, task_id: str) -> TaskInfo:
-        row = self.db.execute(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        row = self.db.execute(GET_TASK, (task_id,)).fetchone()
         if row is None:
-            raise NotFound(f"no task with id {task_id!r}", details={"task_id": task_id})
+            raise no_task(task_id)
         return _task(row)
 
     async def list_tasks(
@@ -361,29 +364,21 @@ class SQLiteStore(Store):
         states: Sequence[TaskState] | None = None,
         limit: int = 100,
     ) -> list[TaskInfo]:
-        where, params = [], []
-        if node is not None:
-            where.append("node = ?")
-            params.append(node)
-        if session is not None:
-            where.append("session_id IN (SELECT id FROM sessions WHERE id = ? OR name = ?)")
-            params += [session, session]
-        if states:
-            where.append(f"state IN ({', '.join('?' * len(states))})")
-            params += [TaskState(s).value for s in states]
-        sql = f"SELECT {_TASK_COLUMNS} FROM tasks"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
-        rows = await self._run(self._fetchall, sql, (*params, limit))
-        return [_task(row) for row in rows]
+        sql, params = tasks_query(SQLITE, node, session, states, limit)
+        return [_task(row) for row in await self._run(self._list_tasks, session, sql, params)]
+
+    def _list_tasks(self, session: str | None, sql: str, params: Sequence[Any]) -> list[Any]:
+        with self._transaction(immediate=False) as db:  # one snapshot for check and list
+            if session is not None:
+                self._require_session(session)
+            return db.execute(sql, params).fetchall()
+
+    def _require_session(self, session: str, *, glob: bool = False) -> None:
+        if not self.db.execute(*session_check(SQLITE, session, glob=glob)).fetchone():
+            raise no_session(session)
 
     async def running_tasks(self, node: str) -> list[tuple[TaskInfo, str | None]]:
-        rows = await self._run(
-            self._fetchall,
-            f"SELECT {_TASK_COLUMNS}, agent FROM tasks WHERE node = ? AND state = 'running'",
-            (node,),
-        )
+        rows = await self._run(self._fetchall, RUNNING_TASKS, (node,))
         return [(_task(row), row[-1]) for row in rows]
 
     def _fetchall(self, sql: str, params: Sequence[Any]) -> list[Any]:
@@ -396,18 +391,7 @@ class SQLiteStore(Store):
 
     def _add_results(self, task: TaskInfo, results: Sequence[ResultSpec]) -> list[Result]:
         first, now = self._insert_results(task, results)
-        created = to_datetime(now)
-        return [
-            Result.model_construct(
-                **r.__dict__,
-                id=first + i,
-                task_id=task.id,
-                session_id=task.session_id,
-                node=task.node,
-                created_at=created,
-            )
-            for i, r in enumerate(results)
-        ]
+        return stored_results(task, results, range(first, first + len(results)), now)
 
     async def add_result_ids(self, task: TaskInfo, results: Sequence[ResultSpec]) -> list[int]:
         first, _ = await self._run(self._insert_results, task, results)
@@ -417,38 +401,12 @@ class SQLiteStore(Store):
         """Insert ``results`` in one transaction; the first new id (the others
         follow it: no one else inserts while we hold the write lock) and the time."""
         now = time.time()
-        task_id, session_id, node = task.id, task.session_id, task.node
-        # The hot loop of a big batch: plain tuples, no per-row helper calls where the
-        # common case (no metrics, labels or timestamps) needs none.
-        rows = [
-            (
-                task_id,
-                session_id,
-                node,
-                r.name,
-                _OUTCOME_TEXT[r.outcome],
-                r.duration,
-                r.message,
-                json.dumps({k: m.model_dump(exclude_none=True) for k, m in r.metrics.items()})
-                if r.metrics
-                else None,
-                json.dumps(r.labels) if r.labels else None,
-                None if r.started_at is None else to_epoch(r.started_at),
-                None if r.finished_at is None else to_epoch(r.finished_at),
-                now,
-            )
-            for r in results
-        ]
+        rows = result_rows(task, results, now)
         with self._transaction() as db:
-            if db.execute("SELECT 1 FROM tasks WHERE id = ?", (task_id,)).fetchone() is None:
-                raise NotFound(f"no task with id {task_id!r}", details={"task_id": task_id})
+            if db.execute("SELECT 1 FROM tasks WHERE id = ?", (task.id,)).fetchone() is None:
+                raise no_task(task.id)
             first = db.execute("SELECT coalesce(max(id), 0) + 1 FROM results").fetchone()[0]
-            db.executemany(
-                "INSERT INTO results (task_id, session_id, node, name, outcome, duration,"
-                " message, metrics, labels, started_at, finished_at, created_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+            db.executemany(INSERT_RESULT, rows)
         return first, now
 
     async def query_results(self, query: QueryResults) -> ResultsData:
@@ -457,44 +415,13 @@ class SQLiteStore(Store):
     def _query_results(self, query: QueryResults) -> ResultsData:
         if query.task_id is not None:
             self._get_task(query.task_id)  # NotFound for an unknown id
-        if query.session is not None and not self.db.execute(
-            "SELECT 1 FROM sessions WHERE id = ? OR name = ? LIMIT 1", (query.session, query.session)
-        ).fetchone():
-            raise NotFound(f"no session named {query.session!r}", details={"session": query.session})
-        where, params = _result_filters(query)
-        sql_where = (" WHERE " + " AND ".join(where)) if where else ""
-        page_where = list(where)
-        page_params = list(params)
-        if query.cursor is not None:
-            try:
-                after = int(query.cursor)
-            except ValueError:
-                raise BadRequest(f"invalid cursor {query.cursor!r}") from None
-            page_where.append("id > ?")
-            page_params.append(after)
-        page_sql = f"SELECT {_RESULT_COLUMNS} FROM results"
-        if page_where:
-            page_sql += " WHERE " + " AND ".join(page_where)
-        page_sql += " ORDER BY id LIMIT ?"
+        if query.session is not None:
+            self._require_session(query.session)
+        page, summary = results_queries(SQLITE, query)
         with self._transaction(immediate=False) as db:  # one snapshot for page and summary
-            rows = db.execute(page_sql, (*page_params, query.limit + 1)).fetchall()
-            counts = db.execute(
-                f"SELECT outcome, count(*), total(duration) FROM results{sql_where} GROUP BY outcome",
-                params,
-            ).fetchall()
-        more = len(rows) > query.limit
-        rows = rows[: query.limit]
-        summary = ResultSummary(
-            total=sum(c for _, c, _ in counts),
-            outcomes={Outcome(o): c for o, c, _ in counts},
-            duration=sum(d for _, _, d in counts),
-        )
-        return ResultsData(
-            results=[_result(row) for row in rows],
-            summary=summary,
-            next_cursor=str(rows[-1][0]) if more and rows else None,
-        )
-
+            rows = db.execute(*page).fetchall()
+            counts = db.execute(*summary).fetchall()
+        return results_page(rows, counts, query.limit)
 
     # --- sessions and history -------------------------------------------------------------
 
@@ -504,52 +431,25 @@ class SQLiteStore(Store):
         return await self._run(self._list_sessions, name, with_results, limit)
 
     def _list_sessions(self, name: str | None, with_results: bool, limit: int) -> list[SessionInfo]:
-        where, params = [], []
-        if name is not None:
-            where.append("(id = ? OR name GLOB ?)")
-            params += [name, name]
-        if with_results:
-            where.append("EXISTS (SELECT 1 FROM results WHERE results.session_id = sessions.id)")
-        sql = "SELECT id, name, client, created_at FROM sessions"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at DESC, rowid DESC LIMIT ?"
         with self._transaction(immediate=False) as db:  # one snapshot for sessions and counts
-            rows = db.execute(sql, (*params, limit)).fetchall()
+            rows = db.execute(*sessions_query(SQLITE, name, with_results, limit)).fetchall()
             counts: list[Any] = []
-            ids = [row[0] for row in rows]
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                counts += db.execute(
-                    "SELECT session_id, outcome, count(*), total(duration) FROM results"
-                    f" WHERE session_id IN ({', '.join('?' * len(chunk))}) GROUP BY session_id, outcome",
-                    chunk,
-                ).fetchall()
+            for statement in session_counts(SQLITE, [row[0] for row in rows]):
+                counts += db.execute(*statement).fetchall()
         return sessions_with_summaries(rows, counts)
 
     async def history(self, name: str, *, session: str | None = None, limit: int = 50) -> HistoryData:
         return await self._run(self._history, name, session, limit)
 
     def _history(self, name: str, session: str | None, limit: int) -> HistoryData:
-        sql = f"SELECT {_RESULT_COLUMNS} FROM results WHERE name = ?"
-        params: list[Any] = [name]
-        if session is not None:
-            sql += " AND session_id IN (SELECT id FROM sessions WHERE id = ? OR name GLOB ?)"
-            params += [session, session]
-        sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
         with self._transaction(immediate=False) as db:
-            if session is not None and not db.execute(
-                "SELECT 1 FROM sessions WHERE id = ? OR name GLOB ? LIMIT 1", (session, session)
-            ).fetchone():
-                raise NotFound(f"no session named {session!r}", details={"session": session})
-            rows = db.execute(sql, (*params, limit)).fetchall()
-            ids = sorted({row[2] for row in rows if row[2] is not None})
-            names = dict(
-                db.execute(
-                    f"SELECT id, name FROM sessions WHERE id IN ({', '.join('?' * len(ids))})", ids
-                ).fetchall()
-            ) if ids else {}
-        return HistoryData(name=name, results=[_result(row) for row in rows], session_names=names)
+            if session is not None:
+                self._require_session(session, glob=True)
+            rows = db.execute(*history_query(SQLITE, name, session, limit)).fetchall()
+            names: list[Any] = []
+            if (statement := session_names(SQLITE, rows)) is not None:
+                names = db.execute(*statement).fetchall()
+        return HistoryData(name=name, results=[_result(row) for row in rows], session_names=dict(names))
 
 
 def sessions_with_summaries(rows: Sequence[Any], counts: Sequence[Any]) -> list[SessionInfo]:
@@ -575,36 +475,6 @@ class _CurrentConnection(threading.local):
     db: sqlite3.Connection | None = None
 
 
-def _result_filters(query: QueryResults) -> tuple[list[str], list[Any]]:
-    where: list[str] = []
-    params: list[Any] = []
-    if query.task_id is not None:
-        where.append("task_id = ?")
-        params.append(query.task_id)
-    if query.session is not None:
-        where.append("session_id IN (SELECT id FROM sessions WHERE id = ? OR name = ?)")
-        params += [query.session, query.session]
-    if query.node is not None:
-        where.append("node = ?")
-        params.append(query.node)
-    if query.outcomes:
-        where.append(f"outcome IN ({', '.join('?' * len(query.outcomes))})")
-        params += [Outcome(o).value for o in query.outcomes]
-    if query.name is not None:
-        where.append("name GLOB ?")
-        params.append(query.name)
-    if query.since is not None:
-        where.append("created_at >= ?")
-        params.append(to_epoch(query.since))
-    if query.until is not None:
-        where.append("created_at < ?")
-        params.append(to_epoch(query.until))
-    for key, value in query.labels.items():
-        where.append("json_extract(labels, ?) = ?")
-        params += [f'$."{key}"', value]
-    return where, params
-
-
 _TASK_COLUMNS = (
     "id, node, session_id, name, spec, state, exit_code, message, created_at, started_at, finished_at"
 )
@@ -612,6 +482,311 @@ _RESULT_COLUMNS = (
     "id, task_id, session_id, node, name, outcome, duration, message, metrics, labels,"
     " started_at, finished_at, created_at"
 )
+
+
+# --- the SQL both stores share ---------------------------------------------------------
+#
+# Written once, with ``?`` parameters; a Dialect says how a backend spells the rest.
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """How a backend spells what the SQL shared by the stores leaves open."""
+
+    mark: str
+    """One parameter: ``?`` (sqlite3) or ``%s`` (psycopg)."""
+    arrays: bool
+    """A list of values is one array parameter (``= ANY(%s)``), not one parameter each."""
+    glob: str
+    """The operator matching a column against :attr:`glob_param`: ``GLOB`` or ``~``."""
+    glob_param: Callable[[str], str]
+    """A glob (``*``, ``?``, ``[...]``) as the right side of :attr:`glob`."""
+    label: str
+    """The value of the label whose key is the parameter: ``json_extract(labels, ?)``."""
+    label_param: Callable[[str], str]
+    """A label key as that parameter."""
+    tiebreak: str
+    """The column that orders rows created at the same moment, newest first."""
+
+    def sql(self, text: str) -> str:
+        """``text``, written with ``?`` parameters, with this backend's."""
+        return text if self.mark == "?" else text.replace("?", self.mark)
+
+    def one_of(self, column: str, values: list[Any]) -> tuple[str, list[Any]]:
+        """The condition ``column`` is one of ``values`` (not empty), and its parameters."""
+        if self.arrays:
+            return f"{column} = ANY(?)", [values]
+        return f"{column} IN ({', '.join('?' * len(values))})", values
+
+
+SQLITE = Dialect(
+    mark="?",
+    arrays=False,
+    glob="GLOB",
+    glob_param=str,
+    label="json_extract(labels, ?)",
+    label_param=lambda key: f'$."{key}"',
+    tiebreak="rowid",  # tasks and sessions have text keys; rowid is the order of insertion
+)
+
+
+def _statement(dialect: Dialect, head: str, where: Sequence[str], tail: str) -> str:
+    return dialect.sql(head + (" WHERE " + " AND ".join(where) if where else "") + tail)
+
+
+_IN_SESSION = "session_id IN (SELECT id FROM sessions WHERE id = ? OR name = ?)"
+
+
+def session_check(dialect: Dialect, session: str, *, glob: bool = False) -> tuple[str, list[Any]]:
+    """The statement that finds a row when ``session`` names a session: its id, its
+    name, or with ``glob`` a glob over names. :func:`no_session` when it finds none."""
+    if glob:
+        sql = f"SELECT 1 FROM sessions WHERE id = ? OR name {dialect.glob} ? LIMIT 1"
+        return dialect.sql(sql), [session, dialect.glob_param(session)]
+    return dialect.sql("SELECT 1 FROM sessions WHERE id = ? OR name = ? LIMIT 1"), [session, session]
+
+
+def no_session(session: str) -> NotFound:
+    return NotFound(f"no session named {session!r}", details={"session": session})
+
+
+def no_task(task_id: str) -> NotFound:
+    return NotFound(f"no task with id {task_id!r}", details={"task_id": task_id})
+
+
+INSERT_TASK = (
+    "INSERT INTO tasks (id, node, session_id, name, spec, state, labels, created_at, agent)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def task_params(task: TaskInfo, agent: str | None) -> tuple[Any, ...]:
+    """The parameters of :data:`INSERT_TASK`."""
+    return (
+        task.id,
+        task.node,
+        task.session_id,
+        task.name,
+        task.spec.model_dump_json(),
+        task.state.value,
+        json.dumps(task.spec.labels),
+        to_epoch(task.created_at),
+        agent,
+    )
+
+
+MARK_RUNNING = (
+    "UPDATE tasks SET state = 'running', started_at = ?, pid = ?, agent = ?"
+    " WHERE id = ? AND state = 'pending'"
+)
+FINISH_TASK = (
+    "UPDATE tasks SET state = ?, exit_code = ?, message = ?, finished_at = ?"
+    " WHERE id = ? AND state IN (?, ?)"
+)
+
+
+def finish_params(
+    task_id: str, state: TaskState, exit_code: int | None, message: str | None
+) -> tuple[Any, ...]:
+    """The parameters of :data:`FINISH_TASK`."""
+    return (state.value, exit_code, message, time.time(), task_id, *_UNFINISHED)
+
+
+GET_TASK = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = ?"
+RUNNING_TASKS = f"SELECT {_TASK_COLUMNS}, agent FROM tasks WHERE node = ? AND state = 'running'"
+
+
+def tasks_query(
+    dialect: Dialect,
+    node: str | None,
+    session: str | None,
+    states: Sequence[TaskState] | None,
+    limit: int,
+) -> tuple[str, list[Any]]:
+    """The statement of :meth:`Store.list_tasks`: newest first."""
+    where, params = [], []
+    if node is not None:
+        where.append("node = ?")
+        params.append(node)
+    if session is not None:
+        where.append(_IN_SESSION)
+        params += [session, session]
+    if states:
+        term, values = dialect.one_of("state", [TaskState(s).value for s in states])
+        where.append(term)
+        params += values
+    tail = f" ORDER BY created_at DESC, {dialect.tiebreak} DESC LIMIT ?"
+    return _statement(dialect, f"SELECT {_TASK_COLUMNS} FROM tasks", where, tail), [*params, limit]
+
+
+INSERT_RESULT = (
+    "INSERT INTO results (task_id, session_id, node, name, outcome, duration,"
+    " message, metrics, labels, started_at, finished_at, created_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def result_rows(task: TaskInfo, results: Sequence[ResultSpec], now: float) -> list[tuple[Any, ...]]:
+    """The parameters of :data:`INSERT_RESULT`, a tuple per result."""
+    task_id, session_id, node = task.id, task.session_id, task.node
+    # The hot loop of a big batch: plain tuples, no per-row helper calls where the
+    # common case (no metrics, labels or timestamps) needs none.
+    return [
+        (
+            task_id,
+            session_id,
+            node,
+            r.name,
+            _OUTCOME_TEXT[r.outcome],
+            r.duration,
+            r.message,
+            json.dumps({k: m.model_dump(exclude_none=True) for k, m in r.metrics.items()})
+            if r.metrics
+            else None,
+            json.dumps(r.labels) if r.labels else None,
+            None if r.started_at is None else to_epoch(r.started_at),
+            None if r.finished_at is None else to_epoch(r.finished_at),
+            now,
+        )
+        for r in results
+    ]
+
+
+def stored_results(
+    task: TaskInfo, results: Sequence[ResultSpec], ids: Sequence[int], now: float
+) -> list[Result]:
+    """``results`` as stored for ``task`` at ``now`` with ``ids``, without reading them back."""
+    created = to_datetime(now)
+    return [
+        Result.model_construct(
+            **r.__dict__,
+            id=result_id,
+            task_id=task.id,
+            session_id=task.session_id,
+            node=task.node,
+            created_at=created,
+        )
+        for result_id, r in zip(ids, results, strict=True)
+    ]
+
+
+def _result_filters(dialect: Dialect, query: QueryResults) -> tuple[list[str], list[Any]]:
+    where: list[str] = []
+    params: list[Any] = []
+    if query.task_id is not None:
+        where.append("task_id = ?")
+        params.append(query.task_id)
+    if query.session is not None:
+        where.append(_IN_SESSION)
+        params += [query.session, query.session]
+    if query.node is not None:
+        where.append("node = ?")
+        params.append(query.node)
+    if query.outcomes:
+        term, values = dialect.one_of("outcome", [Outcome(o).value for o in query.outcomes])
+        where.append(term)
+        params += values
+    if query.name is not None:
+        where.append(f"name {dialect.glob} ?")
+        params.append(dialect.glob_param(query.name))
+    if query.since is not None:
+        where.append("created_at >= ?")
+        params.append(to_epoch(query.since))
+    if query.until is not None:
+        where.append("created_at < ?")
+        params.append(to_epoch(query.until))
+    for key, value in query.labels.items():
+        where.append(f"{dialect.label} = ?")
+        params += [dialect.label_param(key), value]
+    return where, params
+
+
+Statement = tuple[str, list[Any]]
+
+
+def results_queries(dialect: Dialect, query: QueryResults) -> tuple[Statement, Statement]:
+    """The statements of :meth:`Store.query_results`: its page (one row more than
+    asked, to tell whether another follows) and the summary of every match, by
+    outcome. Run both in one snapshot and hand the rows to :func:`results_page`."""
+    where, params = _result_filters(dialect, query)
+    page_where, page_params = list(where), list(params)
+    if query.cursor is not None:
+        try:
+            after = int(query.cursor)
+        except ValueError:
+            raise BadRequest(f"invalid cursor {query.cursor!r}") from None
+        page_where.append("id > ?")
+        page_params.append(after)
+    page = _statement(dialect, f"SELECT {_RESULT_COLUMNS} FROM results", page_where, " ORDER BY id LIMIT ?")
+    summary = _statement(
+        dialect, "SELECT outcome, count(*), coalesce(sum(duration), 0) FROM results", where, " GROUP BY outcome"
+    )
+    return (page, [*page_params, query.limit + 1]), (summary, params)
+
+
+def results_page(rows: Sequence[Any], counts: Sequence[Any], limit: int) -> ResultsData:
+    """The answer to a query from the rows of :func:`results_queries`."""
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return ResultsData(
+        results=[_result(row) for row in rows],
+        summary=ResultSummary(
+            total=sum(c for _, c, _ in counts),
+            outcomes={Outcome(o): c for o, c, _ in counts},
+            duration=float(sum(d for _, _, d in counts)),
+        ),
+        next_cursor=str(rows[-1][0]) if more and rows else None,
+    )
+
+
+def sessions_query(
+    dialect: Dialect, name: str | None, with_results: bool, limit: int
+) -> Statement:
+    """The statement of :meth:`Store.list_sessions`; :func:`session_counts` the
+    statements of their summaries."""
+    where, params = [], []
+    if name is not None:
+        where.append(f"(id = ? OR name {dialect.glob} ?)")
+        params += [name, dialect.glob_param(name)]
+    if with_results:
+        where.append("EXISTS (SELECT 1 FROM results WHERE results.session_id = sessions.id)")
+    tail = f" ORDER BY created_at DESC, {dialect.tiebreak} DESC LIMIT ?"
+    return _statement(dialect, "SELECT id, name, client, created_at FROM sessions", where, tail), [*params, limit]
+
+
+def session_counts(dialect: Dialect, ids: list[str]) -> list[Statement]:
+    """The statements that count the results of sessions ``ids`` by outcome, 500
+    sessions a statement (SQLite allows so many parameters and no more)."""
+    statements = []
+    for start in range(0, len(ids), 500):
+        term, params = dialect.one_of("session_id", ids[start : start + 500])
+        sql = (
+            "SELECT session_id, outcome, count(*), coalesce(sum(duration), 0) FROM results"
+            f" WHERE {term} GROUP BY session_id, outcome"
+        )
+        statements.append((dialect.sql(sql), params))
+    return statements
+
+
+def history_query(dialect: Dialect, name: str, session: str | None, limit: int) -> Statement:
+    """The statement of :meth:`Store.history`; check ``session`` first with
+    :func:`session_check` (``glob=True``)."""
+    sql = f"SELECT {_RESULT_COLUMNS} FROM results WHERE name = ?"
+    params: list[Any] = [name]
+    if session is not None:
+        sql += f" AND session_id IN (SELECT id FROM sessions WHERE id = ? OR name {dialect.glob} ?)"
+        params += [session, dialect.glob_param(session)]
+    sql += " ORDER BY created_at DESC, id DESC LIMIT ?"
+    return dialect.sql(sql), [*params, limit]
+
+
+def session_names(dialect: Dialect, rows: Sequence[Any]) -> Statement | None:
+    """The statement that names the sessions of history ``rows``; None for none."""
+    ids = sorted({row[2] for row in rows if row[2] is not None})
+    if not ids:
+        return None
+    term, params = dialect.one_of("id", ids)
+    return dialect.sql(f"SELECT id, name FROM sessions WHERE {term}"), params
 
 
 def _task(row: Sequence[Any]) -> TaskInfo:
@@ -640,12 +815,19 @@ def _result(row: Sequence[Any]) -> Result:
         outcome=Outcome(row[5]),
         duration=row[6],
         message=row[7],
-        metrics=json.loads(row[8]) if row[8] else {},
-        labels=json.loads(row[9]) if row[9] else {},
+        metrics=_json_object(row[8]),
+        labels=_json_object(row[9]),
         started_at=to_datetime(row[10]),
         finished_at=to_datetime(row[11]),
         created_at=to_datetime(row[12]),
     )
+
+
+def _json_object(value: Any) -> dict[str, Any]:
+    """A JSON column: text from SQLite, already parsed from a PostgreSQL JSONB."""
+    if not value:
+        return {}
+    return json.loads(value) if isinstance(value, str) else value
 
 
 _SCHEMA_V1 = """

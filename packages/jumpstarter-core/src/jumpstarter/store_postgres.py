@@ -10,34 +10,50 @@ Install with ``pip install 'jumpstarter-core[postgres]'`` and point ``store`` at
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 from jumpstarter_protocol import (
     HistoryData,
-    Outcome,
     QueryResults,
     Result,
     ResultSpec,
     ResultsData,
-    ResultSummary,
     SessionInfo,
     TaskInfo,
     TaskState,
 )
 
-from .errors import BadRequest, ConfigError, NotFound
+from .errors import ConfigError
 from .store import (
-    _RESULT_COLUMNS,
     _TASK_COLUMNS,
+    FINISH_TASK,
+    GET_TASK,
+    INSERT_RESULT,
+    INSERT_TASK,
+    MARK_RUNNING,
+    RUNNING_TASKS,
+    Dialect,
     Store,
     _result,
     _task,
+    finish_params,
+    history_query,
+    no_session,
+    no_task,
+    result_rows,
+    results_page,
+    results_queries,
+    session_check,
+    session_counts,
+    session_names,
+    sessions_query,
     sessions_with_summaries,
-    to_datetime,
-    to_epoch,
+    stored_results,
+    task_params,
+    tasks_query,
 )
 
 try:
@@ -47,8 +63,6 @@ except ImportError as exc:  # pragma: no cover - depends on the install
     raise ConfigError(
         "a postgresql:// store needs psycopg: pip install 'jumpstarter-core[postgres]'"
     ) from exc
-
-_UNFINISHED = (TaskState.PENDING.value, TaskState.RUNNING.value)
 
 # Migration N is applied when the stored version is below N. Append; never edit.
 _MIGRATIONS: list[str] = [
@@ -199,31 +213,27 @@ class PostgresStore(Store):
 
     async def create_task(self, task: TaskInfo, agent: str | None = None) -> None:
         async with self._pool.connection() as db:
-            await db.execute(
-                "INSERT INTO tasks (id, node, session_id, name, spec, state, labels, created_at, agent)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (
-                    task.id,
-                    task.node,
-                    task.session_id,
-                    task.name,
-                    task.spec.model_dump_json(),
-                    task.state.value,
-                    json.dumps(task.spec.labels),
-                    to_epoch(task.created_at),
-                    agent,
-                ),
-            )
+            await db.execute(POSTGRES.sql(INSERT_TASK), task_params(task, agent))
 
     async def delete_pending_task(self, task_id: str) -> None:
         async with self._pool.connection() as db:
             await db.execute("DELETE FROM tasks WHERE id = %s AND state = 'pending'", (task_id,))
 
+    async def delete_session_if_empty(self, session_id: str) -> bool:
+        rows = await self._fetchall(
+            "DELETE FROM sessions WHERE id = %s"
+            " AND NOT EXISTS (SELECT 1 FROM tasks WHERE session_id = %s) RETURNING id",
+            (session_id, session_id),
+        )
+        return bool(rows)
+
+    async def task_pid(self, task_id: str) -> int | None:
+        row = await self._fetchone("SELECT pid FROM tasks WHERE id = %s", (task_id,))
+        return row[0] if row else None
+
     async def mark_running(self, task_id: str, pid: int | None, agent: str) -> TaskInfo:
         row = await self._fetchone(
-            "UPDATE tasks SET state = 'running', started_at = %s, pid = %s, agent = %s"
-            f" WHERE id = %s AND state = 'pending' RETURNING {_TASK_COLUMNS}",
-            (time.time(), pid, agent, task_id),
+            POSTGRES.sql(f"{MARK_RUNNING} RETURNING {_TASK_COLUMNS}"), (time.time(), pid, agent, task_id)
         )
         return _task(row) if row else await self.get_task(task_id)
 
@@ -231,16 +241,15 @@ class PostgresStore(Store):
         self, task_id: str, state: TaskState, exit_code: int | None, message: str | None = None
     ) -> TaskInfo:
         row = await self._fetchone(
-            "UPDATE tasks SET state = %s, exit_code = %s, message = %s, finished_at = %s"
-            f" WHERE id = %s AND state IN (%s, %s) RETURNING {_TASK_COLUMNS}",
-            (state.value, exit_code, message, time.time(), task_id, *_UNFINISHED),
+            POSTGRES.sql(f"{FINISH_TASK} RETURNING {_TASK_COLUMNS}"),
+            finish_params(task_id, state, exit_code, message),
         )
         return _task(row) if row else await self.get_task(task_id)
 
     async def get_task(self, task_id: str) -> TaskInfo:
-        row = await self._fetchone(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = %s", (task_id,))
+        row = await self._fetchone(POSTGRES.sql(GET_TASK), (task_id,))
         if row is None:
-            raise NotFound(f"no task with id {task_id!r}", details={"task_id": task_id})
+            raise no_task(task_id)
         return _task(row)
 
     async def list_tasks(
@@ -251,212 +260,76 @@ class PostgresStore(Store):
         states: Sequence[TaskState] | None = None,
         limit: int = 100,
     ) -> list[TaskInfo]:
-        where, params = [], []
-        if node is not None:
-            where.append("node = %s")
-            params.append(node)
         if session is not None:
-            where.append("session_id IN (SELECT id FROM sessions WHERE id = %s OR name = %s)")
-            params += [session, session]
-        if states:
-            where.append("state = ANY(%s)")
-            params.append([TaskState(s).value for s in states])
-        sql = f"SELECT {_TASK_COLUMNS} FROM tasks"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at DESC, id DESC LIMIT %s"
-        return [_task(row) for row in await self._fetchall(sql, (*params, limit))]
+            await self._require_session(session)
+        return [_task(row) for row in await self._fetchall(*tasks_query(POSTGRES, node, session, states, limit))]
+
+    async def _require_session(self, session: str, *, glob: bool = False) -> None:
+        if not await self._fetchone(*session_check(POSTGRES, session, glob=glob)):
+            raise no_session(session)
 
     async def running_tasks(self, node: str) -> list[tuple[TaskInfo, str | None]]:
-        rows = await self._fetchall(
-            f"SELECT {_TASK_COLUMNS}, agent FROM tasks WHERE node = %s AND state = 'running'",
-            (node,),
-        )
+        rows = await self._fetchall(POSTGRES.sql(RUNNING_TASKS), (node,))
         return [(_task(row), row[-1]) for row in rows]
 
     # --- results ----------------------------------------------------------------------
 
     async def add_results(self, task: TaskInfo, results: Sequence[ResultSpec]) -> list[Result]:
         now = time.time()
-        rows = [
-            (
-                task.id,
-                task.session_id,
-                task.node,
-                r.name,
-                r.outcome.value,
-                r.duration,
-                r.message,
-                json.dumps({k: m.model_dump(exclude_none=True) for k, m in r.metrics.items()})
-                if r.metrics
-                else None,
-                json.dumps(r.labels) if r.labels else None,
-                to_epoch(r.started_at),
-                to_epoch(r.finished_at),
-                now,
-            )
-            for r in results
-        ]
+        rows = result_rows(task, results, now)
         async with self._pool.connection() as db, db.transaction():
             if not await (await db.execute("SELECT 1 FROM tasks WHERE id = %s", (task.id,))).fetchone():
-                raise NotFound(f"no task with id {task.id!r}", details={"task_id": task.id})
+                raise no_task(task.id)
             async with db.cursor() as cur:
-                await cur.executemany(
-                    "INSERT INTO results (task_id, session_id, node, name, outcome, duration,"
-                    " message, metrics, labels, started_at, finished_at, created_at)"
-                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
-                    rows,
-                    returning=True,
-                )
+                await cur.executemany(POSTGRES.sql(f"{INSERT_RESULT} RETURNING id"), rows, returning=True)
                 ids = []
                 while True:
                     ids.append((await cur.fetchone())[0])
                     if not cur.nextset():
                         break
-        created = to_datetime(now)
-        return [
-            Result.model_construct(
-                **r.__dict__,
-                id=ids[i],
-                task_id=task.id,
-                session_id=task.session_id,
-                node=task.node,
-                created_at=created,
-            )
-            for i, r in enumerate(results)
-        ]
+        return stored_results(task, results, ids, now)
 
     async def query_results(self, query: QueryResults) -> ResultsData:
         if query.task_id is not None:
             await self.get_task(query.task_id)
-        if query.session is not None and not await self._fetchone(
-            "SELECT 1 FROM sessions WHERE id = %s OR name = %s LIMIT 1", (query.session, query.session)
-        ):
-            raise NotFound(f"no session named {query.session!r}", details={"session": query.session})
-        where, params = _filters(query)
-        page_where, page_params = list(where), list(params)
-        if query.cursor is not None:
-            try:
-                page_params.append(int(query.cursor))
-            except ValueError:
-                raise BadRequest(f"invalid cursor {query.cursor!r}") from None
-            page_where.append("id > %s")
-        page_sql = f"SELECT {_RESULT_COLUMNS} FROM results"
-        if page_where:
-            page_sql += " WHERE " + " AND ".join(page_where)
-        page_sql += " ORDER BY id LIMIT %s"
-        summary_sql = "SELECT outcome, count(*), coalesce(sum(duration), 0) FROM results"
-        if where:
-            summary_sql += " WHERE " + " AND ".join(where)
-        summary_sql += " GROUP BY outcome"
-        async with self._pool.connection() as db, db.transaction():
-            # One snapshot for the page and its summary.
-            await db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            rows = await (await db.execute(page_sql, (*page_params, query.limit + 1))).fetchall()
-            counts = await (await db.execute(summary_sql, params)).fetchall()
-        more = len(rows) > query.limit
-        rows = rows[: query.limit]
-        return ResultsData(
-            results=[_result(_jsonb_as_text(row)) for row in rows],
-            summary=ResultSummary(
-                total=sum(c for _, c, _ in counts),
-                outcomes={Outcome(o): c for o, c, _ in counts},
-                duration=float(sum(d for _, _, d in counts)),
-            ),
-            next_cursor=str(rows[-1][0]) if more and rows else None,
-        )
+        if query.session is not None:
+            await self._require_session(query.session)
+        page, summary = results_queries(POSTGRES, query)
+        async with self._snapshot() as db:  # one for the page and its summary
+            rows = await (await db.execute(*page)).fetchall()
+            counts = await (await db.execute(*summary)).fetchall()
+        return results_page(rows, counts, query.limit)
 
     # --- sessions and history -------------------------------------------------------------
 
     async def list_sessions(
         self, *, name: str | None = None, with_results: bool = True, limit: int = 20
     ) -> list[SessionInfo]:
-        where, params = [], []
-        if name is not None:
-            where.append("(id = %s OR name ~ %s)")
-            params += [name, glob_to_regex(name)]
-        if with_results:
-            where.append("EXISTS (SELECT 1 FROM results WHERE results.session_id = sessions.id)")
-        sql = "SELECT id, name, client, created_at FROM sessions"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at DESC, id DESC LIMIT %s"
-        async with self._pool.connection() as db, db.transaction():
-            await db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            rows = await (await db.execute(sql, (*params, limit))).fetchall()
-            counts = await (
-                await db.execute(
-                    "SELECT session_id, outcome, count(*), coalesce(sum(duration), 0) FROM results"
-                    " WHERE session_id = ANY(%s) GROUP BY session_id, outcome",
-                    ([row[0] for row in rows],),
-                )
-            ).fetchall()
+        async with self._snapshot() as db:
+            rows = await (await db.execute(*sessions_query(POSTGRES, name, with_results, limit))).fetchall()
+            counts: list[Any] = []
+            for statement in session_counts(POSTGRES, [row[0] for row in rows]):
+                counts += await (await db.execute(*statement)).fetchall()
         return sessions_with_summaries(rows, counts)
 
     async def history(self, name: str, *, session: str | None = None, limit: int = 50) -> HistoryData:
-        sql = f"SELECT {_RESULT_COLUMNS} FROM results WHERE name = %s"
-        params: list[Any] = [name]
-        if session is not None:
-            sql += " AND session_id IN (SELECT id FROM sessions WHERE id = %s OR name ~ %s)"
-            params += [session, glob_to_regex(session)]
-        sql += " ORDER BY created_at DESC, id DESC LIMIT %s"
+        async with self._snapshot() as db:
+            if session is not None and not await (
+                await db.execute(*session_check(POSTGRES, session, glob=True))
+            ).fetchone():
+                raise no_session(session)
+            rows = await (await db.execute(*history_query(POSTGRES, name, session, limit))).fetchall()
+            names: list[Any] = []
+            if (statement := session_names(POSTGRES, rows)) is not None:
+                names = await (await db.execute(*statement)).fetchall()
+        return HistoryData(name=name, results=[_result(row) for row in rows], session_names=dict(names))
+
+    @asynccontextmanager
+    async def _snapshot(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """A connection in a transaction whose reads all see one snapshot."""
         async with self._pool.connection() as db, db.transaction():
             await db.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            if session is not None and not await (
-                await db.execute(
-                    "SELECT 1 FROM sessions WHERE id = %s OR name ~ %s LIMIT 1",
-                    (session, glob_to_regex(session)),
-                )
-            ).fetchone():
-                raise NotFound(f"no session named {session!r}", details={"session": session})
-            rows = await (await db.execute(sql, (*params, limit))).fetchall()
-            ids = sorted({row[2] for row in rows if row[2] is not None})
-            names = await (
-                await db.execute("SELECT id, name FROM sessions WHERE id = ANY(%s)", (ids,))
-            ).fetchall()
-        return HistoryData(
-            name=name,
-            results=[_result(_jsonb_as_text(row)) for row in rows],
-            session_names=dict(names),
-        )
-
-
-def _jsonb_as_text(row: Sequence[Any]) -> list[Any]:
-    """psycopg hands JSONB back parsed; the shared row reader expects text."""
-    row = list(row)
-    if row[9] is not None and not isinstance(row[9], str):
-        row[9] = json.dumps(row[9])
-    return row
-
-
-def _filters(query: QueryResults) -> tuple[list[str], list[Any]]:
-    where: list[str] = []
-    params: list[Any] = []
-    if query.task_id is not None:
-        where.append("task_id = %s")
-        params.append(query.task_id)
-    if query.session is not None:
-        where.append("session_id IN (SELECT id FROM sessions WHERE id = %s OR name = %s)")
-        params += [query.session, query.session]
-    if query.node is not None:
-        where.append("node = %s")
-        params.append(query.node)
-    if query.outcomes:
-        where.append("outcome = ANY(%s)")
-        params.append([Outcome(o).value for o in query.outcomes])
-    if query.name is not None:
-        where.append("name ~ %s")
-        params.append(glob_to_regex(query.name))
-    if query.since is not None:
-        where.append("created_at >= %s")
-        params.append(to_epoch(query.since))
-    if query.until is not None:
-        where.append("created_at < %s")
-        params.append(to_epoch(query.until))
-    for key, value in query.labels.items():
-        where.append("labels ->> %s = %s")
-        params += [key, value]
-    return where, params
+            yield db
 
 
 def glob_to_regex(pattern: str) -> str:
@@ -482,6 +355,16 @@ def glob_to_regex(pattern: str) -> str:
 
 
 _REGEX_SPECIAL = {c: "\\" + c for c in ".^$+{}()|[]\\"}
+
+POSTGRES = Dialect(
+    mark="%s",
+    arrays=True,
+    glob="~",
+    glob_param=glob_to_regex,
+    label="labels ->> ?",
+    label_param=str,
+    tiebreak="id",
+)
 
 
 def _safe(url: str) -> str:

@@ -27,24 +27,53 @@ so a client sends ``Ping`` (or anything else) well within it.
 from __future__ import annotations
 
 import os
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from jumpstarter_protocol import MAX_MESSAGE_SIZE
 
-# grpc's C core logs TLS handshake failures and the like to stderr at INFO level; the
-# CLI already says what went wrong in one line. The level is read when grpc is first
-# imported, so set it for that moment only (tasks the node spawns inherit nothing).
-if "GRPC_VERBOSITY" not in os.environ:
-    os.environ["GRPC_VERBOSITY"] = "ERROR"
-    try:
-        import grpc
-        import grpc.aio
-    finally:
-        del os.environ["GRPC_VERBOSITY"]
-else:  # pragma: no cover - the user chose a level
+if TYPE_CHECKING:
     import grpc
     import grpc.aio
+else:
+
+    class _LazyGrpc:
+        """``grpc``, imported on first use. Every jmp command collects the
+        transports, so importing this package must not import grpc (~65 ms): only
+        a gRPC connection or ``jmp node serve`` touches ``grpc.<name>``."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(_import_grpc(), name)
+
+    grpc = _LazyGrpc()
 
 __all__ = ["grpc"]
+
+
+_grpc_module: ModuleType | None = None
+
+
+def _import_grpc() -> ModuleType:
+    global _grpc_module
+    if _grpc_module is not None:
+        return _grpc_module
+    # grpc's C core logs TLS handshake failures and the like to stderr at INFO level;
+    # the CLI already says what went wrong in one line. The level is read when grpc is
+    # first imported, so set it for that moment only (tasks the node spawns inherit
+    # nothing).
+    if "GRPC_VERBOSITY" in os.environ:  # pragma: no cover - the user chose a level
+        import grpc.aio
+    else:
+        os.environ["GRPC_VERBOSITY"] = "NONE"
+        try:
+            import grpc.aio
+        finally:
+            del os.environ["GRPC_VERBOSITY"]
+    import grpc as module
+
+    _grpc_module = module
+    return module
+
 
 SERVICE = "jumpstarter.v1.Node"
 REQUEST_METHOD = "Request"

@@ -51,8 +51,15 @@ class JmpGroup(click.Group):
             sys.exit(exc.exit_code)
         except click.UsageError as exc:
             where = exc.ctx.command_path if exc.ctx is not None else "jmp"
-            click.echo(f"jmp: error: {exc.format_message()} (try '{where} --help')", err=True)
+            message = " ".join(exc.format_message().split())  # click may wrap a choice list
+            click.echo(f"jmp: error: {message} (try '{where} --help')", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:
+            # (A closed pipe, `jmp run … | head`, click already ends quietly.)
+            if exc.errno is None:
+                raise
+            click.echo(f"jmp: error: cannot write output: {exc.strerror}", err=True)
+            sys.exit(EXIT_ERROR)
         except click.ClickException as exc:
             click.echo(f"jmp: error: {exc.format_message()}", err=True)
             sys.exit(exc.exit_code)
@@ -93,8 +100,6 @@ class JmpGroup(click.Group):
     def _load_plugin_commands(self, ctx: click.Context) -> None:
         if self._plugins_loaded or ctx.parent is not None:  # plugins add top-level commands only
             return
-        if self._plugins_loaded:
-            return
         self._plugins_loaded = True
         try:
             from ..plugins import get_plugin_manager
@@ -121,6 +126,8 @@ class State:
             self._protocol = JumpStarterProtocol(config_path=self.config_path)
             for info in self._protocol.plugins.failed:
                 click.echo(f"jmp: warning: plugin {info.name!r} failed to load: {info.error}", err=True)
+            for line in self._protocol.plugins.warnings:
+                click.echo(f"jmp: warning: {line}", err=True)
         return self._protocol
 
 
@@ -157,15 +164,17 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except JumpstarterError as exc:
             fail(str(exc), exit_code_for(exc))
-        except ValueError as exc:
-            from pydantic import ValidationError
+        except BaseExceptionGroup as group:
+            # An error raised inside a task group (say, the node went away while
+            # output streamed) arrives wrapped; one error reads as itself.
+            from ..errors import sole_error
 
-            if not isinstance(exc, ValidationError):
+            exc = sole_error(group)
+            if isinstance(exc, JumpstarterError):
+                fail(str(exc), exit_code_for(exc))
+            if exc is group:
                 raise
-            # A value click let through but the protocol refuses (say, a timeout of inf).
-            error = exc.errors(include_url=False)[0]
-            where = ".".join(str(part) for part in error["loc"]) or "value"
-            fail(f"invalid {where}: {error['msg']}", EXIT_USAGE)
+            raise exc from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -179,6 +188,22 @@ def parse_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
             raise click.BadParameter(f"expected K=V, got {value!r}", param_hint=option)
         pairs[key] = val
     return pairs
+
+
+def make_spec(command: tuple[str, ...], env: tuple[str, ...], cwd: str | None, timeout: float | None,
+              name: str | None, label: tuple[str, ...], shell: bool) -> tuple[list[str] | None, dict[str, Any]]:
+    """The argv and task spec fields from the options ``run`` and ``task`` share."""
+    spec: dict[str, Any] = {
+        "env": parse_pairs(env, "--env"),
+        "labels": parse_pairs(label, "--label"),
+        "cwd": cwd,
+        "timeout": timeout,
+        "name": name,
+    }
+    if shell:
+        spec["shell"] = " ".join(command)
+        return None, spec
+    return list(command), spec
 
 
 def task_exit_code(state: str, exit_code: int | None) -> int:

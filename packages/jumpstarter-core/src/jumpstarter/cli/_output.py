@@ -61,9 +61,17 @@ def print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, ensure_ascii=False))
 
 
+def iso(when: Any) -> str:
+    """A UTC datetime as every JSON document of jmp writes it: ``…Z``."""
+    return when.isoformat().replace("+00:00", "Z")
+
+
 def dump(model: Any) -> Any:
     """A protocol model as JSON-ready data, without the message ``type``."""
     return model.model_dump(mode="json", exclude={"type"} if "type" in type(model).model_fields else None)
+
+
+_ID_COLUMNS = {"ID", "TASK", "TASK ID", "SESSION", "LEASE"}
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Cell]]) -> None:
@@ -73,7 +81,10 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Cell]]) -> None:
         from rich.table import Table
         from rich.text import Text
 
-        table = Table(*headers, box=None, header_style="bold", pad_edge=False)
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for header in headers:
+            # Ids are copied into the next command: never wrap or cut them.
+            table.add_column(header, no_wrap=header in _ID_COLUMNS, min_width=12 if header in _ID_COLUMNS else None)
         for row in rows:
             table.add_row(*(Text(c[0], style=c[1]) if isinstance(c, tuple) else Text(c) for c in row))
         Console(highlight=False).print(table)

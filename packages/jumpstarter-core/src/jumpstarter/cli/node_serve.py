@@ -169,7 +169,9 @@ async def _serve(protocol, node, token, transport_cls, options, registered) -> N
             server.close()  # stops the tasks it still runs
     except BaseExceptionGroup as group:
         # One failure (say, the port is taken) reads as itself, not as a group.
-        raise _first(group) from None
+        from ..errors import sole_error
+
+        raise sole_error(group) from None
 
 
 async def _register(server, transport: str, endpoint: list[str], listening) -> None:
@@ -187,13 +189,6 @@ def _advertised(url: str) -> str:
         if f"//{anywhere}:" in url:
             return url.replace(anywhere, socket.getfqdn(), 1)
     return url
-
-
-def _first(group: BaseExceptionGroup) -> BaseException:
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
-    return exc
 
 
 async def _stop_on_signal(scope) -> None:

@@ -5,7 +5,6 @@ They need a ``postgresql://`` store (``store`` in the config, or ``JMP_STORE``).
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import click
 
 from ._base import JmpGroup, State, fail, handle_errors
+from ._output import print_table
 
 
 def with_registry(state: State, fn: Callable[[Any], Awaitable[Any]]) -> Any:
@@ -39,21 +39,6 @@ def with_registry(state: State, fn: Callable[[Any], Awaitable[Any]]) -> Any:
 
 def _when(epoch: float | None) -> str:
     return "-" if not epoch else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
-
-
-def _print_table(headers: list[str], rows: list[list[str]]) -> None:
-    if sys.stdout.isatty():
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(*headers)
-        for row in rows:
-            table.add_row(*row)
-        Console().print(table)
-        return
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    for row in [headers, *rows]:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
 FORMAT = click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
@@ -93,7 +78,7 @@ def node_list(state: State, fmt: str) -> None:
         ]
         for n in records
     ]
-    _print_table(["NODE", "STATUS", "LABELS", "LEASED BY", "ENDPOINT"], rows)
+    print_table(["NODE", "STATUS", "LABELS", "LEASED BY", "ENDPOINT"], rows)
 
 
 @click.group(cls=JmpGroup, commands={
@@ -118,7 +103,7 @@ def lease_list(state: State, fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps([r.__dict__ for r in records], indent=2))
         return
-    _print_table(
+    print_table(
         ["LEASE", "NODE", "SESSION", "SINCE", "EXPIRES"],
         [[str(r.id), r.node, f"{r.session_name} ({r.session_id})", _when(r.since), _when(r.expires_at)] for r in records],
     )

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ._base import EXIT_ERROR, call_node, handle_errors
-from ._output import format_option, print_json, print_table, seconds, state_cell, when
+from ._output import format_option, iso, print_json, print_table, seconds, state_cell, when
 
 if TYPE_CHECKING:
     from jumpstarter_protocol import Result, SessionInfo
@@ -82,7 +82,7 @@ async def session_results(node: Any, session: SessionInfo) -> list[Result]:
 
 
 def _session_json(session: SessionInfo) -> dict[str, Any]:
-    return {"id": session.id, "name": session.name, "created_at": session.created_at.isoformat()}
+    return {"id": session.id, "name": session.name, "created_at": iso(session.created_at)}
 
 
 def _session_text(session: SessionInfo) -> str:
@@ -352,7 +352,7 @@ def history(state, name, session, limit, node, fmt) -> None:
                             "name": data.session_names.get(r.session_id or ""),
                         },
                         "task_id": r.task_id,
-                        "created_at": r.created_at.isoformat(),
+                        "created_at": iso(r.created_at),
                         "outcome": r.outcome.value,
                         "duration": r.duration,
                         "message": r.message,

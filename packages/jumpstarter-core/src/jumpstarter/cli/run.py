@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ._base import handle_errors, parse_pairs, task_exit_code
+from ._base import handle_errors, make_spec, parse_pairs, task_exit_code
 from ._params import Seconds
 
 WAIT_FOREVER = 10 * 365 * 86400.0
@@ -66,18 +66,7 @@ def run(state, node, session, endpoint, token_file, tls_ca, select, duration, wa
         node = endpoint_node(state.protocol, endpoint, node, token_file, tls_ca)
     elif token_file is not None or tls_ca is not None:
         raise click.UsageError("--token-file and --tls-ca go with --endpoint (a configured node has them in its config)")
-    spec = {
-        "env": parse_pairs(env, "--env"),
-        "labels": parse_pairs(label, "--label"),
-        "cwd": cwd,
-        "timeout": timeout,
-        "name": name,
-    }
-    if shell:
-        spec["shell"] = " ".join(command)
-        argv = None
-    else:
-        argv = list(command)
+    argv, spec = make_spec(command, env, cwd, timeout, name, label, shell)
     import anyio
 
     connect = {"wait": wait, "duration": duration, "select": selector}
@@ -134,4 +123,7 @@ async def _run(protocol, node_name, session_name, argv, spec, grace, connect) ->
         assert end is not None
         if interrupted:
             return 128 + interrupted
+        if end.state.value == "timed_out":
+            timeout = spec.get("timeout")
+            click.echo(f"jmp: task {task.id} timed out after {timeout:g}s and was stopped", err=True)
         return task_exit_code(end.state.value, end.exit_code)

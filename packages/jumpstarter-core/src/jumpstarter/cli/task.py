@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import click
 
-from ._base import EXIT_TIMEOUT, call_node, handle_errors, parse_pairs, task_exit_code
+from ._base import EXIT_TIMEOUT, call_node, handle_errors, make_spec, task_exit_code
 from ._output import (
     IdleSpinner,
     command_line,
@@ -52,21 +52,6 @@ def spec_options(fn: F) -> F:
     ):
         fn = option(fn)
     return fn
-
-
-def make_spec(command: tuple[str, ...], env: tuple[str, ...], cwd: str | None, timeout: float | None,
-              name: str | None, label: tuple[str, ...], shell: bool) -> tuple[list[str] | None, dict[str, Any]]:
-    spec: dict[str, Any] = {
-        "env": parse_pairs(env, "--env"),
-        "labels": parse_pairs(label, "--label"),
-        "cwd": cwd,
-        "timeout": timeout,
-        "name": name,
-    }
-    if shell:
-        spec["shell"] = " ".join(command)
-        return None, spec
-    return list(command), spec
 
 
 def print_task(info: Any, fmt: str, text: str | None = None) -> None:

@@ -1,0 +1,5 @@
+"""``python -m jumpstarter.cli``: the same as ``jmp``."""
+
+from . import main
+
+main()
