@@ -426,8 +426,7 @@ class NodeServer:
     async def start_task(self, task: TaskInfo, *, created_here: bool) -> TaskStarted:
         if task.state is not TaskState.PENDING:
             raise Conflict(f"task {task.id} is {task.state.value}, not pending; it cannot start again")
-        if task.spec.cwd is not None and not Path(task.spec.cwd).is_dir():
-            raise BadRequest(f"working directory does not exist: {task.spec.cwd}")
+        self.check_spec(task.spec)  # again: the directory may have gone since it was created
         assert self._tg is not None, "the node server is not running"
         output = OutputLog.create(self.output_dir, task.id)
         try:
