@@ -27,6 +27,7 @@ from jumpstarter.protocol import JumpStarterProtocol
 from jumpstarter_driver_grpc._wire import grpc
 from jumpstarter_protocol import Ping, encode
 
+from ._common import alternate
 from ._figure import Figure, figure
 
 MB = 1_000_000
@@ -116,21 +117,6 @@ async def _raw_echo(url: str) -> AsyncIterator[Callable[[bytes], Awaitable[bytes
         yield channel.unary_unary("/bench.Echo/Echo")
 
 
-async def _alternate(
-    n: int, ours: Callable[[], Awaitable[object]], baseline: Callable[[], Awaitable[object]]
-) -> tuple[list[float], list[float]]:
-    """Time ``n`` calls of each, alternating, so load from elsewhere hits both alike."""
-    a, b = [], []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        await ours()
-        t1 = time.perf_counter()
-        await baseline()
-        t2 = time.perf_counter()
-        a.append(t1 - t0)
-        b.append(t2 - t1)
-    return a, b
-
 
 # --- ping --------------------------------------------------------------------------------
 
@@ -152,8 +138,8 @@ def ping(quick: bool) -> list[Figure]:
                 for _ in range(per_round):
                     await echo(frame)
 
-            await _alternate(2, ours, baseline)  # warm up
-            return await _alternate(rounds, ours, baseline)
+            await alternate(2, ours, baseline)  # warm up
+            return await alternate(rounds, ours, baseline)
 
     with (
         tempfile.TemporaryDirectory(prefix="jmp-bench-") as tmp,
@@ -274,8 +260,8 @@ def run_true(quick: bool) -> list[Figure]:
                 assert done.returncode == 0
                 await echo(frame)
 
-            await _alternate(5, ours, baseline)  # warm up
-            return await _alternate(n, ours, baseline)
+            await alternate(5, ours, baseline)  # warm up
+            return await alternate(n, ours, baseline)
 
     with (
         tempfile.TemporaryDirectory(prefix="jmp-bench-") as tmp,

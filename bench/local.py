@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from jumpstarter.protocol import JumpStarterProtocol
 from jumpstarter.store import _SCHEMA_V1, SQLiteStore
 from jumpstarter_protocol import Ping, decode, encode
 
+from ._common import RAW_INSERT, alternate, raw_store
 from ._figure import Figure, figure
 
 MB = 1_000_000
@@ -42,22 +43,6 @@ async def local_node(data_dir: Path) -> AsyncIterator[tuple[AsyncSession, AsyncN
 
 def _median_ms(samples: list[float]) -> float:
     return statistics.median(samples) * 1000
-
-
-async def _alternate(
-    n: int, ours: Callable[[], Awaitable[object]], baseline: Callable[[], Awaitable[object]]
-) -> tuple[list[float], list[float]]:
-    """Time ``n`` calls of each, alternating, so load from elsewhere hits both alike."""
-    a, b = [], []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        await ours()
-        t1 = time.perf_counter()
-        await baseline()
-        t2 = time.perf_counter()
-        a.append(t1 - t0)
-        b.append(t2 - t1)
-    return a, b
 
 
 # --- run `true` ---------------------------------------------------------------------------
@@ -80,8 +65,8 @@ def run_true(quick: bool) -> list[Figure]:
                 done = await anyio.run_process(["true"])
                 assert done.returncode == 0
 
-            await _alternate(10, ours, baseline)  # warm up
-            return await _alternate(n, ours, baseline)
+            await alternate(10, ours, baseline)  # warm up
+            return await alternate(n, ours, baseline)
 
     with tempfile.TemporaryDirectory(prefix="jmp-bench-") as tmp:
         ours, base = anyio.run(main, Path(tmp))
@@ -119,8 +104,8 @@ def ping(quick: bool) -> list[Figure]:
                 for _ in range(per_round):
                     await roundtrip(Ping())
 
-            await _alternate(2, ours, baseline)
-            return await _alternate(rounds, ours, baseline)
+            await alternate(2, ours, baseline)
+            return await alternate(rounds, ours, baseline)
 
     with tempfile.TemporaryDirectory(prefix="jmp-bench-") as tmp:
         ours, base = anyio.run(main, Path(tmp))
@@ -228,29 +213,6 @@ def _result_batches() -> list[list[dict[str, Any]]]:
     return [results[i : i + BATCH] for i in range(0, RESULTS, BATCH)]
 
 
-_INSERT = (
-    "INSERT INTO results (task_id, session_id, node, name, outcome, duration,"
-    " message, metrics, labels, started_at, finished_at, created_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-
-
-def _raw_store(path: Path) -> sqlite3.Connection:
-    """A plain SQLite file with the store's own schema (same table, same indexes),
-    WAL and synchronous=NORMAL as the store has them, and one task to add to."""
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    for statement in _SCHEMA_V1.split(";"):
-        if statement.strip():
-            db.execute(statement)
-    db.execute(
-        "INSERT INTO tasks (id, node, spec, state, created_at)"
-        " VALUES ('t', 'n', '{}', 'running', 0)"
-    )
-    return db
-
-
 def _raw_rows(batches: list[list[dict[str, Any]]]) -> list[list[tuple[Any, ...]]]:
     now = time.time()
     return [
@@ -294,7 +256,7 @@ def add_results(quick: bool) -> list[Figure]:
                 await session.add_results(task.id, batch)
                 t1 = time.perf_counter()
                 raw.execute("BEGIN IMMEDIATE")
-                raw.executemany(_INSERT, raw_batch)
+                raw.executemany(RAW_INSERT, raw_batch)
                 raw.execute("COMMIT")
                 t2 = time.perf_counter()
                 ours += t1 - t0
@@ -305,7 +267,7 @@ def add_results(quick: bool) -> list[Figure]:
     ours, base = [], []
     for _ in range(passes):
         with tempfile.TemporaryDirectory(prefix="jmp-bench-") as tmp:
-            raw = _raw_store(Path(tmp) / "raw.db")
+            raw = raw_store(Path(tmp) / "raw.db")
             try:
                 a, b = anyio.run(rates, Path(tmp) / "data", raw)
             finally:

@@ -20,6 +20,7 @@ from jumpstarter.protocol import JumpStarterProtocol
 from jumpstarter.store import _SCHEMA_V1, SQLiteStore
 from jumpstarter_protocol import AddResult, QueryHistory, ResultAdded, ResultSpec, decode, encode
 
+from ._common import RAW_INSERT, raw_store
 from ._figure import Figure, figure
 
 # --- history -----------------------------------------------------------------------------
@@ -134,28 +135,6 @@ def _batches(count: int) -> list[list[ResultSpec]]:
     return [results[i : i + BATCH] for i in range(0, count, BATCH)]
 
 
-_INSERT = (
-    "INSERT INTO results (task_id, session_id, node, name, outcome, duration,"
-    " message, metrics, labels, started_at, finished_at, created_at)"
-    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-
-
-def _raw_store(path: Path) -> sqlite3.Connection:
-    """A plain SQLite file with the store's schema (the same table and indexes), WAL
-    and synchronous=NORMAL as the store has them, and one task to add to."""
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    for statement in _SCHEMA_V1.split(";"):
-        if statement.strip():
-            db.execute(statement)
-    db.execute(
-        "INSERT INTO tasks (id, node, spec, state, created_at) VALUES ('t', 'n', '{}', 'running', 0)"
-    )
-    return db
-
-
 @figure
 def ingest(quick: bool) -> list[Figure]:
     """ingest 100,000 results as encoded AddResult frames vs raw sqlite3.executemany"""
@@ -196,7 +175,7 @@ def ingest(quick: bool) -> list[Figure]:
                 reply = decode(await server_connection.handle_bytes(frame))
                 t1 = time.perf_counter()
                 raw.execute("BEGIN IMMEDIATE")
-                raw.executemany(_INSERT, raw_rows)
+                raw.executemany(RAW_INSERT, raw_rows)
                 raw.execute("COMMIT")
                 t2 = time.perf_counter()
                 assert isinstance(reply, ResultAdded) and len(reply.ids) == len(batch), reply
@@ -209,7 +188,7 @@ def ingest(quick: bool) -> list[Figure]:
     ours, base = [], []
     for _ in range(passes):
         with tempfile.TemporaryDirectory(prefix="jmp-bench-") as tmp:
-            raw = _raw_store(Path(tmp) / "raw.db")
+            raw = raw_store(Path(tmp) / "raw.db")
             try:
                 a, b = anyio.run(times, Path(tmp) / "data", raw)
             finally:

@@ -1,0 +1,49 @@
+"""What several benchmark modules share."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from jumpstarter.store import _SCHEMA_V1
+
+
+async def alternate(
+    n: int, ours: Callable[[], Awaitable[object]], baseline: Callable[[], Awaitable[object]]
+) -> tuple[list[float], list[float]]:
+    """Time ``n`` calls of each, alternating, so load from elsewhere hits both alike."""
+    a, b = [], []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await ours()
+        t1 = time.perf_counter()
+        await baseline()
+        t2 = time.perf_counter()
+        a.append(t1 - t0)
+        b.append(t2 - t1)
+    return a, b
+
+
+RAW_INSERT = (
+    "INSERT INTO results (task_id, session_id, node, name, outcome, duration,"
+    " message, metrics, labels, started_at, finished_at, created_at)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def raw_store(path: Path) -> sqlite3.Connection:
+    """A plain SQLite file with the store's own schema (same table, same indexes),
+    WAL and synchronous=NORMAL as the store has them, and one task to add to."""
+    db = sqlite3.connect(path, isolation_level=None)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    for statement in _SCHEMA_V1.split(";"):
+        if statement.strip():
+            db.execute(statement)
+    db.execute(
+        "INSERT INTO tasks (id, node, spec, state, created_at)"
+        " VALUES ('t', 'n', '{}', 'running', 0)"
+    )
+    return db
