@@ -15,7 +15,15 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from contextlib import AsyncExitStack, contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
@@ -39,8 +47,8 @@ from jumpstarter_protocol import (
     QueryResults,
     ReadOutput,
     ReleaseNode,
-    ResultSpec,
     ResultsData,
+    ResultSpec,
     StartRequest,
     StopTask,
     TaskInfo,

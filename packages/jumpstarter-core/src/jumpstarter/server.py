@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskGroup
+from anyio.abc import TaskStatus as StartedStatus  # not the protocol's TaskStatus
 from jumpstarter_protocol import (
     MAX_MESSAGE_SIZE,
     AddResult,
@@ -182,7 +183,7 @@ class NodeServer:
 
     # --- life ---------------------------------------------------------------------------
 
-    async def run(self, *, task_status: TaskStatus[NodeServer] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: StartedStatus[NodeServer] = anyio.TASK_STATUS_IGNORED) -> None:
         """Open the store, mark tasks a dead agent left running as ``lost``, serve
         until :meth:`close`, then stop what still runs."""
         await self.store.open()

@@ -12,7 +12,7 @@ from functools import partial
 from typing import Any
 
 from anyio.from_thread import BlockingPortal, start_blocking_portal
-from jumpstarter_protocol import NodeInfo, OutputChunk, OutputEnd, ResultSpec, ResultsData, TaskInfo
+from jumpstarter_protocol import NodeInfo, OutputChunk, OutputEnd, ResultsData, ResultSpec, TaskInfo
 
 from .client import AsyncNode, AsyncSession, AsyncTask
 
