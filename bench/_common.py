@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -24,6 +26,22 @@ async def alternate(
         a.append(t1 - t0)
         b.append(t2 - t1)
     return a, b
+
+
+def raw_pipe_rate(command: list[str], size: int) -> float:
+    """MB/s reading ``command``'s stdout through a plain pipe, 1 MiB reads."""
+    t0 = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    fd = process.stdout.fileno()
+    got = 0
+    while data := os.read(fd, 1024 * 1024):
+        got += len(data)
+    process.wait()
+    elapsed = time.perf_counter() - t0
+    process.stdout.close()
+    assert got == size, (got, size)
+    return size / 1_000_000 / elapsed
 
 
 RAW_INSERT = (

@@ -27,7 +27,7 @@ from jumpstarter.protocol import JumpStarterProtocol
 from jumpstarter_driver_grpc._wire import grpc
 from jumpstarter_protocol import Ping, encode
 
-from ._common import alternate
+from ._common import alternate, raw_pipe_rate
 from ._figure import Figure, figure
 
 MB = 1_000_000
@@ -163,22 +163,6 @@ def ping(quick: bool) -> list[Figure]:
 # --- streaming output --------------------------------------------------------------------
 
 
-def _raw_pipe_rate(command: list[str], size: int) -> float:
-    """MB/s reading ``command``'s stdout through a plain pipe, 1 MiB reads."""
-    t0 = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE)
-    assert process.stdout is not None
-    fd = process.stdout.fileno()
-    got = 0
-    while data := os.read(fd, 1024 * 1024):
-        got += len(data)
-    process.wait()
-    elapsed = time.perf_counter() - t0
-    process.stdout.close()
-    assert got == size, (got, size)
-    return size / MB / elapsed
-
-
 @figure
 def stream_output(quick: bool) -> list[Figure]:
     """stream 200 MB of task output over gRPC on loopback vs a raw pipe and raw grpcio"""
@@ -214,7 +198,7 @@ def stream_output(quick: bool) -> list[Figure]:
         _process([sys.executable, "-c", RAW_ECHO_SERVER]) as echo_url,
     ):
         for _ in range(repeats):  # alternate, so load from elsewhere hits all alike
-            pipe.append(_raw_pipe_rate(command, size))
+            pipe.append(raw_pipe_rate(command, size))
             raw.append(anyio.run(raw_grpc_rate, echo_url))
             ours.append(anyio.run(ours_rate, url))
     name = f"stream {size // (1024 * 1024)} MiB of task output over gRPC, loopback"

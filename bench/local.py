@@ -7,7 +7,6 @@ plugins, the real local node driver and the real local transport.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sqlite3
 import statistics
@@ -27,7 +26,7 @@ from jumpstarter.protocol import JumpStarterProtocol
 from jumpstarter.store import _SCHEMA_V1, SQLiteStore
 from jumpstarter_protocol import Ping, decode, encode
 
-from ._common import RAW_INSERT, alternate, raw_store
+from ._common import RAW_INSERT, alternate, raw_pipe_rate, raw_store
 from ._figure import Figure, figure
 
 MB = 1_000_000
@@ -127,22 +126,6 @@ def ping(quick: bool) -> list[Figure]:
 STREAM_BYTES = 200 * 1024 * 1024
 
 
-def _raw_pipe_rate(command: list[str], size: int) -> float:
-    """MB/s reading ``command``'s stdout through a plain pipe, 1 MiB reads."""
-    t0 = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE)
-    assert process.stdout is not None
-    fd = process.stdout.fileno()
-    got = 0
-    while data := os.read(fd, 1024 * 1024):
-        got += len(data)
-    process.wait()
-    elapsed = time.perf_counter() - t0
-    process.stdout.close()
-    assert got == size, (got, size)
-    return size / MB / elapsed
-
-
 @figure
 def stream_output(quick: bool) -> list[Figure]:
     """stream 200 MB of task output to the client over the local transport vs a raw pipe"""
@@ -174,7 +157,7 @@ def stream_output(quick: bool) -> list[Figure]:
 
     ours, base = [], []
     for _ in range(repeats):
-        base.append(_raw_pipe_rate(command, STREAM_BYTES))
+        base.append(raw_pipe_rate(command, STREAM_BYTES))
         with tempfile.TemporaryDirectory(prefix="jmp-bench-") as tmp:
             ours.append(anyio.run(ours_rate, Path(tmp)))
     # Best of the runs, for both alike: on a shared 2-core machine the spread comes

@@ -51,3 +51,16 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def invoke_jmp(how: str, args: list[str]) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of ``jmp ARGS``: through click's runner
+    (``how="runner"``) or a real ``jmp`` process (``how="process"``)."""
+    from click.testing import CliRunner
+    from jumpstarter.cli import cli
+
+    if how == "runner":
+        result = CliRunner().invoke(cli, args)
+        return result.exit_code, result.stdout, result.stderr
+    done = run_jmp(*args)
+    return done.returncode, done.stdout, done.stderr

@@ -13,12 +13,11 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
+from conftest import invoke_jmp, run_jmp
 from jumpstarter import hookimpl
 from jumpstarter.cli import cli
 from jumpstarter.cli._params import parse_metrics, parse_when
 from jumpstarter.protocol import JumpStarterProtocol
-
-from conftest import run_jmp
 from test_cli_task import store_rows
 
 
@@ -151,12 +150,7 @@ def test_when_is_iso_8601_or_an_age() -> None:
 # --- bad input -------------------------------------------------------------------------------
 
 
-def _invoke(how: str, args: list[str]) -> tuple[int, str, str]:
-    if how == "runner":
-        result = CliRunner().invoke(cli, args)
-        return result.exit_code, result.stdout, result.stderr
-    done = run_jmp(*args)
-    return done.returncode, done.stdout, done.stderr
+
 
 
 METRIC_HELP = "is not NAME=VALUE[UNIT] (like boot=812ms, temp=41.5C or ratio=0.93)\n"
@@ -199,7 +193,7 @@ ADD = ["result", "add", "TASK", "--name", "n", "--outcome", "passed"]
 def test_bad_input(task_id: str, data_dir: Path, how: str, args: list[str], code: int, message: str | None) -> None:
     args = [task_id if a == "TASK" else a for a in args]
     before = store_rows(data_dir)
-    got_code, stdout, stderr = _invoke(how, args)
+    got_code, stdout, stderr = invoke_jmp(how, args)
     assert (got_code, stdout) == (code, "")
     if message is None or message.startswith("Error: "):  # a usage error: one line
         hint = f" (try 'jmp result {args[1]} --help')\n"

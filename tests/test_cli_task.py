@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import JMP, invoke_jmp, pid_alive, run_jmp
 from jumpstarter.cli import cli
 from jumpstarter.protocol import JumpStarterProtocol
 from jumpstarter_protocol import TaskState
-
-from conftest import JMP, pid_alive, run_jmp
 
 
 def store_rows(data_dir: Path) -> dict[str, list[tuple]]:
@@ -255,12 +254,7 @@ def test_logs_as_json_lines_resume_from_an_offset(data_dir: Path, cleanup: list[
 # --- bad input -------------------------------------------------------------------------------
 
 
-def _invoke(how: str, args: list[str]) -> tuple[int, str, str]:
-    if how == "runner":
-        result = CliRunner().invoke(cli, args)
-        return result.exit_code, result.stdout, result.stderr
-    done = run_jmp(*args)
-    return done.returncode, done.stdout, done.stderr
+
 
 
 NOT_FOUND = "jmp: error: no task with id 'nope'\n"
@@ -291,7 +285,7 @@ NO_NODE = "jmp: error: unknown node 'nowhere'; known nodes: local\n"
 )
 def test_bad_input(data_dir: Path, how: str, args: list[str], code: int, message: str | None) -> None:
     before = store_rows(data_dir)
-    got_code, stdout, stderr = _invoke(how, args)
+    got_code, stdout, stderr = invoke_jmp(how, args)
     assert (got_code, stdout) == (code, "")
     if message is None or message.startswith("Error: "):  # a usage error: one line
         hint = f" (try 'jmp task {args[1]} --help')\n"
@@ -306,7 +300,7 @@ def test_bad_input(data_dir: Path, how: str, args: list[str], code: int, message
 def test_an_unreadable_config_is_one_line(data_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "jumpstarter.toml").write_text("[nodes\n")
     for how in ("runner", "process"):
-        code, stdout, stderr = _invoke(how, ["task", "list"])
+        code, stdout, stderr = invoke_jmp(how, ["task", "list"])
         assert (code, stdout) == (1, "")
         assert stderr.startswith("jmp: error: jumpstarter.toml: invalid TOML: ") and stderr.count("\n") == 1
     assert not (data_dir / "jumpstarter.db").exists()
