@@ -24,7 +24,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
-from contextlib import AsyncExitStack, contextmanager
+from contextlib import AsyncExitStack, aclosing, contextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -410,14 +410,17 @@ class AsyncTask:
         when the task has finished; ``self.end`` then says where and how."""
         with _valid_request():
             request = ReadOutput(task_id=self.id, offset=offset, follow=follow)
-        async for message in self.node.transport.read_output(request):
-            if isinstance(message, OutputChunk):
-                yield message
-            elif isinstance(message, OutputEnd):
-                self.end = message
-                return
-            elif isinstance(message, Error):
-                raise NodeError.from_reply(message)
+        # Closed as soon as it ends here, not when collected: the node then lets go
+        # of the task's log at once.
+        async with aclosing(self.node.transport.read_output(request)) as messages:
+            async for message in messages:
+                if isinstance(message, OutputChunk):
+                    yield message
+                elif isinstance(message, OutputEnd):
+                    self.end = message
+                    return
+                elif isinstance(message, Error):
+                    raise NodeError.from_reply(message)
 
     async def add_result(self, **result: Any) -> int:
         return await self.node.session.add_result(self.id, **result)

@@ -15,7 +15,7 @@ Both are registered from a plugin's ``jmp_register_node_drivers`` and
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
 from jumpstarter_protocol import OutputChunk, OutputEnd, ReadOutput, TaskSpec
@@ -100,9 +100,10 @@ class Transport(ABC):
         connection fails."""
 
     @abstractmethod
-    def read_output(self, request: ReadOutput) -> AsyncIterator[OutputChunk | OutputEnd | object]:
+    def read_output(self, request: ReadOutput) -> AsyncGenerator[OutputChunk | OutputEnd | object, None]:
         """Yield the output chunks answering ``request``, then one ``OutputEnd``
-        (or an ``Error``)."""
+        (or an ``Error``). An async generator: the client closes it (``aclose``) as
+        soon as it stops reading, and the stream ends then."""
 
     @abstractmethod
     async def aclose(self) -> None:

@@ -8,13 +8,22 @@ where it stopped, and a reader in another process sees the same bytes.
 Files, in the node's ``<data dir>/output/``: ``<task id>.out`` (the bytes) and
 ``<task id>.idx`` (9-byte records: offset where a run starts, stream 1 or 2). They are
 created with the first byte a task writes, so a task with no output has no files.
+
+Two things keep a fast task's output at close to pipe speed (see ``bench/``): the
+process writing the log keeps its newest bytes in memory, so a live reader gets the
+very bytes objects the task wrote instead of reading them back; and once a log is
+large, disk space is reserved for it well ahead (``fallocate``), which halves what
+each write costs the filesystem.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import os
 import struct
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -24,6 +33,12 @@ from .driver import Stream
 _RECORD = struct.Struct("<QB")
 _STREAMS: dict[Stream, int] = {"stdout": 1, "stderr": 2}
 _NAMES: dict[int, Stream] = {1: "stdout", 2: "stderr"}
+
+KEEP_IN_MEMORY = 4 * 1024 * 1024
+"""About how many of the newest bytes the writer keeps for live readers."""
+RESERVE_FROM = 1024 * 1024
+"""A log this large gets disk space reserved ahead of its writes; a small one never."""
+RESERVE_AHEAD = 16 * 1024 * 1024
 
 
 class OutputLog:
@@ -49,6 +64,12 @@ class OutputLog:
         self.size = 0
         self._writable = write
         self._changed = anyio.Event()
+        # The writer's newest bytes, as written: ``_recent[i]`` starts at offset
+        # ``_recent_offsets[i]``; the first ``_recent_dropped`` entries are gone.
+        self._recent: list[bytes] = []
+        self._recent_offsets: list[int] = []
+        self._recent_dropped = 0
+        self._reserved = 0  # disk space reserved up to here (beyond the size)
         if not write:
             self._refresh()
 
@@ -76,12 +97,43 @@ class OutputLog:
             os.write(self._index_fd, _RECORD.pack(self.size, code))
             self._starts.append(self.size)
             self._streams.append(code)
+        if self.size + len(data) > self._reserved >= 0 and self.size >= RESERVE_FROM:
+            self._reserve(self.size + len(data) + RESERVE_AHEAD)
         view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view) :]
+        self._remember(self.size, data)
         self.size += len(data)
         self._changed.set()
         self._changed = anyio.Event()
+
+    def _remember(self, offset: int, data: bytes) -> None:
+        self._recent.append(data)
+        self._recent_offsets.append(offset)
+        # Forget what is more than twice too old at once, and cut the lists only when
+        # half of them is forgotten: each write then costs the same however small.
+        end, first = offset + len(data), self._recent_dropped
+        if end - self._recent_offsets[first] > 2 * KEEP_IN_MEMORY:
+            keep = bisect.bisect_right(self._recent_offsets, end - KEEP_IN_MEMORY, lo=first) - 1
+            self._recent_dropped = keep
+        if self._recent_dropped > len(self._recent) // 2:
+            del self._recent[: self._recent_dropped], self._recent_offsets[: self._recent_dropped]
+            self._recent_dropped = 0
+
+    def _reserve(self, end: int) -> None:
+        """Reserve disk space up to ``end`` without changing the file's size, so a
+        reader in another process still sees only what was written. Filesystems that
+        cannot are simply written to as they are."""
+        fallocate = _fallocate()
+        if fallocate is None:
+            self._reserved = -1
+            return
+        try:
+            fallocate(self._fd, self.size, end - self.size)
+        except OSError:
+            self._reserved = -1  # no room, or no support: the writes tell if it matters
+        else:
+            self._reserved = end
 
     def _open_files(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -94,6 +146,8 @@ class OutputLog:
         """Up to ``max_bytes`` from ``offset``, split where the stream changes."""
         if not self._writable:
             self._refresh()
+        elif self._recent and offset >= self._recent_offsets[self._recent_dropped]:
+            return self._read_recent(offset, max_bytes)
         size = min(self.size - offset, max_bytes)
         if size <= 0:
             return []
@@ -110,6 +164,26 @@ class OutputLog:
             i += 1
         return chunks
 
+    def _read_recent(self, offset: int, max_bytes: int) -> list[tuple[int, Stream, bytes]]:
+        """From the writer's memory, one stream's bytes: the bytes object as written
+        where one answers, else the pieces joined (one copy)."""
+        if offset >= self.size:
+            return []
+        run = bisect.bisect_right(self._starts, offset) - 1
+        run_end = self._starts[run + 1] if run + 1 < len(self._starts) else self.size
+        end = min(run_end, offset + max_bytes)
+        i = bisect.bisect_right(self._recent_offsets, offset) - 1
+        pieces = []
+        pos = offset
+        while pos < end:
+            start, data = self._recent_offsets[i], self._recent[i]
+            whole = pos == start and start + len(data) <= end
+            pieces.append(data if whole else data[pos - start : end - start])
+            pos = start + len(data)
+            i += 1
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return [(offset, _NAMES[self._streams[run]], data)]
+
     async def wait_beyond(self, offset: int) -> None:
         """In the writing process: return once the log has grown past ``offset`` or
         :meth:`wake` was called."""
@@ -117,6 +191,15 @@ class OutputLog:
             await self._changed.wait()
 
     def close(self) -> None:
+        if self._reserved > self.size:
+            try:
+                os.ftruncate(self._fd, self.size)  # give back the space reserved unused
+            except OSError:
+                pass
+        self._reserved = 0
+        self._recent.clear()
+        self._recent_offsets.clear()
+        self._recent_dropped = 0
         for fd in (self._fd, self._index_fd):
             if fd < 0:
                 continue
@@ -148,3 +231,26 @@ class OutputLog:
             self._index_size = whole
         # A run's index record is written before its bytes, so every byte seen is indexed.
         self.size = os.fstat(self._fd).st_size if self._starts else 0
+
+
+@functools.cache
+def _fallocate() -> Callable[[int, int, int], None] | None:
+    """Linux's ``fallocate(2)`` with ``FALLOC_FL_KEEP_SIZE`` (the os module has only
+    ``posix_fallocate``, which grows the file); None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        function = ctypes.CDLL(None, use_errno=True).fallocate  # libc, already loaded
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    keep_size = 1
+
+    def fallocate(fd: int, offset: int, length: int) -> None:
+        if function(fd, keep_size, offset, length) != 0:
+            code = ctypes.get_errno()
+            raise OSError(code, os.strerror(code))
+
+    return fallocate

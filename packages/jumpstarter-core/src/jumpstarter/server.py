@@ -18,7 +18,8 @@ import socket
 import time
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -521,8 +522,8 @@ class NodeServer:
             state = TaskState.FAILED
         with anyio.CancelScope(shield=True):
             running.task = await self.store.finish_task(running.task.id, state, exit_code, message)
+            del self._running[running.task.id]  # readers go to the files from now on
             running.output.close()
-            del self._running[running.task.id]
             _LIVE.discard(running.task.id)
             running.done.set()
             running.output.wake()
@@ -601,20 +602,25 @@ class NodeServer:
         if len(self._agents_checked) > 1000:  # forget the tasks nobody asks about any more
             self._agents_checked.clear()
 
-    async def read_output(self, request: ReadOutput) -> AsyncIterator[OutputChunk | OutputEnd]:
+    async def read_output(
+        self, request: ReadOutput
+    ) -> AsyncGenerator[OutputChunk | OutputEnd, None]:
         task_id, offset = request.task_id, request.offset
         await self.store.get_task(task_id)  # NotFound for an unknown id
         reader: OutputLog | None = None
         try:
             while True:
-                reader = reader or OutputLog.open(self.output_dir, task_id)  # None before it starts
-                chunks = reader.read(offset, OUTPUT_CHUNK) if reader else []
+                running = self._running.get(task_id)
+                if running is not None:  # its newest output is in memory here
+                    chunks = running.output.read(offset, OUTPUT_CHUNK)
+                else:
+                    reader = reader or OutputLog.open(self.output_dir, task_id)  # None before it starts
+                    chunks = reader.read(offset, OUTPUT_CHUNK) if reader else []
                 for start, stream, data in chunks:
                     yield OutputChunk(task_id=task_id, offset=start, stream=stream, data=data)
                     offset = start + len(data)
                 if chunks:
                     continue
-                running = self._running.get(task_id)
                 task = running.task if running else await self.store.get_task(task_id)
                 if task.state.finished or not request.follow:
                     # Bytes written by another process just before it finished the task
@@ -698,12 +704,14 @@ class NodeConnection:
         except ProtocolError as exc:  # a reply too large to send (say, a huge page)
             return encode(Error(code=ErrorCode(exc.code), message=f"the reply cannot be sent: {exc}"))
 
-    async def read_output(self, request: ReadOutput) -> AsyncIterator[Any]:
+    async def read_output(self, request: ReadOutput) -> AsyncGenerator[Any, None]:
         """The output stream answering ``request``; an ``Error`` ends it early."""
         try:
             self._require_init()
-            async for message in self.server.read_output(request):
-                yield message
+            # Closed with this one: a stream its reader left lets go of the log at once.
+            async with aclosing(self.server.read_output(request)) as messages:
+                async for message in messages:
+                    yield message
         except NodeError as exc:
             yield exc.to_reply()
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 
 import anyio
+import anyio.lowlevel
 from jumpstarter import NodeDriver, RunningProcess
 from jumpstarter.driver import OutputWriter, Stream
 from jumpstarter.errors import SpawnFailed
@@ -127,6 +128,9 @@ class LocalProcess(RunningProcess):
             if not data:
                 return
             write(stream, data)
+            # A task that prints without pause would otherwise keep this loop to
+            # itself: let readers (and every other request) have their turn.
+            await anyio.lowlevel.checkpoint()
 
     async def terminate(self, grace: float) -> None:
         """SIGTERM to the process group; SIGKILL to whatever of it is left after

@@ -6,7 +6,7 @@ built them through pydantic, so they are valid already, and nothing is encoded.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from jumpstarter import NodeConfig, Transport
@@ -29,7 +29,7 @@ class LocalTransport(Transport):
     async def request(self, message: Any) -> Any:
         return await self.connection.handle(message)
 
-    def read_output(self, request: ReadOutput) -> AsyncIterator[Any]:
+    def read_output(self, request: ReadOutput) -> AsyncGenerator[Any, None]:
         return self.connection.read_output(request)
 
     async def aclose(self) -> None:

@@ -1,0 +1,145 @@
+"""The output log's fast paths keep its guarantees: what a live reader gets from the
+writer's memory is byte for byte what the files hold, the disk space reserved ahead
+never shows as output and is given back, and a task that prints without pause does
+not keep the node from answering."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from jumpstarter import output
+from jumpstarter.driver import Stream
+from jumpstarter.output import OutputLog
+from jumpstarter.protocol import JumpStarterProtocol
+from jumpstarter_protocol import TaskState
+
+writes = st.lists(
+    st.tuples(st.sampled_from(["stdout", "stderr"]), st.integers(min_value=0, max_value=3000)),
+    max_size=40,
+)
+
+
+def _read_all(log: OutputLog, offset: int, max_bytes: int) -> list[tuple[int, str, bytes]]:
+    chunks = []
+    for _ in range(1000):  # a reader that makes no headway fails, not hangs
+        batch = log.read(offset, max_bytes)
+        if not batch:
+            return chunks
+        for start, stream, data in batch:
+            assert start == offset and data  # complete and in order
+            chunks.append((start, stream, data))
+            offset += len(data)
+    raise AssertionError(f"reading from {offset} never ends")
+
+
+def _by_byte(chunks: list[tuple[int, str, bytes]]) -> list[tuple[str, int]]:
+    return [(stream, byte) for _, stream, data in chunks for byte in data]
+
+
+# The monkeypatch is the same for every example: it may be shared.
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(writes=writes, offsets=st.lists(st.integers(min_value=0, max_value=50_000), max_size=5))
+def test_a_live_reader_gets_what_the_files_hold(
+    writes: list[tuple[str, int]], offsets: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A small memory, so readers cross from the disk into memory and back.
+    monkeypatch.setattr(output, "KEEP_IN_MEMORY", 2000)
+
+    async def main(directory: Path) -> None:
+        log = OutputLog.create(directory, "t")
+        expected: list[tuple[str, int]] = []
+        for i, (stream, size) in enumerate(writes):
+            data = bytes((i + k) % 251 for k in range(size))
+            log.write(stream, data)  # type: ignore[arg-type]
+            expected += [(stream, byte) for byte in data]
+            for offset in offsets:
+                live = _read_all(log, offset, 1500)
+                assert _by_byte(live) == expected[offset:]
+        from_disk = OutputLog.open(directory, "t")
+        if not expected:
+            assert from_disk is None  # no output, no files
+            return
+        assert from_disk is not None
+        for offset in [0, *offsets]:
+            assert _by_byte(_read_all(from_disk, offset, 1500)) == expected[offset:]
+        from_disk.close()
+        log.close()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        anyio.run(main, Path(tmp))
+
+
+@pytest.mark.anyio
+async def test_a_live_reader_gets_the_bytes_as_written(tmp_path: Path) -> None:
+    log = OutputLog.create(tmp_path, "t")
+    first, second = b"a" * 100_000, b"b" * 100_000
+    log.write("stdout", first)
+    log.write("stdout", second)
+    [(offset, stream, data)] = log.read(0, 1024 * 1024)
+    assert (offset, stream, data) == (0, "stdout", first + second)  # joined: one copy
+    [(offset, stream, data)] = log.read(100_000, 1024 * 1024)
+    assert offset == 100_000 and data is second  # no copy at all
+    log.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fallocate is Linux's")
+@pytest.mark.anyio
+async def test_space_reserved_ahead_is_never_output_and_is_given_back(tmp_path: Path) -> None:
+    log = OutputLog.create(tmp_path, "t")
+    piece = os.urandom(64 * 1024)
+    for _ in range(48):  # 3 MiB: past the size from which space is reserved
+        log.write("stdout", piece)
+    size = 48 * len(piece)
+    assert os.stat(log.path).st_size == size  # a reader in another process sees this
+    reserved = os.stat(log.path).st_blocks * 512
+    reader = OutputLog.open(tmp_path, "t")
+    assert reader is not None and reader.read(size - 10, 100) == [(size - 10, "stdout", piece[-10:])]
+    reader.close()
+    log.close()
+    after = os.stat(log.path)
+    assert after.st_size == size and Path(log.path).read_bytes() == piece * 48
+    if reserved > size + output.RESERVE_AHEAD // 2:  # the filesystem could reserve
+        assert after.st_blocks * 512 < size + 64 * 1024
+
+
+@pytest.mark.anyio
+async def test_a_task_printing_without_pause_leaves_the_node_free(
+    protocol: JumpStarterProtocol, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A slow disk: each write holds the event loop for a few milliseconds, enough
+    # for the task to fill its pipe again before the node comes back to read it.
+    write = OutputLog.write
+    turns = 0  # how often the rest of the node (here: a ticker) had the event loop
+    turns_at_write: list[int] = []
+
+    def slow_write(self: OutputLog, stream: Stream, data: bytes) -> None:
+        turns_at_write.append(turns)
+        time.sleep(0.003)
+        write(self, stream, data)
+
+    async def ticker() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await anyio.lowlevel.checkpoint()
+
+    monkeypatch.setattr(OutputLog, "write", slow_write)
+    async with protocol.create_async_session("busy") as session, anyio.create_task_group() as tg:
+        node = await session.connect("local")
+        tg.start_soon(ticker)
+        task = await node.start(["head", "-c", str(32 * 1024 * 1024), "/dev/zero"])
+        await task.wait()
+        tg.cancel_scope.cancel()
+    # Between any two writes the rest of the node had its turn: a task whose pipe is
+    # never empty does not keep the event loop to itself.
+    assert len(turns_at_write) >= 32
+    assert all(b > a for a, b in zip(turns_at_write, turns_at_write[1:]))
