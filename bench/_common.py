@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import subprocess
+import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -44,6 +45,35 @@ def raw_pipe_rate(command: list[str], size: int) -> float:
     process.wait()
     elapsed = time.perf_counter() - t0
     process.stdout.close()
+    assert got == size, (got, size)
+    return size / 1_000_000 / elapsed
+
+
+def raw_pipe_to_file_rate(command: list[str], size: int, directory: Path) -> float:
+    """MB/s reading ``command``'s stdout as :func:`raw_pipe_rate` does and writing
+    each read to a file in ``directory``, disk space reserved ahead as the node's
+    output log has it: the least any tool that keeps the output must do."""
+    from jumpstarter.output import _fallocate
+
+    fallocate = _fallocate()
+    buffer = bytearray(1024 * 1024)
+    view = memoryview(buffer)
+    with tempfile.TemporaryFile(dir=directory) as file:
+        out = file.fileno()
+        t0 = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.PIPE)
+        assert process.stdout is not None
+        fd = process.stdout.fileno()
+        got = reserved = 0
+        while n := os.readv(fd, [buffer]):
+            if fallocate is not None and got + n > reserved:
+                reserved = got + n + 16 * 1024 * 1024
+                fallocate(out, got, reserved - got)
+            os.write(out, view[:n])
+            got += n
+        process.wait()
+        elapsed = time.perf_counter() - t0
+        process.stdout.close()
     assert got == size, (got, size)
     return size / 1_000_000 / elapsed
 

@@ -53,6 +53,7 @@ def test_a_live_reader_gets_what_the_files_hold(
 ) -> None:
     # A small memory, so readers cross from the disk into memory and back.
     monkeypatch.setattr(output, "KEEP_IN_MEMORY", 2000)
+    monkeypatch.setattr(output, "JOIN_BELOW", 1000)  # pieces both joined and not
 
     async def main(directory: Path) -> None:
         log = OutputLog.create(directory, "t")
@@ -81,13 +82,15 @@ def test_a_live_reader_gets_what_the_files_hold(
 @pytest.mark.anyio
 async def test_a_live_reader_gets_the_bytes_as_written(tmp_path: Path) -> None:
     log = OutputLog.create(tmp_path, "t")
-    first, second = b"a" * 100_000, b"b" * 100_000
-    log.write("stdout", first)
-    log.write("stdout", second)
-    [(offset, stream, data)] = log.read(0, 1024 * 1024)
-    assert (offset, stream, data) == (0, "stdout", first + second)  # joined: one copy
-    [(offset, stream, data)] = log.read(100_000, 1024 * 1024)
-    assert offset == 100_000 and data is second  # no copy at all
+    large, small = b"a" * 100_000, b"b" * 100
+    for data in (large, large, small, small, small, large):
+        log.write("stdout", data)
+    assert log.read(0, 1024 * 1024) == [(0, "stdout", large)]
+    [(offset, _, data)] = log.read(100_000, 1024 * 1024)
+    assert offset == 100_000 and data is large  # a large piece: no copy at all
+    # Small pieces: one chunk, up to the next large piece.
+    assert log.read(200_000, 1024 * 1024) == [(200_000, "stdout", small * 3)]
+    assert log.read(200_150, 1024 * 1024) == [(200_150, "stdout", small[50:] + small)]
     log.close()
 
 

@@ -36,6 +36,8 @@ _NAMES: dict[int, Stream] = {1: "stdout", 2: "stderr"}
 
 KEEP_IN_MEMORY = 4 * 1024 * 1024
 """About how many of the newest bytes the writer keeps for live readers."""
+JOIN_BELOW = 64 * 1024
+"""Pieces smaller than this are joined into one chunk for a reader."""
 RESERVE_FROM = 1024 * 1024
 """A log this large gets disk space reserved ahead of its writes; a small one never."""
 RESERVE_AHEAD = 16 * 1024 * 1024
@@ -165,22 +167,24 @@ class OutputLog:
         return chunks
 
     def _read_recent(self, offset: int, max_bytes: int) -> list[tuple[int, Stream, bytes]]:
-        """From the writer's memory, one stream's bytes: the bytes object as written
-        where one answers, else the pieces joined (one copy)."""
+        """From the writer's memory, one stream's bytes: a large piece as it was
+        written (no copy), small ones joined into one chunk (one copy, cheaper than
+        a chunk each)."""
         if offset >= self.size:
             return []
         run = bisect.bisect_right(self._starts, offset) - 1
         run_end = self._starts[run + 1] if run + 1 < len(self._starts) else self.size
         end = min(run_end, offset + max_bytes)
         i = bisect.bisect_right(self._recent_offsets, offset) - 1
-        pieces = []
-        pos = offset
-        while pos < end:
-            start, data = self._recent_offsets[i], self._recent[i]
-            whole = pos == start and start + len(data) <= end
-            pieces.append(data if whole else data[pos - start : end - start])
-            pos = start + len(data)
-            i += 1
+        start, data = self._recent_offsets[i], self._recent[i]
+        first = data if offset == start and start + len(data) <= end else data[offset - start : end - start]
+        pieces, pos = [first], offset + len(first)
+        if len(first) < JOIN_BELOW:
+            while pos < end and len(self._recent[i + 1]) < JOIN_BELOW:
+                i += 1
+                data = self._recent[i]
+                pieces.append(data if pos + len(data) <= end else data[: end - pos])
+                pos += len(pieces[-1])
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         return [(offset, _NAMES[self._streams[run]], data)]
 
