@@ -114,6 +114,23 @@ async def test_space_reserved_ahead_is_never_output_and_is_given_back(tmp_path: 
         assert after.st_blocks * 512 < size + 64 * 1024
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="fallocate is Linux's")
+@pytest.mark.anyio
+async def test_space_reserved_by_a_writer_that_died_is_given_back(tmp_path: Path) -> None:
+    log = OutputLog.create(tmp_path, "t")
+    for _ in range(48):  # 3 MiB: past the size from which space is reserved
+        log.write("stdout", bytes(64 * 1024))
+    # The writing process dies: its files are closed, the log is not.
+    os.close(log._fd), os.close(log._index_fd)
+    size = os.stat(log.path).st_size
+    if os.stat(log.path).st_blocks * 512 <= size + output.RESERVE_AHEAD // 2:
+        pytest.skip("this filesystem reserves no space ahead")
+    output.give_back_reserved(tmp_path, "t")
+    after = os.stat(log.path)
+    assert after.st_size == size and after.st_blocks * 512 < size + 64 * 1024
+    output.give_back_reserved(tmp_path, "no-such-task")  # no log: nothing to do
+
+
 @pytest.mark.anyio
 async def test_a_task_printing_without_pause_leaves_the_node_free(
     protocol: JumpStarterProtocol, monkeypatch: pytest.MonkeyPatch

@@ -237,6 +237,16 @@ class OutputLog:
         self.size = os.fstat(self._fd).st_size if self._starts else 0
 
 
+def give_back_reserved(directory: Path, task_id: str) -> None:
+    """Free the disk space a writer reserved for ``task_id``'s log and could not
+    give back itself (its process died): cutting a file to its own size does it."""
+    path = directory / f"{task_id}.out"
+    try:
+        os.truncate(path, os.stat(path).st_size)
+    except OSError:
+        pass  # no log (no output), or already gone
+
+
 @functools.cache
 def _fallocate() -> Callable[[int, int, int], None] | None:
     """Linux's ``fallocate(2)`` with ``FALLOC_FL_KEEP_SIZE`` (the os module has only

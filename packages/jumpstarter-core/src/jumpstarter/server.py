@@ -80,7 +80,7 @@ from .agent import kill_left_behind, request_stop
 from .config import NodeConfig
 from .driver import NodeDriver, RunningProcess
 from .errors import BadRequest, Conflict, NodeError, NotFound, Unauthorized, Unavailable
-from .output import OutputLog
+from .output import OutputLog, give_back_reserved
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -242,6 +242,7 @@ class NodeServer:
         # A task that finished just as its agent went keeps its state: nothing to kill.
         if lost.state is TaskState.LOST and pid is not None and task.started_at is not None:
             kill_left_behind(pid, task.started_at.timestamp())
+        give_back_reserved(self.output_dir, task.id)
         return lost
 
     def connect(self) -> NodeConnection:
