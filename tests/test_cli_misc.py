@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from jumpstarter.cli import cli
 from jumpstarter.config import TEMPLATE, Config, load_config, resolve_paths
 
-from conftest import JMP, run_jmp
+from conftest import JMP, invoke_jmp, run_jmp
 
 
 @pytest.fixture
@@ -197,3 +197,29 @@ def test_on_a_terminal_tables_are_rich_and_waits_show_progress(data_dir: Path) -
     plain = run_jmp("task", "list").stdout
     assert "\x1b[" not in plain and plain.split()[:3] == ["ID", "NODE", "STATE"]
     assert run_jmp("task", "wait", task_id).stderr == ""  # no progress when stderr is not a terminal
+
+
+@pytest.mark.parametrize("how", ["runner", "process"])
+@pytest.mark.parametrize(
+    "args", [["result", "query"], ["task", "list"], ["result", "history", "suite/case"], ["node", "info"]]
+)
+def test_a_named_store_that_is_not_there_is_not_made(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str, args: list[str]
+) -> None:
+    typo = tmp_path / "stroe" / "jumpstarter.db"  # a mistyped JMP_STORE
+    monkeypatch.setenv("JMP_STORE", str(typo))
+    code, stdout, stderr = invoke_jmp(how, args)
+    assert (code, stdout) == (3, "")
+    assert stderr == f"jmp: error: no store at {typo} (named by JMP_STORE or the config file): nothing was recorded there\n"
+    assert not typo.parent.exists()  # nothing made where the typo points
+
+
+def test_a_named_store_is_made_by_the_first_command_that_writes(
+    data_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = tmp_path / "new" / "jumpstarter.db"
+    monkeypatch.setenv("JMP_STORE", f"sqlite:///{store}")
+    assert run_jmp("run", "--", "true").returncode == 0
+    assert store.exists()
+    listing = run_jmp("task", "list")
+    assert listing.returncode == 0 and "succeeded" in listing.stdout

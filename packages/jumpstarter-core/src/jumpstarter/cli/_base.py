@@ -153,6 +153,25 @@ def fail(message: str, code: int = EXIT_ERROR) -> None:
     sys.exit(code)
 
 
+def require_named_store(state: State, node: str | None) -> None:
+    """Raise :class:`NotFound` when the local node's SQLite store was named (config
+    file or ``JMP_STORE``) and is not there: a command that only reads would create
+    it empty and answer from it, and a mistyped path would pass for "no results"."""
+    from pathlib import Path
+
+    from ..errors import NotFound
+
+    config = state.protocol.config
+    store = config.store
+    if store is None or config.node(node).transport != "local":
+        return  # the default store, which no run has made yet, or another machine's
+    if "://" in store and not store.startswith("sqlite:///"):
+        return  # PostgreSQL: the server says what it has
+    path = Path(store.removeprefix("sqlite:///"))
+    if not path.exists():
+        raise NotFound(f"no store at {path} (named by JMP_STORE or the config file): nothing was recorded there")
+
+
 def handle_errors(fn: F) -> F:
     """Turn Jumpstarter errors into one line on stderr and a documented exit code."""
 
@@ -224,12 +243,17 @@ def call_node(
     node: str | None = None,
     session: str = "cli",
     lease: bool = False,
+    writes: bool = False,
 ) -> Any:
     """Connect to ``node`` in a session named ``session`` and return ``await fn(node)``.
 
     ``lease=False`` is enough to read status, output and results; commands that start
-    or stop tasks take the lease."""
+    or stop tasks take the lease. A command that neither leases nor ``writes`` (adds
+    results) refuses a store named in the config or ``JMP_STORE`` that does not exist."""
     import anyio
+
+    if not (lease or writes):
+        require_named_store(state, node)
 
     async def main() -> Any:
         async with state.protocol.create_async_session(session) as s:

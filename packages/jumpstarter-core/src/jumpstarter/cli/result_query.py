@@ -51,7 +51,7 @@ def add(state, task_id, name, outcome, duration, message, metrics, labels, node,
         "metrics": parse_metrics(metrics),
         "labels": parse_pairs(labels, "--label"),
     }
-    result_id = call_node(state, lambda n: n.session.add_result(task_id, **result), node=node)
+    result_id = call_node(state, lambda n: n.session.add_result(task_id, **result), node=node, writes=True)
     if fmt == "json":
         print_json({"id": result_id})
     else:

@@ -138,7 +138,7 @@ def import_(state, file, task_id, max_size, node) -> None:
     async def add(n: Any) -> list[int]:
         return await n.add_results(task_id, specs)
 
-    ids = call_node(state, add, node=node)
+    ids = call_node(state, add, node=node, writes=True)
     counts: dict[str, int] = {}
     for spec in specs:
         counts[spec.outcome.value] = counts.get(spec.outcome.value, 0) + 1
