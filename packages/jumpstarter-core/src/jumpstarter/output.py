@@ -34,7 +34,7 @@ _RECORD = struct.Struct("<QB")
 _STREAMS: dict[Stream, int] = {"stdout": 1, "stderr": 2}
 _NAMES: dict[int, Stream] = {1: "stdout", 2: "stderr"}
 
-KEEP_IN_MEMORY = 4 * 1024 * 1024
+KEEP_IN_MEMORY = 1024 * 1024
 """About how many of the newest bytes the writer keeps for live readers."""
 JOIN_BELOW = 64 * 1024
 """Pieces smaller than this are joined into one chunk for a reader."""
