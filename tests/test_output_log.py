@@ -21,7 +21,6 @@ from jumpstarter.driver import Stream
 from jumpstarter.output import OutputLog
 from jumpstarter.protocol import JumpStarterProtocol
 from jumpstarter_driver_local.node import READ_SIZE
-from jumpstarter_protocol import TaskState
 
 writes = st.lists(
     st.tuples(st.sampled_from(["stdout", "stderr"]), st.integers(min_value=0, max_value=3000)),

@@ -79,7 +79,7 @@ from .agent import alive as agent_alive
 from .agent import kill_left_behind, request_stop
 from .config import NodeConfig
 from .driver import NodeDriver, RunningProcess
-from .errors import BadRequest, Conflict, NodeError, NotFound, Unauthorized, Unavailable
+from .errors import BadRequest, Conflict, NodeError, NotFound, Unauthorized
 from .output import OutputLog, give_back_reserved
 from .store import Store
 
