@@ -112,8 +112,9 @@ class OutputLog:
     def _remember(self, offset: int, data: bytes) -> None:
         self._recent.append(data)
         self._recent_offsets.append(offset)
-        # Forget what is more than twice too old at once, and cut the lists only when
-        # half of them is forgotten: each write then costs the same however small.
+        # Once twice KEEP_IN_MEMORY is remembered, forget all but the newest
+        # KEEP_IN_MEMORY, and cut the lists only when half of them is forgotten: each
+        # write then costs the same however small it is.
         end, first = offset + len(data), self._recent_dropped
         if end - self._recent_offsets[first] > 2 * KEEP_IN_MEMORY:
             keep = bisect.bisect_right(self._recent_offsets, end - KEEP_IN_MEMORY, lo=first) - 1
