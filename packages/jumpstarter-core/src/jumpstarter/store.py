@@ -154,6 +154,22 @@ class Store(ABC):
         them. :class:`NotFound` when ``session`` matches no session."""
 
 
+def _enter_wal(db: sqlite3.Connection, patience: float = 30.0) -> None:
+    """Switch ``db`` to WAL mode. Several processes opening a new store at once race
+    for that switch, and SQLite answers the losers "database is locked" at once,
+    without its busy timeout: they try again for up to ``patience`` seconds."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            busy = getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_BUSY
+            if not busy or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class SQLiteStore(Store):
     """The embedded store: one SQLite file, shared safely by every process on this
     machine that opens it."""
@@ -229,7 +245,7 @@ class SQLiteStore(Store):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
+            _enter_wal(db)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"cannot open the store {self.path}: {exc}") from None
         db.execute("PRAGMA synchronous=NORMAL")
