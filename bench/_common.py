@@ -8,8 +8,10 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 from pathlib import Path
 
+from jumpstarter.client import AsyncNode
 from jumpstarter.store import _SCHEMA_V1
 
 
@@ -29,53 +31,52 @@ async def alternate(
     return a, b
 
 
-def raw_pipe_rate(command: list[str], size: int) -> float:
+def raw_pipe_rate(command: list[str], size: int, keep_in: Path | None = None) -> float:
     """MB/s reading ``command``'s stdout through a plain pipe into one reused 1 MiB
     buffer: what the machine itself does. (Reading into a new bytes object each time
     instead runs at 1 GB/s or 6 GB/s on the same machine, by whether the allocator
-    happens to hand out fresh pages: no baseline to measure against.)"""
-    buffer = bytearray(1024 * 1024)
-    t0 = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE)
-    assert process.stdout is not None
-    fd = process.stdout.fileno()
-    got = 0
-    while n := os.readv(fd, [buffer]):
-        got += n
-    process.wait()
-    elapsed = time.perf_counter() - t0
-    process.stdout.close()
-    assert got == size, (got, size)
-    return size / 1_000_000 / elapsed
+    happens to hand out fresh pages: no baseline to measure against.)
 
-
-def raw_pipe_to_file_rate(command: list[str], size: int, directory: Path) -> float:
-    """MB/s reading ``command``'s stdout as :func:`raw_pipe_rate` does and writing
-    each read to a file in ``directory``, disk space reserved ahead as the node's
-    output log has it: the least any tool that keeps the output must do."""
+    With ``keep_in``, each read is also written to a file in that directory, disk
+    space reserved ahead as the node's output log has it: the least any tool that
+    keeps the output must do."""
     from jumpstarter.output import _fallocate
 
-    fallocate = _fallocate()
+    fallocate = _fallocate() if keep_in is not None else None
     buffer = bytearray(1024 * 1024)
     view = memoryview(buffer)
-    with tempfile.TemporaryFile(dir=directory) as file:
-        out = file.fileno()
+    with tempfile.TemporaryFile(dir=keep_in) if keep_in is not None else nullcontext() as file:
         t0 = time.perf_counter()
         process = subprocess.Popen(command, stdout=subprocess.PIPE)
         assert process.stdout is not None
         fd = process.stdout.fileno()
         got = reserved = 0
         while n := os.readv(fd, [buffer]):
-            if fallocate is not None and got + n > reserved:
-                reserved = got + n + 16 * 1024 * 1024
-                fallocate(out, got, reserved - got)
-            os.write(out, view[:n])
+            if file is not None:
+                if fallocate is not None and got + n > reserved:
+                    reserved = got + n + 16 * 1024 * 1024
+                    fallocate(file.fileno(), got, reserved - got)
+                os.write(file.fileno(), view[:n])
             got += n
         process.wait()
         elapsed = time.perf_counter() - t0
         process.stdout.close()
     assert got == size, (got, size)
     return size / 1_000_000 / elapsed
+
+
+async def timed_stream(node: AsyncNode, command: list[str], size: int) -> tuple[str, float]:
+    """Start ``command`` on ``node`` and read all its output: the task's id, and MB/s
+    from start to ``OutputEnd``. Checks the output came complete and in order."""
+    t0 = time.perf_counter()
+    task = await node.start(command)
+    got = 0
+    async for chunk in task.output():
+        assert chunk.offset == got, (chunk.offset, got)  # complete and ordered
+        got += len(chunk.data)
+    elapsed = time.perf_counter() - t0
+    assert got == size and task.end is not None and task.end.exit_code == 0
+    return task.id, size / 1_000_000 / elapsed
 
 
 RAW_INSERT = (

@@ -30,7 +30,7 @@ from jumpstarter.protocol import JumpStarterProtocol
 from jumpstarter_driver_grpc._wire import grpc
 from jumpstarter_protocol import Ping, encode
 
-from ._common import alternate, raw_pipe_rate
+from ._common import alternate, raw_pipe_rate, timed_stream
 from ._figure import Figure, figure
 
 MB = 1_000_000
@@ -199,15 +199,7 @@ def ping(quick: bool) -> list[Figure]:
 async def _ours_rate(url: str, size: int) -> float:
     """MB/s of ``head -c size /dev/zero`` run on the node at ``url``, start to end."""
     async with _remote(url) as node:
-        t0 = time.perf_counter()
-        task = await node.start(["head", "-c", str(size), "/dev/zero"])
-        got = 0
-        async for chunk in task.output():
-            assert chunk.offset == got, (chunk.offset, got)  # complete and ordered
-            got += len(chunk.data)
-        elapsed = time.perf_counter() - t0
-        assert got == size and task.end is not None and task.end.exit_code == 0
-        return size / MB / elapsed
+        return (await timed_stream(node, ["head", "-c", str(size), "/dev/zero"], size))[1]
 
 
 async def _raw_grpc_rate(url: str, size: int, method: str = "Stream", tail: str = "") -> float:

@@ -26,7 +26,7 @@ from jumpstarter.protocol import JumpStarterProtocol
 from jumpstarter.store import _SCHEMA_V1, SQLiteStore
 from jumpstarter_protocol import Ping, decode, encode
 
-from ._common import RAW_INSERT, alternate, raw_pipe_rate, raw_pipe_to_file_rate, raw_store
+from ._common import RAW_INSERT, alternate, raw_pipe_rate, raw_store, timed_stream
 from ._figure import Figure, figure
 
 MB = 1_000_000
@@ -134,32 +134,20 @@ def stream_output(quick: bool) -> list[Figure]:
 
     async def ours_rate(data_dir: Path) -> float:
         async with local_node(data_dir) as (_, node):
-
-            async def stream() -> tuple[str, float]:
-                t0 = time.perf_counter()
-                task = await node.start(command)
-                got = 0
-                async for chunk in task.output():
-                    assert chunk.offset == got, (chunk.offset, got)  # complete and ordered
-                    got += len(chunk.data)
-                elapsed = time.perf_counter() - t0
-                assert got == STREAM_BYTES and task.end is not None and task.end.exit_code == 0
-                return task.id, STREAM_BYTES / MB / elapsed
-
             # An untimed run first, its log deleted at once: the node stores the output
             # (200 MB of page cache), and on a VM that hands freed memory back to its
             # host, touching fresh pages costs more than the copies themselves (see
             # README). The timed run reuses the pages this one just freed.
-            warm_up, _ = await stream()
+            warm_up, _ = await timed_stream(node, command, STREAM_BYTES)
             for path in (data_dir / "output").glob(f"{warm_up}.*"):
                 path.unlink()
-            return (await stream())[1]
+            return (await timed_stream(node, command, STREAM_BYTES))[1]
 
     ours, base, floor = [], [], []
     for _ in range(repeats):
         base.append(raw_pipe_rate(command, STREAM_BYTES))
         with tempfile.TemporaryDirectory(prefix="jmp-bench-") as tmp:
-            floor.append(raw_pipe_to_file_rate(command, STREAM_BYTES, Path(tmp)))
+            floor.append(raw_pipe_rate(command, STREAM_BYTES, keep_in=Path(tmp)))
             ours.append(anyio.run(ours_rate, Path(tmp)))
     # Best of the runs, for all alike: on a shared 2-core machine the spread comes
     # from other processes, not from the code measured.
