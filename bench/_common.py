@@ -12,7 +12,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 from jumpstarter.client import AsyncNode
-from jumpstarter.store import _SCHEMA_V1
+from jumpstarter.store.schema import SQLITE_TYPES, migrations
 
 
 async def alternate(
@@ -40,7 +40,7 @@ def raw_pipe_rate(command: list[str], size: int, keep_in: Path | None = None) ->
     With ``keep_in``, each read is also written to a file in that directory, disk
     space reserved ahead as the node's output log has it: the least any tool that
     keeps the output must do."""
-    from jumpstarter.output import _fallocate
+    from jumpstarter.node.output import _fallocate
 
     fallocate = _fallocate() if keep_in is not None else None
     buffer = bytearray(1024 * 1024)
@@ -92,9 +92,8 @@ def raw_store(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=NORMAL")
-    for statement in _SCHEMA_V1.split(";"):
-        if statement.strip():
-            db.execute(statement)
+    for statement in migrations(SQLITE_TYPES)[0]:
+        db.execute(statement)
     db.execute(
         "INSERT INTO tasks (id, node, spec, state, created_at)"
         " VALUES ('t', 'n', '{}', 'running', 0)"

@@ -23,7 +23,7 @@ import anyio
 from jumpstarter.client import AsyncNode, AsyncSession
 from jumpstarter.config import Config
 from jumpstarter.protocol import JumpStarterProtocol
-from jumpstarter.store import _SCHEMA_V1, SQLiteStore
+from jumpstarter.store.schema import SQLITE_TYPES, migrations
 from jumpstarter_protocol import Ping, decode, encode
 
 from ._common import RAW_INSERT, alternate, raw_pipe_rate, raw_store, timed_stream
@@ -281,7 +281,7 @@ def _build_store(data_dir: Path) -> str:
     minute. The node server then opens it like any store (and turns on WAL)."""
     data_dir.mkdir(parents=True)
     path = data_dir / "jumpstarter.db"
-    statements = [s for s in _SCHEMA_V1.split(";") if s.strip()]
+    statements = migrations(SQLITE_TYPES)[0]
     tables = [s for s in statements if "CREATE TABLE" in s]
     indexes = [s for s in statements if "CREATE TABLE" not in s]
     per_task = QUERY_ROWS // QUERY_TASKS
@@ -291,7 +291,7 @@ def _build_store(data_dir: Path) -> str:
     db.execute("BEGIN")
     for statement in tables:
         db.execute(statement)
-    db.execute(f"PRAGMA user_version={SQLiteStore.SCHEMA_VERSION}")
+    db.execute("PRAGMA user_version=1")  # migration 1 applied; the store adds the rest
     db.execute(
         "INSERT INTO sessions (id, name, client, created_at) VALUES ('s', 'history', 'bench', 0)"
     )

@@ -51,8 +51,8 @@ def _reachable() -> bool:
 
 
 async def _leases(quick: bool) -> list[Figure]:
-    from jumpstarter.registry import NodeRegistry
     from jumpstarter.store import open_store
+    from jumpstarter.store.registry import NodeRegistry
 
     seconds = 2.0 if quick else 5.0
     async with _schema() as url:

@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 from jumpstarter.config import Config
 from jumpstarter.protocol import JumpStarterProtocol
-from jumpstarter.store import _SCHEMA_V1, SQLiteStore
+from jumpstarter.store.schema import SQLITE_TYPES, migrations
 from jumpstarter_protocol import AddResult, QueryHistory, ResultAdded, ResultSpec, decode, encode
 
 from ._common import RAW_INSERT, raw_store
@@ -35,7 +35,7 @@ def _build_history_store(data_dir: Path, rows: int, names: int) -> None:
     server then opens it like any store."""
     data_dir.mkdir(parents=True)
     sessions = rows // names
-    statements = [s for s in _SCHEMA_V1.split(";") if s.strip()]
+    statements = migrations(SQLITE_TYPES)[0]
     db = sqlite3.connect(data_dir / "jumpstarter.db", isolation_level=None)
     db.execute("PRAGMA journal_mode=OFF")
     db.execute("PRAGMA synchronous=OFF")
@@ -43,7 +43,7 @@ def _build_history_store(data_dir: Path, rows: int, names: int) -> None:
     for statement in statements:
         if "CREATE TABLE" in statement:
             db.execute(statement)
-    db.execute(f"PRAGMA user_version={SQLiteStore.SCHEMA_VERSION}")
+    db.execute("PRAGMA user_version=1")  # migration 1 applied; the store adds the rest
     db.executemany(
         "INSERT INTO sessions (id, name, client, created_at) VALUES (?, 'nightly', 'bench', ?)",
         ((f"s{s:05d}", float(s)) for s in range(sessions)),

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import JMP, invoke_jmp, run_jmp
 from jumpstarter.cli import cli
 from jumpstarter.config import TEMPLATE, Config, load_config, resolve_paths
-
-from conftest import JMP, invoke_jmp, run_jmp
 
 
 @pytest.fixture
@@ -142,7 +141,7 @@ def test_completion_scripts_and_completing(runner: CliRunner) -> None:
     assert complete("jmp result query --format j") == "plain,json\nplain,junit\n"
 
 
-HEAVY = ["pydantic", "rich", "anyio", "jumpstarter.store", "jumpstarter.server", "jumpstarter.agent"]
+HEAVY = ["pydantic", "rich", "anyio", "jumpstarter.store", "jumpstarter.node.server", "jumpstarter.node.agent"]
 MINE = ["task", "result_query", "node_info", "config", "protocol", "completion", "_output", "_params"]
 
 
@@ -161,7 +160,7 @@ def test_version_and_help_import_nothing_heavy() -> None:
     assert [m for m in HEAVY if m in loaded] == []
     help_ = subprocess.run([sys.executable, "-c", script, "--help"], capture_output=True, text=True, timeout=60)
     loaded = set(help_.stderr.split())
-    assert [m for m in ["rich", "jumpstarter.store", "jumpstarter.server", "jumpstarter.agent"] if m in loaded] == []
+    assert [m for m in ["rich", "jumpstarter.store", "jumpstarter.node.server", "jumpstarter.node.agent"] if m in loaded] == []
     assert [m for m in MINE if f"jumpstarter.cli.{m}" in loaded] == []
 
 

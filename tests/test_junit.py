@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from conftest import run_jmp
 from jumpstarter.cli import cli
 from jumpstarter.errors import BadRequest
-from jumpstarter.junit import export_junit, parse_junit, split_name, trim_message
 from jumpstarter.protocol import JumpStarterProtocol
+from jumpstarter.results.junit import export_junit, parse_junit, split_name, trim_message
 from jumpstarter_protocol import Result, ResultSpec
 
 # --- the shapes, as the tools write them -------------------------------------------------

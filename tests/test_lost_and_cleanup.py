@@ -19,11 +19,10 @@ from contextlib import closing, suppress
 from pathlib import Path
 
 import pytest
-from jumpstarter.agent import kill_left_behind
-from jumpstarter.errors import SpawnFailed
-from jumpstarter.protocol import JumpStarterProtocol
-
 from conftest import JMP, pid_alive, run_jmp
+from jumpstarter.errors import SpawnFailed
+from jumpstarter.node.agent import kill_left_behind
+from jumpstarter.protocol import JumpStarterProtocol
 
 
 def store_rows(data_dir: Path) -> dict[str, list[tuple]]:

@@ -15,11 +15,10 @@ from pathlib import Path
 import anyio
 import psycopg
 import pytest
+from conftest import JMP, run_jmp
 from jumpstarter.config import Config
 from jumpstarter.protocol import JumpStarterProtocol
 from jumpstarter_protocol import QueryResults, TaskState
-
-from conftest import JMP, run_jmp
 from stores import postgres_url  # noqa: F401  (fixture)
 
 # Quick heartbeats, so a vanished agent is noticed within a test's patience.
@@ -31,8 +30,8 @@ def lab(postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> I
     """Start node agents sharing the store; each is stopped at the end."""
     for key, value in FAST.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr("jumpstarter.registry.HEARTBEAT_INTERVAL", 0.3)
-    monkeypatch.setattr("jumpstarter.registry.HEARTBEAT_TIMEOUT", 2.0)
+    monkeypatch.setattr("jumpstarter.store.registry.HEARTBEAT_INTERVAL", 0.3)
+    monkeypatch.setattr("jumpstarter.store.registry.HEARTBEAT_TIMEOUT", 2.0)
     started: list[subprocess.Popen[bytes]] = []
 
     def start(name: str, *labels: str) -> subprocess.Popen[bytes]:
@@ -185,8 +184,8 @@ def test_a_killed_agent_goes_offline_its_lease_ends_its_tasks_are_lost(lab, post
             agent.send_signal(signal.SIGKILL)
             agent.wait()
             killed = time.monotonic()
-            from jumpstarter.registry import NodeRegistry
             from jumpstarter.store import open_store
+            from jumpstarter.store.registry import NodeRegistry
 
             store = open_store(postgres_url)
             await store.open()

@@ -16,9 +16,9 @@ import anyio.lowlevel
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from jumpstarter import output
-from jumpstarter.driver import Stream
-from jumpstarter.output import OutputLog
+from jumpstarter.node import output
+from jumpstarter.node.output import OutputLog
+from jumpstarter.plugins import Stream
 from jumpstarter.protocol import JumpStarterProtocol
 from jumpstarter_driver_local.node import READ_SIZE
 

@@ -15,8 +15,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from jumpstarter.junit import parse_junit, split_name
 from jumpstarter.protocol import JumpStarterProtocol
+from jumpstarter.results.junit import parse_junit, split_name
 
 SUITE = """
 import pytest

@@ -8,9 +8,8 @@ import anyio
 import psycopg
 import pytest
 from jumpstarter.errors import Conflict, NotFound
-from jumpstarter.registry import NodeRegistry
 from jumpstarter.store import open_store
-
+from jumpstarter.store.registry import NodeRegistry
 from stores import postgres_url  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.anyio

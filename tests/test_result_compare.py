@@ -16,7 +16,7 @@ from conftest import run_jmp
 from jumpstarter.cli import cli
 from jumpstarter.errors import NotFound
 from jumpstarter.protocol import JumpStarterProtocol
-from jumpstarter.report import diff_results, is_flaky, outcome_changes, pass_rate
+from jumpstarter.results.report import diff_results, is_flaky, outcome_changes, pass_rate
 from jumpstarter.store import SQLiteStore, Store, open_store
 from jumpstarter_protocol import (
     CloseTask,

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import anyio
 from jumpstarter import NodeConfig, RunningProcess
-from jumpstarter.driver import OutputWriter
 from jumpstarter.errors import BadRequest, ConfigError, InternalError, SpawnFailed
+from jumpstarter.plugins import OutputWriter
 from jumpstarter_driver_local.node import LocalNodeDriver, LocalProcess, spawn_failed
 from jumpstarter_protocol import TaskSpec
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError

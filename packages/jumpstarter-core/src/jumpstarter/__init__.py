@@ -21,21 +21,23 @@ _EXPORTS = {
     "Config": "jumpstarter.config",
     "NodeConfig": "jumpstarter.config",
     "load_config": "jumpstarter.config",
-    "AsyncSession": "jumpstarter.client",
-    "AsyncNode": "jumpstarter.client",
-    "AsyncTask": "jumpstarter.client",
-    "Session": "jumpstarter.sync",
-    "Node": "jumpstarter.sync",
-    "Task": "jumpstarter.sync",
-    "NodeDriver": "jumpstarter.driver",
-    "RunningProcess": "jumpstarter.driver",
-    "OutputWriter": "jumpstarter.driver",
-    "Transport": "jumpstarter.driver",
-    "NodeServer": "jumpstarter.server",
-    "NodeConnection": "jumpstarter.server",
-    "hookimpl": "jumpstarter.hookspecs",
-    "hookspec": "jumpstarter.hookspecs",
-    "get_plugin_manager": "jumpstarter.plugins",
+    "AsyncSession": "jumpstarter.client.session",
+    "AsyncNode": "jumpstarter.client.session",
+    "AsyncTask": "jumpstarter.client.session",
+    "Session": "jumpstarter.client.sync",
+    "Node": "jumpstarter.client.sync",
+    "Task": "jumpstarter.client.sync",
+    "NodeDriver": "jumpstarter.plugins.interfaces",
+    "RunningProcess": "jumpstarter.plugins.interfaces",
+    "OutputWriter": "jumpstarter.plugins.interfaces",
+    "Transport": "jumpstarter.plugins.interfaces",
+    "NodeFiles": "jumpstarter.plugins.interfaces",
+    "FileStat": "jumpstarter.plugins.interfaces",
+    "NodeServer": "jumpstarter.node.server",
+    "NodeConnection": "jumpstarter.node.dispatch",
+    "hookimpl": "jumpstarter.plugins.hookspecs",
+    "hookspec": "jumpstarter.plugins.hookspecs",
+    "get_plugin_manager": "jumpstarter.plugins.manager",
     "JumpstarterError": "jumpstarter.errors",
     "ConfigError": "jumpstarter.errors",
     "PluginError": "jumpstarter.errors",
@@ -51,9 +53,9 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:
-    from .client import AsyncNode, AsyncSession, AsyncTask
+    from .client.session import AsyncNode, AsyncSession, AsyncTask
+    from .client.sync import Node, Session, Task
     from .config import Config, NodeConfig, load_config
-    from .driver import NodeDriver, OutputWriter, RunningProcess, Transport
     from .errors import (
         BadRequest,
         ConfigError,
@@ -66,11 +68,19 @@ if TYPE_CHECKING:
         TransportError,
         Unauthorized,
     )
-    from .hookspecs import hookimpl, hookspec
-    from .plugins import get_plugin_manager
+    from .node.dispatch import NodeConnection
+    from .node.server import NodeServer
+    from .plugins.hookspecs import hookimpl, hookspec
+    from .plugins.interfaces import (
+        FileStat,
+        NodeDriver,
+        NodeFiles,
+        OutputWriter,
+        RunningProcess,
+        Transport,
+    )
+    from .plugins.manager import get_plugin_manager
     from .protocol import JumpStarterProtocol
-    from .server import NodeConnection, NodeServer
-    from .sync import Node, Session, Task
 
 
 def __getattr__(name: str) -> Any:

@@ -23,7 +23,7 @@ from typing import Any
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import ConfigError
+from jumpstarter.errors import ConfigError
 
 APP_NAME = "jumpstarter"
 ENV_OVERRIDES = ("store", "data_dir", "default_node")

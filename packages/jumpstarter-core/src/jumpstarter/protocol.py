@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import Config, NodeConfig, load_config
-from .errors import ConfigError
-from .plugins import Plugins, get_plugin_manager
+from jumpstarter.config import Config, NodeConfig, load_config
+from jumpstarter.errors import ConfigError
+from jumpstarter.plugins.manager import Plugins, get_plugin_manager
 
 if TYPE_CHECKING:
-    from .client import AsyncSession
-    from .server import NodeServer
-    from .sync import Session
+    from jumpstarter.client.session import AsyncSession
+    from jumpstarter.client.sync import Session
+    from jumpstarter.node.server import NodeServer
 
 
 class JumpStarterProtocol:
@@ -44,15 +44,25 @@ class JumpStarterProtocol:
 
     def create_session(self, name: str = "default") -> Session:
         """A session for use in ``with``; its methods block."""
-        from .sync import Session
+        from jumpstarter.client.sync import Session
 
         return Session(self.create_async_session(name))
 
     def create_async_session(self, name: str = "default") -> AsyncSession:
         """A session for use in ``async with`` (anyio: asyncio or trio)."""
-        from .client import AsyncSession
+        from jumpstarter.client.session import AsyncSession
 
         return AsyncSession(self, name)
+
+    async def lease_by_labels(
+        self, session: AsyncSession, selector: dict[str, str], *, duration: float | None, wait: float | None
+    ) -> tuple[NodeConfig, Callable[[], Awaitable[None]]]:
+        """Lease a node with the labels ``selector`` from the shared registry for
+        ``session``: how to reach that node, and how to end the lease (see
+        :func:`jumpstarter.store.registry.lease_for_session`)."""
+        from jumpstarter.store.registry import lease_for_session
+
+        return await lease_for_session(session, selector, duration=duration, wait=wait)
 
     def token_for(self, node: NodeConfig) -> str | None:
         """The token to present to ``node``, read from its ``token_file``."""
@@ -65,19 +75,19 @@ class JumpStarterProtocol:
                 f"node {node.name!r}: cannot read token_file {node.token_file}: {exc.strerror}"
             ) from None
 
-    def make_node_server(self, node: NodeConfig, *, token: str | None = None) -> NodeServer:
+    def make_node_server(
+        self, node: NodeConfig, *, token: str | None = None, in_client_process: bool = False
+    ) -> NodeServer:
         """A node server for ``node`` with its configured driver and this config's
-        store (not yet running: ``await task_group.start(server.run)``)."""
-        from .server import NodeServer
-        from .store import open_store
+        store (not yet running: ``await task_group.start(server.run)``).
 
-        driver_cls = self.plugins.node_driver(node.driver)
-        return NodeServer(
-            node,
-            driver_cls(node),
-            open_store(self.config.store_url),
-            self.plugins.hook,
-            data_dir=self.config.data_path,
-            driver_name=node.driver,
-            token=token,
-        )
+        ``in_client_process``: the server runs inside the client's process (the local
+        transport), so a detached task runs under an agent process of its own
+        (:mod:`jumpstarter.node.agent`) and outlives the client."""
+        from functools import partial
+
+        from jumpstarter.node.agent import start_detached
+        from jumpstarter.node.server import build_node_server
+
+        detach = partial(start_detached, self.config) if in_client_process else None
+        return build_node_server(self.config, self.plugins, node, token=token, detach=detach)

@@ -1,7 +1,7 @@
-"""The node side of the gRPC transport: a :class:`~jumpstarter.server.NodeServer`
+"""The node side of the gRPC transport: a :class:`~jumpstarter.node.server.NodeServer`
 served to clients on other machines (``jmp node serve``).
 
-Each client connection is a :class:`~jumpstarter.server.NodeConnection`, made by the
+Each client connection is a :class:`~jumpstarter.node.dispatch.NodeConnection`, made by the
 handshake and named by the ``jmp-connection`` metadata of every later call. A
 connection not heard of for the keep-alive time is closed: its lease is released, its
 tasks run on.
@@ -23,7 +23,7 @@ from typing import Any
 
 import anyio
 from jumpstarter.errors import ConfigError
-from jumpstarter.server import NodeConnection, NodeServer
+from jumpstarter.node import NodeConnection, NodeServer
 from jumpstarter_protocol import (
     ConnectionInfo,
     Error,

@@ -32,9 +32,9 @@ from urllib.parse import urlsplit
 
 import anyio
 from jumpstarter import NodeConfig, Transport
-from jumpstarter.driver import ClientContext
 from jumpstarter.errors import ConfigError, JumpstarterError, TransportError
-from jumpstarter.server import NodeServer
+from jumpstarter.node import NodeServer
+from jumpstarter.plugins import ClientContext
 from jumpstarter_protocol import (
     MAX_MESSAGE_SIZE,
     ConnectionEstablished,

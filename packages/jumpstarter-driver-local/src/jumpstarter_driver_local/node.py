@@ -18,8 +18,8 @@ from collections.abc import Mapping, Sequence
 import anyio
 import anyio.lowlevel
 from jumpstarter import NodeDriver, RunningProcess
-from jumpstarter.driver import OutputWriter, Stream
 from jumpstarter.errors import SpawnFailed
+from jumpstarter.plugins import OutputWriter, Stream
 from jumpstarter_protocol import TaskSpec
 
 READ_SIZE = 1024 * 1024

@@ -10,8 +10,8 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from jumpstarter import NodeConfig, Transport
-from jumpstarter.driver import ClientContext
-from jumpstarter.server import NodeConnection
+from jumpstarter.node import NodeConnection
+from jumpstarter.plugins import ClientContext
 from jumpstarter_protocol import ReadOutput
 
 

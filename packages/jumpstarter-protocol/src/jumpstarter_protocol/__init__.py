@@ -5,6 +5,7 @@ Depends on pydantic only; knows nothing of the core or of any transport."""
 from ._codec import MAX_MESSAGE_SIZE, decode, encode
 from ._errors import JumpstarterError, ProtocolError
 from ._messages import (
+    Attempt,
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     REPLY_TYPES,
@@ -57,6 +58,7 @@ from ._messages import (
     TaskState,
     TaskStatus,
     TaskStopped,
+    TerminalSize,
     WaitTask,
 )
 from ._schema import json_schema

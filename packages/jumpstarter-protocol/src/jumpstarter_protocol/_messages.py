@@ -91,6 +91,13 @@ class ErrorCode(StrEnum):
     INTERNAL = "internal"
 
 
+class TerminalSize(_Model):
+    """A terminal's size in characters."""
+
+    rows: int = Field(default=24, ge=1, le=10_000)
+    cols: int = Field(default=80, ge=1, le=10_000)
+
+
 class TaskSpec(_Model):
     """What to run. Exactly one of ``argv`` and ``shell`` is given: a shell string is
     never split or guessed at, it is passed to ``/bin/sh -c`` because the user asked."""
@@ -102,6 +109,12 @@ class TaskSpec(_Model):
     timeout: float | None = Field(default=None, gt=0)
     labels: Labels = Field(default_factory=dict)
     name: str | None = None
+    stdin: bool = False
+    """The task reads an input stream the client writes to (``WriteInput``); without
+    it, stdin is ``/dev/null``."""
+    pty: TerminalSize | None = None
+    """Run the task on a terminal of this size: its stdin, stdout and stderr are the
+    terminal (output arrives as one stream, ``stdout``); input as with ``stdin``."""
 
     @model_validator(mode="after")
     def _one_command(self) -> TaskSpec:
@@ -138,6 +151,15 @@ class Metric(_Model):
     unit: str | None = None
 
 
+class Attempt(_Model):
+    """One run of a test that ran more than once (a rerun, a retry)."""
+
+    outcome: Outcome
+    duration: float | None = Field(default=None, ge=0)
+    message: str | None = None
+    started_at: Timestamp | None = None
+
+
 class ResultSpec(_Model):
     """One result as a client submits it."""
 
@@ -149,6 +171,14 @@ class ResultSpec(_Model):
     labels: Labels = Field(default_factory=dict)
     started_at: Timestamp | None = None
     finished_at: Timestamp | None = None
+    attempts: list[Attempt] = Field(default_factory=list)
+    """Every run of the test in order, when it ran more than once; ``outcome`` is the
+    final one."""
+    flaky: bool = False
+    """The attempts disagreed (it failed, then passed): the outcome is not to be trusted."""
+    file: str | None = None
+    """The source file of the test, as the producer named it."""
+    line: int | None = Field(default=None, ge=0)
 
 
 class Result(ResultSpec):
@@ -226,6 +256,10 @@ class StartRequest(_Model):
     type: Literal["start_request"] = "start_request"
     task_id: Id | None = None
     spec: TaskSpec | None = None
+    detach: bool = False
+    """The task must outlive the client's connection and process. A node served in
+    a process of its own keeps its tasks anyway; one served inside the client's
+    process (the local node) runs the task under an agent process of its own."""
 
     @model_validator(mode="after")
     def _one_target(self) -> StartRequest:

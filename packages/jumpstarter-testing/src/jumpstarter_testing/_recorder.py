@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from jumpstarter.errors import JumpstarterError
-from jumpstarter.junit import trim_message
+from jumpstarter.results.junit import trim_message
 from jumpstarter_protocol import CloseTask, OpenTask, Outcome, ResultSpec, TaskSpec, TaskState
 
 MAX_MESSAGE = 4000

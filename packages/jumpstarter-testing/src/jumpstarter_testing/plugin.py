@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from jumpstarter.sync import Node, Session
+    from jumpstarter.client.sync import Node, Session
 
 RECORDER = "jumpstarter-recorder"
 
@@ -69,7 +69,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.fixture(scope="session")
 def jmp_session(request: pytest.FixtureRequest) -> Iterator[Session]:
-    """The Jumpstarter session of this run (:class:`jumpstarter.sync.Session`): the
+    """The Jumpstarter session of this run (:class:`jumpstarter.client.sync.Session`): the
     one results are recorded in with ``--jmp-session``, else a session named
     ``pytest`` opened for the tests that ask for it."""
     recorder: Any = request.config.pluginmanager.get_plugin(RECORDER)
@@ -86,7 +86,7 @@ def jmp_session(request: pytest.FixtureRequest) -> Iterator[Session]:
 def jmp_node(jmp_session: Session, request: pytest.FixtureRequest) -> Iterator[Node]:
     """The node of this run (``--jmp-node``, default: the config's default node),
     connected with its lease taken, so tests can start tasks on it
-    (:class:`jumpstarter.sync.Node`)."""
+    (:class:`jumpstarter.client.sync.Node`)."""
     node = jmp_session.connect(request.config.getoption("jmp_node"))
     yield node
     node.release()

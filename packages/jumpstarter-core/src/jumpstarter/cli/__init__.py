@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import click
 
-from .._version import __version__
+from jumpstarter._version import __version__
+
 from ._base import JmpGroup
 
 EPILOG = """\b

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 if TYPE_CHECKING:
-    from ..protocol import JumpStarterProtocol
+    from jumpstarter.protocol import JumpStarterProtocol
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -102,7 +102,7 @@ class JmpGroup(click.Group):
             return
         self._plugins_loaded = True
         try:
-            from ..plugins import get_plugin_manager
+            from jumpstarter.plugins.manager import get_plugin_manager
 
             plugins = get_plugin_manager()
         except Exception as exc:  # jmp --help must work with a broken plugin installed
@@ -121,7 +121,7 @@ class State:
     @property
     def protocol(self) -> JumpStarterProtocol:
         if self._protocol is None:
-            from ..protocol import JumpStarterProtocol
+            from jumpstarter.protocol import JumpStarterProtocol
 
             self._protocol = JumpStarterProtocol(config_path=self.config_path)
             for info in self._protocol.plugins.failed:
@@ -132,8 +132,8 @@ class State:
 
 
 def exit_code_for(exc: BaseException) -> int:
-    from .. import errors
-    from ..config import UnknownNode
+    from jumpstarter import errors
+    from jumpstarter.config import UnknownNode
 
     if isinstance(exc, errors.SpawnFailed):
         return EXIT_NOT_FOUND_COMMAND if exc.details.get("errno") == "ENOENT" else EXIT_CANNOT_EXECUTE
@@ -159,7 +159,7 @@ def require_named_store(state: State, node: str | None) -> None:
     it empty and answer from it, and a mistyped path would pass for "no results"."""
     from pathlib import Path
 
-    from ..errors import NotFound
+    from jumpstarter.errors import NotFound
 
     config = state.protocol.config
     store = config.store
@@ -177,7 +177,7 @@ def handle_errors(fn: F) -> F:
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from ..errors import JumpstarterError
+        from jumpstarter.errors import JumpstarterError
 
         try:
             return fn(*args, **kwargs)
@@ -186,7 +186,7 @@ def handle_errors(fn: F) -> F:
         except BaseExceptionGroup as group:
             # An error raised inside a task group (say, the node went away while
             # output streamed) arrives wrapped; one error reads as itself.
-            from ..errors import sole_error
+            from jumpstarter.errors import sole_error
 
             exc = sole_error(group)
             if isinstance(exc, JumpstarterError):

@@ -37,7 +37,7 @@ def show(state, fmt) -> None:
 
     Tokens are never printed: a node's token_file is shown as the path it is.
     """
-    from ..config import NodeConfig, load_config, resolve_paths
+    from jumpstarter.config import NodeConfig, load_config, resolve_paths
 
     loaded = load_config(state.config_path)
     effective = resolve_paths(loaded)
@@ -107,7 +107,7 @@ def _value(value: Any) -> str:
 @click.pass_obj
 def path(state, fmt) -> None:
     """Print the config file in use, or where 'jmp config init' would write one."""
-    from ..config import find_config_file, user_config_path
+    from jumpstarter.config import find_config_file, user_config_path
 
     source = find_config_file(state.config_path)
     where = (source or user_config_path()).absolute()
@@ -132,7 +132,7 @@ def init(target: Path | None, force: bool) -> None:
     To the user config dir ('jmp config path' shows it) unless --path says where.
     An existing file is left alone unless --force.
     """
-    from ..config import TEMPLATE, user_config_path
+    from jumpstarter.config import TEMPLATE, user_config_path
 
     target = target or user_config_path()
     try:

@@ -66,7 +66,7 @@ def drivers(fmt: str) -> None:
 
 def describe_plugins(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """What ``jmp drivers --format json`` prints, as a dict."""
-    from ..plugins import ENTRY_POINT_GROUP, get_plugin_manager
+    from jumpstarter.plugins.manager import ENTRY_POINT_GROUP, get_plugin_manager
 
     env = os.environ if env is None else env
     plugins = get_plugin_manager(env)

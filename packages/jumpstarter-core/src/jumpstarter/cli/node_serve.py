@@ -93,8 +93,8 @@ def serve(
       jmp node serve --listen 0.0.0.0:7100 --name lab1 --token-file /etc/jmp/token \\
           --tls-cert cert.pem --tls-key key.pem
     """
-    from ..config import NodeConfig
-    from ..driver import Transport
+    from jumpstarter.config import NodeConfig
+    from jumpstarter.plugins.interfaces import Transport
 
     labels = parse_pairs(label, "--label")
     host = _listen_host(listen)
@@ -169,14 +169,14 @@ async def _serve(protocol, node, token, transport_cls, options, registered) -> N
             server.close()  # stops the tasks it still runs
     except BaseExceptionGroup as group:
         # One failure (say, the port is taken) reads as itself, not as a group.
-        from ..errors import sole_error
+        from jumpstarter.errors import sole_error
 
         raise sole_error(group) from None
 
 
 async def _register(server, transport: str, endpoint: list[str], listening) -> None:
     """Once listening: register in the shared store and keep the heartbeat going."""
-    from ..registry import HEARTBEAT_INTERVAL, NodeRegistry
+    from jumpstarter.store.registry import HEARTBEAT_INTERVAL, NodeRegistry
 
     server.registry = NodeRegistry(server.store)  # leases go through it from now on
     await listening.wait()

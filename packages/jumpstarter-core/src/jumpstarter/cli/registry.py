@@ -19,8 +19,8 @@ def with_registry(state: State, fn: Callable[[Any], Awaitable[Any]]) -> Any:
     """Run ``await fn(registry)`` against the configured store's registry."""
     import anyio
 
-    from ..registry import NodeRegistry
-    from ..store import open_store
+    from jumpstarter.store.base import open_store
+    from jumpstarter.store.registry import NodeRegistry
 
     url = state.protocol.config.store_url
     if not url.startswith(("postgresql://", "postgres://")):
@@ -115,7 +115,7 @@ def lease_list(state: State, fmt: str) -> None:
 @handle_errors
 def lease_release(state: State, lease: str) -> None:
     """End LEASE (a lease id, or the name of the node it holds)."""
-    from ..errors import NotFound
+    from jumpstarter.errors import NotFound
 
     async def release(registry: Any) -> int:
         if lease.isdigit():

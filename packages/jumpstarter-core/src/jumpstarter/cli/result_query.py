@@ -108,7 +108,7 @@ def query(state, task_id, session, node, outcomes, name, since, until, labels, l
     elif fmt == "csv":
         _write_csv(data.results)
     elif fmt == "junit":
-        from ..junit import export_junit
+        from jumpstarter.results.junit import export_junit
 
         click.echo(export_junit(data.results), nl=False)
     else:

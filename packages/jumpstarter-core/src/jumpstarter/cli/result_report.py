@@ -22,7 +22,7 @@ from ._output import format_option, iso, print_json, print_table, seconds, state
 if TYPE_CHECKING:
     from jumpstarter_protocol import Result, SessionInfo
 
-    from ..report import Change, SessionDiff
+    from jumpstarter.results.report import Change, SessionDiff
 
 node_option = click.option(
     "-n", "--node", help="Node whose store to read (default: the config's default_node)."
@@ -46,7 +46,7 @@ async def resolve_session(node: Any, ref: str) -> SessionInfo:
     ``NAME~N`` (the one N before the newest). :class:`NotFound` if there is none."""
     from jumpstarter_protocol import ListSessions
 
-    from ..errors import NotFound
+    from jumpstarter.errors import NotFound
 
     found = await node.request(ListSessions(name=glob_escape(ref), with_results=False, limit=1))
     if found.sessions:
@@ -126,7 +126,7 @@ def import_(state, file, task_id, max_size, node) -> None:
       pytest --junitxml=junit.xml; jmp result import junit.xml --task 3f2a9c1b0d4e
       jmp result import build/test-results/TEST-*.xml --task $id   # one file a call
     """
-    from ..junit import MAX_SIZE, parse_junit
+    from jumpstarter.results.junit import MAX_SIZE, parse_junit
 
     limit = max_size or MAX_SIZE
     data = _read_capped(file, limit)
@@ -150,7 +150,7 @@ def import_(state, file, task_id, max_size, node) -> None:
 
 def _read_capped(file: str, limit: int) -> bytes:
     """The file's bytes; never more than ``limit`` + 1 of them are read."""
-    from ..errors import BadRequest
+    from jumpstarter.errors import BadRequest
 
     try:
         if file == "-":
@@ -202,7 +202,7 @@ def diff(state, session_a, session_b, fail_on_missing, node, fmt) -> None:
       3  a session was not found
     (and, as every command: 2 usage error, 5 node error, 1 other errors)
     """
-    from ..report import diff_results
+    from jumpstarter.results.report import diff_results
 
     async def compare(n: Any) -> tuple[Any, Any, list[Result], list[Result]]:
         a = await resolve_session(n, session_a)
@@ -328,8 +328,8 @@ def history(state, name, session, limit, node, fmt) -> None:
     """
     from jumpstarter_protocol import QueryHistory
 
-    from ..errors import NotFound
-    from ..report import is_flaky, outcome_changes
+    from jumpstarter.errors import NotFound
+    from jumpstarter.results.report import is_flaky, outcome_changes
 
     data = call_node(
         state, lambda n: n.request(QueryHistory(name=name, session=session, limit=limit)), node=node
@@ -445,9 +445,9 @@ def report(state, sessions, output, last, trend, title, node) -> None:
     """
     from jumpstarter_protocol import ListSessions
 
-    from .._version import __version__
-    from ..errors import NotFound
-    from ..report import ReportData, render_report
+    from jumpstarter._version import __version__
+    from jumpstarter.errors import NotFound
+    from jumpstarter.results.report import ReportData, render_report
 
     async def gather(n: Any) -> ReportData:
         if sessions:

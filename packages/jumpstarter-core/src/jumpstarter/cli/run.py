@@ -79,7 +79,7 @@ def endpoint_node(protocol, endpoint: str, name: str | None, token_file: str | N
     the config says of it, or named by the endpoint) and return its name."""
     from pathlib import Path
 
-    from ..config import NodeConfig
+    from jumpstarter.config import NodeConfig
 
     transport = {"grpc": "grpc", "grpcs": "grpc"}.get(endpoint.partition("://")[0])
     if transport is None:

@@ -2,7 +2,7 @@
 
 ``jmp task start`` detaches: it returns as soon as the task runs, and ``logs``,
 ``status``, ``wait`` and ``stop`` reach the task by id from any shell (see
-:mod:`jumpstarter.agent` for how the local node keeps it running).
+:mod:`jumpstarter.node.agent` for how the local node keeps it running).
 """
 
 from __future__ import annotations

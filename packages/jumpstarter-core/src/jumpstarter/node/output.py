@@ -28,7 +28,7 @@ from pathlib import Path
 
 import anyio
 
-from .driver import Stream
+from jumpstarter.plugins.interfaces import Stream
 
 _RECORD = struct.Struct("<QB")
 _STREAMS: dict[Stream, int] = {"stdout": 1, "stderr": 2}

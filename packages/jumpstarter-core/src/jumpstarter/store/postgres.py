@@ -26,8 +26,10 @@ from jumpstarter_protocol import (
     TaskState,
 )
 
-from .errors import ConfigError
-from .store import (
+from jumpstarter.errors import ConfigError
+from jumpstarter.store import schema
+from jumpstarter.store.base import Store
+from jumpstarter.store.sql import (
     _TASK_COLUMNS,
     FINISH_TASK,
     GET_TASK,
@@ -36,7 +38,6 @@ from .store import (
     MARK_RUNNING,
     RUNNING_TASKS,
     Dialect,
-    Store,
     _result,
     _task,
     finish_params,
@@ -64,102 +65,6 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "a postgresql:// store needs psycopg: pip install 'jumpstarter-core[postgres]'"
     ) from exc
 
-# Migration N is applied when the stored version is below N. Append; never edit.
-_MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE sessions (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL,
-        client TEXT,
-        created_at DOUBLE PRECISION NOT NULL
-    );
-    CREATE INDEX sessions_name ON sessions (name);
-
-    CREATE TABLE tasks (
-        id TEXT PRIMARY KEY,
-        node TEXT NOT NULL,
-        session_id TEXT REFERENCES sessions (id),
-        name TEXT,
-        spec TEXT NOT NULL,
-        state TEXT NOT NULL,
-        exit_code INTEGER,
-        message TEXT,
-        labels TEXT,
-        created_at DOUBLE PRECISION NOT NULL,
-        started_at DOUBLE PRECISION,
-        finished_at DOUBLE PRECISION,
-        pid INTEGER,
-        agent TEXT
-    );
-    CREATE INDEX tasks_session ON tasks (session_id, created_at);
-    CREATE INDEX tasks_node_state ON tasks (node, state);
-    CREATE INDEX tasks_created ON tasks (created_at);
-
-    CREATE TABLE results (
-        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        task_id TEXT NOT NULL REFERENCES tasks (id),
-        session_id TEXT,
-        node TEXT,
-        name TEXT NOT NULL,
-        outcome TEXT NOT NULL,
-        duration DOUBLE PRECISION,
-        message TEXT,
-        metrics TEXT,
-        labels JSONB,
-        started_at DOUBLE PRECISION,
-        finished_at DOUBLE PRECISION,
-        created_at DOUBLE PRECISION NOT NULL
-    );
-    CREATE INDEX results_task ON results (task_id, outcome);
-    CREATE INDEX results_session ON results (session_id, outcome);
-    CREATE INDEX results_name ON results (name text_pattern_ops, created_at);
-    CREATE INDEX results_created ON results (created_at);
-    """,
-    # 2: the node registry and leases by selector.
-    """
-    CREATE TABLE nodes (
-        name TEXT PRIMARY KEY,
-        labels JSONB NOT NULL DEFAULT '{}',
-        endpoint TEXT,
-        transport TEXT NOT NULL,
-        driver TEXT NOT NULL,
-        agent TEXT,
-        registered_at DOUBLE PRECISION NOT NULL,
-        last_seen DOUBLE PRECISION NOT NULL
-    );
-
-    CREATE TABLE leases (
-        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        node TEXT NOT NULL REFERENCES nodes (name),
-        session_id TEXT NOT NULL,
-        session_name TEXT NOT NULL,
-        holder TEXT,
-        since DOUBLE PRECISION NOT NULL,
-        expires_at DOUBLE PRECISION,
-        keepalive_at DOUBLE PRECISION NOT NULL,
-        ended_at DOUBLE PRECISION,
-        end_reason TEXT,
-        request_id BIGINT
-    );
-    -- The schema itself forbids two live leases on one node.
-    CREATE UNIQUE INDEX leases_one_live_per_node ON leases (node) WHERE ended_at IS NULL;
-    CREATE INDEX leases_session ON leases (session_id) WHERE ended_at IS NULL;
-
-    CREATE TABLE lease_requests (
-        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-        selector JSONB NOT NULL,
-        session_id TEXT NOT NULL,
-        session_name TEXT NOT NULL,
-        holder TEXT,
-        duration DOUBLE PRECISION,
-        requested_at DOUBLE PRECISION NOT NULL,
-        keepalive_at DOUBLE PRECISION NOT NULL,
-        lease_id BIGINT REFERENCES leases (id)
-    );
-    """,
-]
-
-
 class PostgresStore(Store):
     """A store in a PostgreSQL database, shared by many machines."""
 
@@ -182,14 +87,16 @@ class PostgresStore(Store):
             )
             row = await (await db.execute("SELECT max(version) FROM jmp_schema")).fetchone()
             version = row[0] or 0
-            if version > len(_MIGRATIONS):
+            if version > schema.VERSION:
                 raise ConfigError(
                     f"the store {_safe(self.url)} has schema version {version}; this "
-                    f"Jumpstarter knows up to {len(_MIGRATIONS)}: upgrade Jumpstarter"
+                    f"Jumpstarter knows up to {schema.VERSION}: upgrade Jumpstarter"
                 )
-            for number, script in enumerate(_MIGRATIONS[version:], start=version + 1):
-                await db.execute(script)
-                await db.execute("INSERT INTO jmp_schema (version) VALUES (%s)", (number,))
+            for number, statements in enumerate(schema.migrations(schema.POSTGRES_TYPES), start=1):
+                if number > version:
+                    for statement in statements:
+                        await db.execute(statement)
+                    await db.execute("INSERT INTO jmp_schema (version) VALUES (%s)", (number,))
 
     async def aclose(self) -> None:
         await self._pool.close()

@@ -14,7 +14,7 @@ from typing import Any
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from jumpstarter_protocol import NodeInfo, OutputChunk, OutputEnd, ResultsData, ResultSpec, TaskInfo
 
-from .client import AsyncNode, AsyncSession, AsyncTask
+from jumpstarter.client.session import AsyncNode, AsyncSession, AsyncTask
 
 
 class Session:

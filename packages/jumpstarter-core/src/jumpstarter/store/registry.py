@@ -26,7 +26,7 @@ from typing import Any
 import anyio
 import psycopg
 
-from .errors import Conflict, NotFound
+from jumpstarter.errors import Conflict, NotFound
 
 HEARTBEAT_INTERVAL = float(os.environ.get("JMP_HEARTBEAT_INTERVAL", "2"))
 """Seconds between two heartbeats of a node agent, and two keep-alives of a client
@@ -80,7 +80,7 @@ def format_selector(selector: dict[str, str]) -> str:
 
 
 class NodeRegistry:
-    """Nodes and leases in a :class:`~jumpstarter.store_postgres.PostgresStore`."""
+    """Nodes and leases in a :class:`~jumpstarter.store.postgres.PostgresStore`."""
 
     def __init__(self, store: Any, *, heartbeat_timeout: float = HEARTBEAT_TIMEOUT) -> None:
         self.store = store
@@ -413,9 +413,9 @@ async def lease_for_session(
     import os
     import socket
 
-    from .config import NodeConfig
-    from .errors import ConfigError
-    from .store import open_store
+    from jumpstarter.config import NodeConfig
+    from jumpstarter.errors import ConfigError
+    from jumpstarter.store.base import open_store
 
     config = session.protocol.config
     url = config.store_url

@@ -1,15 +1,15 @@
 """Detached tasks: one small agent process per task, so a task outlives the ``jmp``
 command (or the Python program) that started it.
 
-``node.start(..., detach=True)`` on a node served inside the calling process (the
-local node) creates the task (state ``pending``) and spawns::
+A ``StartRequest`` with ``detach`` to a node served inside the client's process
+(the local node) creates the task (state ``pending``) and spawns::
 
-    python -m jumpstarter.agent --node NAME --task TASK_ID --report-fd N [--cwd DIR]
+    python -m jumpstarter.node.agent --node NAME --task TASK_ID --report-fd N [--cwd DIR]
 
 detached: a new session, stdio on ``/dev/null``, working directory ``/``, and forked
 once more at once, so the agent is no one's child and never gets a terminal. The
-agent builds the node's :class:`~jumpstarter.server.NodeServer` through
-:meth:`~jumpstarter.protocol.JumpStarterProtocol.make_node_server` (so it works for
+agent builds the node's :class:`~jumpstarter.node.server.NodeServer` through
+:func:`~jumpstarter.node.server.build_node_server` (so it works for
 any node driver), starts the pending task, reports on the pipe ``N`` that the task
 runs (or the error that kept it from starting), serves until the task has finished,
 then exits. Output goes to the usual output files and state to the usual store, so
@@ -50,8 +50,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .config import Config, NodeConfig
-    from .server import NodeServer
+    from jumpstarter.config import Config
+    from jumpstarter.node.server import NodeServer
 
 CONFIG_ENV = "JMP_AGENT_CONFIG"
 """The environment variable that carries the starter's configuration to the agent."""
@@ -76,11 +76,11 @@ async def start_detached(config: Config, node: str, task_id: str, *, cwd: str | 
     import anyio.to_thread
     from jumpstarter_protocol import Error
 
-    from .config import resolve_paths
-    from .errors import InternalError, NodeError
+    from jumpstarter.config import resolve_paths
+    from jumpstarter.errors import InternalError, NodeError
 
     read_fd, write_fd = os.pipe()
-    argv = [sys.executable, "-m", "jumpstarter.agent", "--node", node, "--task", task_id]
+    argv = [sys.executable, "-m", "jumpstarter.node.agent", "--node", node, "--task", task_id]
     argv += ["--report-fd", str(write_fd), "--cwd", cwd or os.getcwd()]
     env = {**os.environ, CONFIG_ENV: resolve_paths(config).model_dump_json()}
     try:
@@ -224,8 +224,8 @@ def kill_left_behind(pid: int, started_at: float) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m jumpstarter.agent",
-        description="Run one detached task of a node until it has finished (see jumpstarter.agent).",
+        prog="python -m jumpstarter.node.agent",
+        description="Run one detached task of a node until it has finished (see jumpstarter.node.agent).",
     )
     parser.add_argument("--node", required=True)
     parser.add_argument("--task", required=True)
@@ -240,13 +240,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         import anyio
 
-        from .config import Config, load_config
-        from .protocol import JumpStarterProtocol
+        from jumpstarter.config import Config, load_config
+        from jumpstarter.node.server import build_node_server
+        from jumpstarter.plugins.manager import get_plugin_manager
 
         config = Config.model_validate_json(config_json) if config_json else load_config()
-        protocol = JumpStarterProtocol(config)
         node = config.node(args.node)
-        code = anyio.run(_serve, protocol, node, args.task, args.cwd, reporter)
+        server = build_node_server(config, get_plugin_manager(), node)
+        code = anyio.run(_serve, server, config.data_path, args.task, args.cwd, reporter)
     except BaseException as exc:
         reporter.error(exc)
         raise
@@ -278,7 +279,7 @@ class _Reporter:
     def error(self, exc: BaseException) -> None:
         from jumpstarter_protocol import Error, ErrorCode
 
-        from .errors import NodeError
+        from jumpstarter.errors import NodeError
 
         while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
             exc = exc.exceptions[0]
@@ -294,13 +295,13 @@ class _Reporter:
             os.close(fd)
 
 
-async def _serve(protocol: Any, node: NodeConfig, task_id: str, cwd: str | None, reporter: _Reporter) -> int:
+async def _serve(server: NodeServer, data_dir: Path, task_id: str, cwd: str | None, reporter: _Reporter) -> int:
     import anyio
 
-    from .errors import NotFound
+    from jumpstarter.errors import NotFound
 
-    server: NodeServer = protocol.make_node_server(node)
-    directory = agents_dir(protocol.config.data_path)
+    node = server.node
+    directory = agents_dir(data_dir)
     marker = directory / f"{task_id}.agent"
     stop_file = directory / f"{task_id}.stop"
     async with anyio.create_task_group() as tg:
@@ -317,16 +318,16 @@ async def _serve(protocol: Any, node: NodeConfig, task_id: str, cwd: str | None,
                     task = task.model_copy(update={"spec": task.spec.model_copy(update={"cwd": here})})
                 directory.mkdir(parents=True, exist_ok=True)
                 marker.write_text(server.agent)
-                await server.start_task(task, created_here=False)
+                await server.tasks.start_task(task, created_here=False)
                 reporter.started(task_id)
                 async with anyio.create_task_group() as stops:
 
                     async def stop_on_signals() -> None:
                         async for _ in signals:
-                            stops.start_soon(server.stop_task, task_id, _read_grace(stop_file))
+                            stops.start_soon(server.tasks.stop_task, task_id, _read_grace(stop_file))
 
                     stops.start_soon(stop_on_signals)
-                    await server.wait_task(task_id, None)
+                    await server.tasks.wait_task(task_id, None)
                     stops.cancel_scope.cancel()
         finally:
             marker.unlink(missing_ok=True)

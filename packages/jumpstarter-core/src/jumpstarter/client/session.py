@@ -1,5 +1,5 @@
 """The async client: sessions, nodes and tasks. This is the real API; the sync one in
-:mod:`jumpstarter.sync` is a thin facade over it.
+:mod:`jumpstarter.client.sync` is a thin facade over it.
 
 ::
 
@@ -58,13 +58,13 @@ from jumpstarter_protocol import (
 )
 from pydantic import ValidationError
 
-from .config import NodeConfig
-from .driver import Transport
-from .errors import BadRequest, Conflict, NodeError, NotFound, TransportError
+from jumpstarter.config import NodeConfig
+from jumpstarter.errors import BadRequest, NodeError, TransportError
+from jumpstarter.plugins.interfaces import Transport
 
 if TYPE_CHECKING:
-    from .protocol import JumpStarterProtocol
-    from .server import NodeServer
+    from jumpstarter.node.server import NodeServer
+    from jumpstarter.protocol import JumpStarterProtocol
 
 
 class AsyncSession:
@@ -80,7 +80,6 @@ class AsyncSession:
         self.id = secrets.token_hex(8)
         self.nodes: list[AsyncNode] = []
         self._task_nodes: dict[str, AsyncNode] = {}
-        self._node_servers: dict[str, NodeServer] = {}  # nodes served in this process
         self._stack: AsyncExitStack | None = None
         self._tg: anyio.abc.TaskGroup | None = None
 
@@ -109,9 +108,8 @@ class AsyncSession:
         """Run a node server for ``node`` in this process until the session closes."""
         if self._tg is None:
             raise RuntimeError("use the session in 'async with' before connecting")
-        server = self.protocol.make_node_server(node)
+        server = self.protocol.make_node_server(node, in_client_process=True)
         await self._tg.start(server.run)
-        self._node_servers[node.name] = server
         assert self._stack is not None
         self._stack.callback(server.close)
         return server
@@ -136,9 +134,7 @@ class AsyncSession:
         seconds in FIFO order; the lease is kept alive until the session closes."""
         release_registry_lease = None
         if select is not None:
-            from .registry import lease_for_session
-
-            config, release_registry_lease = await lease_for_session(
+            config, release_registry_lease = await self.protocol.lease_by_labels(
                 self, dict(select), duration=duration, wait=wait
             )
         else:
@@ -271,42 +267,14 @@ class AsyncNode:
         ``detach=True``: the task outlives this session and this process, and any
         process can follow, wait for or stop it by id. On a node served in this
         process (the local node) it runs under an agent process of its own (see
-        :mod:`jumpstarter.agent`); a node in a process of its own keeps its tasks
+        :mod:`jumpstarter.node.agent`); a node in a process of its own keeps its tasks
         anyway."""
         if isinstance(argv, AsyncTask):
             return await argv.start(detach=detach)
-        if detach:
-            return await self._start_detached(None, argv, spec)
         with _valid_request():
-            request = StartRequest(spec=_spec(argv, spec))
+            request = StartRequest(spec=_spec(argv, spec), detach=detach)
         started = await self.request(request)
         return self._task(started.task_id)
-
-    async def _start_detached(
-        self, task: AsyncTask | None, argv: Sequence[str] | None, spec: dict[str, Any]
-    ) -> AsyncTask:
-        server = self.session._node_servers.get(self.name)
-        if server is None:  # the node lives in a process of its own: so do its tasks
-            return await (task.start() if task is not None else self.start(argv, **spec))
-        from .agent import start_detached
-
-        created = task is None
-        if task is None:
-            task = await self.new_task(argv, **spec)
-        else:
-            info = await task.status()
-            if info.node != self.name:
-                raise NotFound(f"no task with id {task.id!r} on node {self.name!r}")
-            if info.state is not TaskState.PENDING:
-                raise Conflict(f"task {task.id} is {info.state.value}, not pending; it cannot start again")
-        try:
-            await start_detached(self.session.protocol.config, self.name, task.id)
-        except NodeError:
-            if created and task.info is not None:  # leave the store as it was: the task never ran
-                with anyio.CancelScope(shield=True):
-                    await server.discard_task(task.info)
-            raise
-        return task
 
     def task(self, task_id: str) -> AsyncTask:
         """A handle on an existing task of this node."""
@@ -380,9 +348,7 @@ class AsyncTask:
 
     async def start(self, *, detach: bool = False) -> AsyncTask:
         """Start this pending task; ``detach``: see :meth:`AsyncNode.start`."""
-        if detach:
-            return await self.node._start_detached(self, None, {})
-        await self.node.request(StartRequest(task_id=self.id))
+        await self.node.request(StartRequest(task_id=self.id, detach=detach))
         return self
 
     async def status(self) -> TaskInfo:

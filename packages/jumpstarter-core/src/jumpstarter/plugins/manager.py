@@ -30,7 +30,7 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
+from jumpstarter.plugins import hookspecs
 
 # PluginError is imported where it is raised: jumpstarter.errors pulls in the protocol
 # and pydantic, which ``jmp --help`` (it loads plugins for their commands) never needs.
@@ -107,7 +107,7 @@ class Plugins:
             )
 
             def register(name: str, target: type, *, _plugin: str = plugin) -> None:
-                from .errors import PluginError
+                from jumpstarter.errors import PluginError
 
                 if not isinstance(name, str) or not name:
                     raise PluginError(f"plugin {_plugin!r} registered a {kind} without a name")
@@ -130,7 +130,7 @@ class Plugins:
         if failed:
             message += f" (plugin {name!r} failed to load: {failed[0].error})"
         message += self._switch_hint()
-        from .errors import PluginError
+        from jumpstarter.errors import PluginError
 
         raise PluginError(message)
 
@@ -170,7 +170,7 @@ def get_plugin_manager(
     try:
         manager.check_pending()
     except pluggy.PluginValidationError as exc:
-        from .errors import PluginError
+        from jumpstarter.errors import PluginError
 
         raise PluginError(f"plugin {exc.plugin_name!r} is invalid: {exc}") from None
     if env.get("JMP_TRACE_PLUGINS"):

@@ -1,0 +1,181 @@
+"""Who holds a node: its lease, and the sessions waiting in line for it.
+
+A node served on its own keeps its lease here, in memory: one holder at a time, a
+queue served first come, first served. A node whose store is shared (``jmp node serve
+--store postgresql://…``) keeps it in the registry instead, where clients that select
+nodes by label take leases too: one live lease per node, whoever asks.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+from anyio.abc import TaskGroup
+from jumpstarter_protocol import ConnectNode
+
+from jumpstarter.errors import Conflict
+
+
+@dataclass
+class Lease:
+    id: str
+    session_id: str
+    session_name: str
+    since: float
+    expires_at: float | None
+
+
+@dataclass
+class _LeaseWaiter:
+    """A session in the queue for the node's lease (``ConnectNode`` with ``wait``)."""
+
+    session_id: str
+    session_name: str
+    duration: float | None
+    granted: anyio.Event = field(default_factory=anyio.Event)
+    lease: Lease | None = None
+
+
+class Leases:
+    """The lease of one node (named ``node``), for the sessions that ask for it.
+
+    ``registry`` is a :class:`~jumpstarter.store.registry.NodeRegistry` when the
+    store is shared; ``holder`` names this node's agent in it."""
+
+    def __init__(self, node: str, *, holder: str) -> None:
+        self.node = node
+        self.holder = holder
+        self.registry: Any = None
+        self._lease: Lease | None = None
+        self._changed = anyio.Event()
+        self._queue: deque[_LeaseWaiter] = deque()
+        self._tg: TaskGroup | None = None
+
+    def serve_in(self, tg: TaskGroup) -> None:
+        """Where work that outlives a call runs (a registry release)."""
+        self._tg = tg
+
+    def current(self) -> Lease | None:
+        """The live lease, if any; one whose duration ran out ends when looked at."""
+        lease = self._lease
+        if lease and lease.expires_at is not None and lease.expires_at <= time.time():
+            self._set(None)
+            return self._lease  # handed to the next session in the queue, if any
+        return lease
+
+    def held_by(self, session_id: str | None) -> bool:
+        holder = self.current()
+        return holder is not None and holder.session_id == session_id
+
+    def _set(self, lease: Lease | None) -> None:
+        # A lease let go of goes straight to the session that has waited longest, so
+        # waiting is first come, first served, and no one can slip in between.
+        if lease is None and self._queue:
+            waiter = self._queue.popleft()
+            lease = waiter.lease = self._new(waiter.session_id, waiter.session_name, waiter.duration)
+            waiter.granted.set()
+        self._lease = lease
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    @staticmethod
+    def _new(session_id: str, session_name: str, duration: float | None) -> Lease:
+        now = time.time()
+        return Lease(secrets.token_hex(8), session_id, session_name, now, now + duration if duration else None)
+
+    def _conflict(self, holder: Lease) -> Conflict:
+        since = datetime.fromtimestamp(holder.since, UTC).isoformat(timespec="seconds")
+        return Conflict(
+            f"node {self.node!r} is leased by session {holder.session_name!r} "
+            f"({holder.session_id}) since {since}",
+            details={"session_id": holder.session_id, "since": since, "waiting": len(self._queue)},
+        )
+
+    async def acquire(self, session_id: str, session_name: str, request: ConnectNode) -> Lease:
+        """Take the lease for the session, or renew it. When another session holds
+        it: :class:`Conflict` at once, or with ``request.wait`` a place in the queue
+        (first come, first served) for up to that many seconds."""
+        if self.registry is not None:
+            return await self._acquire_in_registry(session_id, session_name, request)
+        holder = self.current()
+        if holder is not None and holder.session_id == session_id:
+            expires = time.time() + request.duration if request.duration else None
+            lease = Lease(holder.id, session_id, session_name, holder.since, expires)
+            self._set(lease)
+            return lease
+        if holder is None:  # free; the queue is empty then, a released lease goes to it
+            lease = self._new(session_id, session_name, request.duration)
+            self._set(lease)
+            return lease
+        if not request.wait:
+            raise self._conflict(holder)
+        waiter = _LeaseWaiter(session_id, session_name, request.duration)
+        self._queue.append(waiter)
+        taken = False
+        try:
+            with anyio.move_on_after(request.wait):
+                while not waiter.granted.is_set():
+                    # Look at least once a second: a lease whose duration ran out ends
+                    # only when someone looks.
+                    with anyio.move_on_after(1.0):
+                        await waiter.granted.wait()
+                    self.current()
+            if waiter.lease is not None:
+                taken = True
+                return waiter.lease
+        finally:
+            if waiter in self._queue:
+                self._queue.remove(waiter)
+            elif not taken and self._lease is waiter.lease:
+                self._set(None)  # granted as this call was cancelled: pass it on
+        holder = self.current()
+        if holder is None:
+            lease = self._new(session_id, session_name, request.duration)
+            self._set(lease)
+            return lease
+        raise self._conflict(holder)
+
+    def release(self, session_id: str | None) -> None:
+        """The session lets go of the lease, if it holds it."""
+        holder = self._lease
+        if holder is None or holder.session_id != session_id:
+            return
+        if self.registry is not None and self._tg is not None:
+            self._lease = None
+            self._tg.start_soon(self.registry.release, int(holder.id))
+            return
+        self._set(None)
+
+    async def _acquire_in_registry(self, session_id: str, session_name: str, request: ConnectNode) -> Lease:
+        # Waiting in order is what selecting by label does; here ``wait`` retries.
+        deadline = time.monotonic() + (request.wait or 0)
+        while True:
+            try:
+                record = await self.registry.lease_node(
+                    self.node,
+                    session_id=session_id,
+                    session_name=session_name,
+                    holder=self.holder,
+                    duration=request.duration,
+                )
+                break
+            except Conflict:
+                if time.monotonic() >= deadline:
+                    raise
+                await anyio.sleep(0.2)
+        self._lease = Lease(str(record.id), record.session_id, record.session_name, record.since, record.expires_at)
+        return self._lease
+
+    async def keep_alive_in_registry(self) -> None:
+        """Renew the current lease in the registry; forget it if it ended there
+        (expired, or ended by ``jmp lease release``)."""
+        lease = self._lease
+        if lease is not None and not await self.registry.keepalive(int(lease.id)):
+            if self._lease is lease:
+                self._lease = None

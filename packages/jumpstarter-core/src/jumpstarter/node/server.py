@@ -1,0 +1,179 @@
+"""The node server: one node's driver, store, leases and tasks, served to clients.
+
+Every transport serves this same object: it opens one
+:class:`~jumpstarter.node.dispatch.NodeConnection` per client connection
+(:meth:`NodeServer.connect`). The work is split by concern: who holds the node
+(:class:`~jumpstarter.node.leases.Leases`), what runs on it
+(:class:`~jumpstarter.node.tasks.Tasks`), and what each request asks
+(:mod:`jumpstarter.node.dispatch`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import weakref
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import TaskStatus as StartedStatus  # not the protocol's TaskStatus
+from jumpstarter_protocol import MAX_MESSAGE_SIZE, NodeInfo
+
+from jumpstarter._version import __version__
+from jumpstarter.config import NodeConfig
+from jumpstarter.node.dispatch import NodeConnection
+from jumpstarter.node.leases import Leases
+from jumpstarter.node.tasks import OUTPUT_CHUNK, Detacher, Tasks
+from jumpstarter.plugins.interfaces import NodeDriver
+from jumpstarter.store.base import Store
+
+if TYPE_CHECKING:
+    from jumpstarter.config import Config
+    from jumpstarter.plugins.manager import Plugins
+
+
+class NodeServer:
+    """Serves one node: its driver, its store, its leases and its running tasks.
+
+    Run it with ``await task_group.start(server.run)``; :meth:`close` stops it,
+    stopping the tasks it still runs. ``detach`` starts detached tasks under agents
+    of their own (for a node served inside a client's process).
+    """
+
+    def __init__(
+        self,
+        node: NodeConfig,
+        driver: NodeDriver,
+        store: Store,
+        hook: Any,
+        *,
+        data_dir: Path,
+        driver_name: str | None = None,
+        token: str | None = None,
+        max_message_size: int = MAX_MESSAGE_SIZE,
+        detach: Detacher | None = None,
+    ) -> None:
+        self.node = node
+        self.driver = driver
+        self.store = store
+        self.hook = hook
+        self.data_dir = data_dir
+        self.token = token
+        self.max_message_size = max_message_size
+        self.info = NodeInfo(
+            name=node.name,
+            labels=node.labels,
+            driver=driver_name or node.driver,
+            capabilities=list(driver.capabilities),
+            limits={"max_message_size": max_message_size, "output_chunk": OUTPUT_CHUNK},
+            jumpstarter_version=__version__,
+        )
+        self.agent = f"{socket.gethostname()}:{os.getpid()}"
+        self.leases = Leases(node.name, holder=self.agent)
+        self.tasks = Tasks(
+            node,
+            driver,
+            store,
+            hook,
+            data_dir=data_dir,
+            agent=self.agent,
+            detach=detach,
+            on_session_deleted=self._session_deleted,
+        )
+        self._closed = anyio.Event()
+        self._connections: weakref.WeakSet[NodeConnection] = weakref.WeakSet()
+
+    @property
+    def registry(self) -> Any:
+        """The :class:`~jumpstarter.store.registry.NodeRegistry` of a shared store
+        (``jmp node serve --store postgresql://…``), or None."""
+        return self.leases.registry
+
+    @registry.setter
+    def registry(self, registry: Any) -> None:
+        self.leases.registry = registry
+
+    async def run(self, *, task_status: StartedStatus[NodeServer] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Open the store, mark tasks a dead agent left running as ``lost``, serve
+        until :meth:`close`, then stop what still runs."""
+        await self.store.open()
+        try:
+            await self.tasks.mark_lost()
+            async with anyio.create_task_group() as tg:
+                self.tasks.serve_in(tg)
+                self.leases.serve_in(tg)
+                task_status.started(self)
+                await self._closed.wait()
+                with anyio.CancelScope(shield=True):
+                    await self.tasks.shut_down()
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.driver.aclose()
+                await self.store.aclose()
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def connect(self) -> NodeConnection:
+        """A new client connection."""
+        connection = NodeConnection(self)
+        self._connections.add(connection)
+        return connection
+
+    def _session_deleted(self, session_id: str) -> None:
+        # Connections of that session record it again with their next task.
+        for connection in list(self._connections):
+            if connection.session_id == session_id:
+                connection.forget_session_record()
+
+    async def keep_registered(self, *, endpoint: str, transport: str, interval: float) -> None:
+        """Register this node in the shared registry, then send a heartbeat (and keep
+        the current lease alive) every ``interval`` seconds until cancelled; the node
+        goes offline at once when this ends."""
+        registry = self.registry
+        await registry.register(
+            self.node.name,
+            labels=self.node.labels,
+            endpoint=endpoint,
+            transport=transport,
+            driver=self.info.driver,
+            agent=self.agent,
+        )
+        try:
+            while True:
+                await anyio.sleep(interval)
+                await registry.heartbeat(self.node.name)
+                # Every agent also ends what ran out, so a node that died is marked
+                # offline (its tasks lost) within the timeout even when no one looks.
+                await registry.sweep()
+                await self.leases.keep_alive_in_registry()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await registry.go_offline(self.node.name)
+
+
+def build_node_server(
+    config: Config,
+    plugins: Plugins,
+    node: NodeConfig,
+    *,
+    token: str | None = None,
+    detach: Detacher | None = None,
+) -> NodeServer:
+    """A node server for ``node`` with its configured driver and ``config``'s store
+    (not yet running: ``await task_group.start(server.run)``)."""
+    from jumpstarter.store.base import open_store
+
+    driver_cls = plugins.node_driver(node.driver)
+    return NodeServer(
+        node,
+        driver_cls(node),
+        open_store(config.store_url),
+        plugins.hook,
+        data_dir=config.data_path,
+        driver_name=node.driver,
+        token=token,
+        detach=detach,
+    )

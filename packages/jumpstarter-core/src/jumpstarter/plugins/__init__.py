@@ -1,0 +1,50 @@
+"""What a plugin author implements and imports: the hooks, the node driver and
+transport interfaces, and the plugin manager that finds plugins.
+
+Runs on both sides of the wire. Imports nothing of the client, the node or the store
+(type hints aside): a plugin's interface must not pull in the machinery behind it.
+
+- :mod:`jumpstarter.plugins.hookspecs` — every hook, grouped by phase;
+- :mod:`jumpstarter.plugins.interfaces` — :class:`NodeDriver`, :class:`RunningProcess`,
+  :class:`Transport`, :class:`OutputWriter`;
+- :mod:`jumpstarter.plugins.manager` — :func:`get_plugin_manager` and the entry-point
+  group ``jmp.plugins``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from jumpstarter._lazy import lazy_exports
+
+_EXPORTS = {
+    "hookimpl": "jumpstarter.plugins.hookspecs",
+    "hookspec": "jumpstarter.plugins.hookspecs",
+    "NodeDriver": "jumpstarter.plugins.interfaces",
+    "RunningProcess": "jumpstarter.plugins.interfaces",
+    "OutputWriter": "jumpstarter.plugins.interfaces",
+    "Stream": "jumpstarter.plugins.interfaces",
+    "Transport": "jumpstarter.plugins.interfaces",
+    "ClientContext": "jumpstarter.plugins.interfaces",
+    "NodeFiles": "jumpstarter.plugins.interfaces",
+    "FileStat": "jumpstarter.plugins.interfaces",
+    "ENTRY_POINT_GROUP": "jumpstarter.plugins.manager",
+    "Plugins": "jumpstarter.plugins.manager",
+    "get_plugin_manager": "jumpstarter.plugins.manager",
+}
+__all__ = list(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:
+    from jumpstarter.plugins.hookspecs import hookimpl, hookspec
+    from jumpstarter.plugins.interfaces import (
+        ClientContext,
+        FileStat,
+        NodeDriver,
+        NodeFiles,
+        OutputWriter,
+        RunningProcess,
+        Stream,
+        Transport,
+    )
+    from jumpstarter.plugins.manager import ENTRY_POINT_GROUP, Plugins, get_plugin_manager

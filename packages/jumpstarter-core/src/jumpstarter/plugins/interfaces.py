@@ -1,0 +1,220 @@
+"""The interfaces a plugin implements: a node driver (with its optional file access)
+and a transport.
+
+A **node driver** runs work on a node. It has one method, :meth:`NodeDriver.spawn`,
+which starts a task and hands back a :class:`RunningProcess`; the node server does the
+rest (task state, timeouts, output storage, the store, leases, hooks). What more a
+node can do it announces in ``capabilities``, and the node server refuses a request
+for anything not announced, naming the node and the capability:
+
+``stdin``
+    ``spec.stdin``: :meth:`RunningProcess.write_input` and :meth:`~RunningProcess.close_input`;
+``pty``
+    ``spec.pty``: the task runs on a terminal; :meth:`RunningProcess.resize`;
+``files``
+    :attr:`NodeDriver.files` is a :class:`NodeFiles`: files put on and fetched from
+    the node (the node server adds checksums, temporary names, resuming and the
+    files root on top of it).
+
+A **transport** carries protocol messages between a client and a node server:
+:meth:`Transport.request` for one request and its reply, :meth:`Transport.read_output`
+for a task's output stream, and :meth:`Transport.aclose`.
+
+Both are registered from a plugin's ``jmp_register_node_drivers`` and
+``jmp_register_transports`` hooks (see :mod:`jumpstarter.hookspecs`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
+
+from jumpstarter_protocol import OutputChunk, OutputEnd, ReadOutput, TaskSpec
+
+if TYPE_CHECKING:
+    from jumpstarter.config import NodeConfig
+    from jumpstarter.node.server import NodeServer
+
+Stream = Literal["stdout", "stderr"]
+
+
+class OutputWriter(Protocol):
+    """Where a running process's output goes. ``write`` never blocks for long and
+    never drops bytes; call it in the order the bytes were produced."""
+
+    def write(self, stream: Stream, data: bytes) -> None: ...
+
+
+class RunningProcess(ABC):
+    """A task's process as a node driver started it."""
+
+    pid: int | None = None
+
+    @abstractmethod
+    async def wait(self) -> int:
+        """Copy all output to the writer given to ``spawn`` and return the exit code
+        once the process has exited and its output is drained; ``-N`` when a signal N
+        killed it. The node server calls this exactly once."""
+
+    @abstractmethod
+    async def terminate(self, grace: float) -> None:
+        """Stop the process and everything it started: a polite signal (SIGTERM to
+        the process group), then a kill (SIGKILL) after ``grace`` seconds. May be
+        called more than once, and after the process has exited."""
+
+    async def write_input(self, data: bytes) -> None:
+        """Write ``data`` to the task's input (``spec.stdin`` or ``spec.pty``), in
+        order; waits while the task does not read. Raises
+        :class:`~jumpstarter.errors.BadRequest` when the task has no input or it was
+        closed, :class:`~jumpstarter.errors.Conflict` once the task has exited."""
+        raise _unsupported("stdin")
+
+    async def close_input(self) -> None:
+        """End the task's input: EOF on its stdin (on a terminal, the end-of-file
+        character). Closing twice is not an error."""
+        raise _unsupported("stdin")
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Set the size of the task's terminal (``spec.pty``); the program gets
+        SIGWINCH as from any terminal."""
+        raise _unsupported("pty")
+
+
+class NodeDriver(ABC):
+    """Runs tasks on a node. One instance serves one node.
+
+    ``capabilities`` lists what the node can do, for ``FetchConfig``.
+    """
+
+    capabilities: ClassVar[list[str]] = []
+
+    files: NodeFiles | None = None
+    """File access on the node, for a driver with the ``files`` capability."""
+
+    def __init__(self, node: NodeConfig) -> None:
+        self.node = node
+
+    @abstractmethod
+    async def spawn(self, spec: TaskSpec, output: OutputWriter) -> RunningProcess:
+        """Start the task described by ``spec``; its output goes to ``output``.
+
+        Raise :class:`~jumpstarter.errors.SpawnFailed` when the command cannot be
+        started, :class:`~jumpstarter.errors.BadRequest` when the spec cannot be
+        honoured (say, a missing ``cwd``). Return as soon as the task runs."""
+
+    async def aclose(self) -> None:
+        """Release what the driver holds. Called once when the node server stops."""
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """What a node knows of a path."""
+
+    kind: Literal["file", "dir", "link", "other"]
+    size: int
+    mode: int
+    """The permission bits (``0o755``), without the file type."""
+    mtime: float
+
+
+class NodeFiles(ABC):
+    """The files of a node, as plain operations on its paths; a driver with the
+    ``files`` capability provides one as :attr:`NodeDriver.files`.
+
+    Paths are absolute paths of the node (the node server resolves relative ones and
+    confines them to a files root). Every method raises :class:`OSError` with the
+    errno of what went wrong (``ENOENT``, ``EACCES``, ``ENOSPC``, ``EISDIR``…); the
+    node server turns those into replies a user can read. Checksums, temporary names
+    and resuming are the node server's: a driver only moves bytes."""
+
+    @abstractmethod
+    async def stat(self, path: str) -> FileStat | None:
+        """What ``path`` is, without following a final symlink; None if it does
+        not exist."""
+
+    @abstractmethod
+    async def real_path(self, path: str) -> str:
+        """``path`` with every symlink and ``..`` resolved, as far as it exists
+        (the rest appended as it is), like ``os.path.realpath``."""
+
+    @abstractmethod
+    async def list_dir(self, path: str) -> list[str]:
+        """The names in directory ``path``, sorted."""
+
+    @abstractmethod
+    def read(self, path: str, offset: int = 0) -> AsyncIterator[bytes]:
+        """The bytes of file ``path`` from ``offset`` to its end, in chunks (an
+        async generator: closing it stops the read)."""
+
+    @abstractmethod
+    async def write(self, path: str, chunks: AsyncIterator[bytes], *, offset: int = 0) -> int:
+        """Write ``chunks`` into file ``path`` from ``offset`` on (created if
+        missing, mode 0600; cut to ``offset`` first) and make them durable; the size
+        of the file afterwards."""
+
+    @abstractmethod
+    async def rename(self, source: str, target: str) -> None:
+        """Move ``source`` to ``target`` at once, replacing a file there."""
+
+    @abstractmethod
+    async def remove(self, path: str) -> None:
+        """Remove file ``path``; not an error if it is gone already."""
+
+    @abstractmethod
+    async def make_dir(self, path: str, mode: int = 0o755) -> None:
+        """Create directory ``path`` and its missing parents; not an error if it
+        exists."""
+
+    @abstractmethod
+    async def chmod(self, path: str, mode: int) -> None:
+        """Set the permission bits of ``path``."""
+
+
+def _unsupported(capability: str) -> Exception:
+    from jumpstarter.errors import BadRequest
+
+    return BadRequest(f"this node driver has no {capability!r} capability")
+
+
+class ClientContext(Protocol):
+    """What the core gives a transport when it connects."""
+
+    async def start_node_server(self, node: NodeConfig) -> NodeServer:
+        """Start a node server for ``node`` in this process (for in-process
+        transports); it stops when the session closes."""
+        ...
+
+
+class Transport(ABC):
+    """Carries messages between one client connection and one node server."""
+
+    @classmethod
+    @abstractmethod
+    async def connect(cls, node: NodeConfig, context: ClientContext) -> Transport:
+        """Open a connection to ``node``. Raise
+        :class:`~jumpstarter.errors.TransportError` when it cannot be reached."""
+
+    @abstractmethod
+    async def request(self, message: object) -> object:
+        """Send one request and return its reply (an ``Error`` reply is returned,
+        not raised). Raise :class:`~jumpstarter.errors.TransportError` when the
+        connection fails."""
+
+    @abstractmethod
+    def read_output(self, request: ReadOutput) -> AsyncGenerator[OutputChunk | OutputEnd | object, None]:
+        """Yield the output chunks answering ``request``, then one ``OutputEnd``
+        (or an ``Error``). An async generator: the client closes it (``aclose``) as
+        soon as it stops reading, and the stream ends then."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Close the connection. Tasks on the node go on running."""
+
+    @classmethod
+    async def serve(cls, server: NodeServer, options: dict[str, object]) -> None:
+        """Serve ``server`` to clients of this transport until cancelled (``jmp node
+        serve``). ``options`` come from the command line (listen address, TLS files,
+        token…). Transports that only reach nodes need not implement it."""
+        raise NotImplementedError(f"transport {cls.__name__} cannot serve a node")
