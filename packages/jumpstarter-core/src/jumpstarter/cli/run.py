@@ -34,7 +34,7 @@ WAIT_FOREVER = 10 * 365 * 86400.0
 @click.option("-l", "--label", multiple=True, metavar="K=V", help="Label the task (repeatable).")
 @click.option("--shell", is_flag=True, help="Run CMD as one string through /bin/sh -c.")
 @click.option("--grace", type=click.FloatRange(min=0), default=5.0, show_default=True,
-              help="Seconds between SIGTERM and SIGKILL when stopping.")
+              help="Seconds between SIGTERM and SIGKILL when stopping (Ctrl-C or --timeout).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_obj
 @handle_errors
@@ -67,6 +67,7 @@ def run(state, node, session, endpoint, token_file, tls_ca, select, duration, wa
     elif token_file is not None or tls_ca is not None:
         raise click.UsageError("--token-file and --tls-ca go with --endpoint (a configured node has them in its config)")
     argv, spec = make_spec(command, env, cwd, timeout, name, label, shell)
+    spec["grace"] = grace  # the timeout stops it with the same grace as Ctrl-C
     import anyio
 
     connect = {"wait": wait, "duration": duration, "select": selector}

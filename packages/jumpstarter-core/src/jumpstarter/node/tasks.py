@@ -32,7 +32,7 @@ from jumpstarter_protocol import (
 )
 
 from jumpstarter.config import NodeConfig
-from jumpstarter.errors import BadRequest, Conflict
+from jumpstarter.errors import BadRequest, Conflict, NodeError
 from jumpstarter.node.agent import alive as agent_alive
 from jumpstarter.node.agent import kill_left_behind, request_stop
 from jumpstarter.node.output import OutputLog, give_back_reserved
@@ -46,11 +46,24 @@ OUTPUT_CHUNK = 1024 * 1024
 POLL_INTERVAL = 0.05
 """How often a task run by another process is looked at (its output, its state)."""
 STOP_GRACE_ON_SHUTDOWN = 2.0
-TIMEOUT_GRACE = 5.0
+STORE_RETRY = 1.0
+"""Seconds between two tries to record a task's end in a store that cannot commit."""
 
 Detacher = Callable[[str, str], Awaitable[None]]
 """Starts the pending task ``task_id`` of node ``node`` under an agent process of its
 own and returns once it runs: ``await detach(node, task_id)``."""
+
+
+async def _first(*events: anyio.Event) -> None:
+    """Return as soon as one of ``events`` is set."""
+    async with anyio.create_task_group() as tg:
+        for event in events:
+
+            async def wait(event: anyio.Event = event) -> None:
+                await event.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(wait)
 
 
 def _now() -> datetime:
@@ -209,7 +222,18 @@ class Tasks:
         running = _Running(task, process, output)
         self._running[task.id] = running
         _LIVE.add(task.id)
-        running.task = await self.store.mark_running(task.id, process.pid, self.agent)
+        try:
+            running.task = await self.store.mark_running(task.id, process.pid, self.agent)
+        except BaseException:
+            # Not recorded as running (the store cannot commit, or the start was
+            # cancelled): nobody could stop it, so it must not run on.
+            with anyio.CancelScope(shield=True):
+                del self._running[task.id]
+                _LIVE.discard(task.id)
+                await process.terminate(0)
+                await process.wait()
+                output.remove()
+            raise
         self.hook.jmp_task_started(task=running.task)
         self._tg.start_soon(self._supervise, running)
         return TaskStarted(task_id=task.id, started_at=running.task.started_at or _now(), pid=process.pid)
@@ -277,6 +301,7 @@ class Tasks:
     async def _supervise(self, running: _Running) -> None:
         exit_code: int | None = None
         exited = anyio.Event()
+        output = running.output
 
         async def wait_for_exit() -> None:
             nonlocal exit_code
@@ -288,15 +313,20 @@ class Tasks:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(wait_for_exit)
                 with anyio.move_on_after(running.task.spec.timeout):
-                    await exited.wait()
-                if not exited.is_set():
+                    await _first(exited, output.failed)
+                if not exited.is_set() and not output.failed.is_set():
                     running.timed_out = True
                     message = f"timed out after {running.task.spec.timeout:g}s"
-                    await running.process.terminate(TIMEOUT_GRACE)
+                    await running.process.terminate(running.task.spec.grace)
+                elif not exited.is_set():
+                    # Its output can no longer be kept: the task cannot go on.
+                    await running.process.terminate(running.task.spec.grace)
         except Exception as exc:  # a broken driver must not take the node down
             log.exception("node driver failed while task %s ran", running.task.id)
             message = f"node driver failed: {exc}"
-        if running.stop_requested:
+        if output.failure is not None:
+            state, message = TaskState.FAILED, output.failure
+        elif running.stop_requested:
             state = TaskState.STOPPED
         elif running.timed_out:
             state = TaskState.TIMED_OUT
@@ -305,13 +335,32 @@ class Tasks:
         else:
             state = TaskState.FAILED
         with anyio.CancelScope(shield=True):
-            running.task = await self.store.finish_task(running.task.id, state, exit_code, message)
+            running.task = await self._finish(running.task, state, exit_code, message)
             del self._running[running.task.id]  # readers go to the files from now on
             running.output.close()
             _LIVE.discard(running.task.id)
             running.done.set()
             running.output.wake()
             self.hook.jmp_task_finished(task=running.task)
+
+    async def _finish(
+        self, task: TaskInfo, state: TaskState, exit_code: int | None, message: str | None
+    ) -> TaskInfo:
+        """Store the final state of ``task``. A store that cannot commit (its disk is
+        full) is tried again every :data:`STORE_RETRY` seconds until it can: the
+        final state is written once space is back, and the node serves on meanwhile."""
+        complained = False
+        while True:
+            try:
+                return await self.store.finish_task(task.id, state, exit_code, message)
+            except (OSError, NodeError):
+                raise
+            except Exception as exc:  # sqlite3 / psycopg errors: "database or disk is full"
+                if not complained:
+                    log.error("the store cannot record that task %s is %s: %s; trying again",
+                              task.id, state.value, exc)
+                    complained = True
+                await anyio.sleep(STORE_RETRY)
 
     async def _stop(self, running: _Running, grace: float) -> TaskInfo:
         if not running.done.is_set():

@@ -1,0 +1,514 @@
+"""Containment: finding and killing every process of a task, whatever it does.
+
+A node driver that runs tasks as processes of this machine (the local node) hands
+each task's first process to :meth:`Containment.contain` and gets a
+:class:`TaskProcesses` back, which signals, kills and waits for all of the task's
+processes, not only its process group. Which mechanism is used
+(:attr:`Containment.mechanism`):
+
+``cgroup``
+    Each task gets a cgroup v2 of its own, ``<the node's cgroup>/jumpstarter/<pid>.<start>``
+    (named by the first process's pid and its start time in clock ticks, so a node that
+    restarts after a crash finds the cgroup of a lost task from the pid in the store).
+    No controller is enabled. Stop is ``cgroup.kill``; the task's processes are gone
+    when ``cgroup.events`` says ``populated 0``; the cgroup is removed afterwards.
+    Catches everything the task starts, ``setsid`` and double forks included, except
+    what the first process forks in the few microseconds between its ``exec`` and its
+    move into the cgroup (those are still caught by the process group and the
+    subreaper), and what is moved out of the cgroup by someone with the right to.
+``subreaper``
+    Where no cgroup can be made (no cgroup2 mount, no write access): the node process
+    is a child subreaper (``PR_SET_CHILD_SUBREAPER``), so a process whose parent dies
+    is reparented to the node instead of init, and the task's process tree is walked
+    (``/proc/<pid>/task/*/children``) while it runs. Stop signals the process group and
+    every process seen in the tree. It cannot catch a process that leaves the tree and
+    the process group between two walks (a double fork with ``setsid`` faster than
+    :data:`TRACK_INTERVAL`): that one is reparented to the node and reaped when it
+    exits, but not killed.
+``process-group``
+    Without ``/proc`` (not Linux): the task's process group only.
+
+The node process is made a child subreaper in every mechanism where the system has
+one, and reaps the zombies of the task processes that were reparented to it.
+``JMP_CONTAINMENT`` (``auto``, ``cgroup``, ``subreaper``, ``process-group``) picks
+one by hand; ``auto`` (the default) takes the first that works here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import anyio
+
+MECHANISMS = ("cgroup", "subreaper", "process-group")
+ENV = "JMP_CONTAINMENT"
+TRACK_INTERVAL = 0.1
+"""How often the subreaper mechanism walks a running task's process tree (seconds)."""
+KILL_WAIT = 2.0
+"""Longest wait for SIGKILLed processes to be gone (a process in uninterruptible
+sleep dies only when its I/O returns)."""
+START_SLACK = 1.0
+"""Seconds a process may seem to have started after its task did and still count as
+the task's: boot time in ``/proc/stat`` is whole seconds and the wall clock may be
+slewed, so the two times are compared with this much room."""
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+class Containment:
+    """The containment of one node's tasks; see the module docstring. ``mechanism``
+    overrides ``$JMP_CONTAINMENT``."""
+
+    def __init__(self, mechanism: str | None = None) -> None:
+        wanted = mechanism or os.environ.get(ENV) or "auto"
+        if wanted not in ("auto", *MECHANISMS):
+            raise ValueError(f"{ENV} must be auto, {', '.join(MECHANISMS)}; got {wanted!r}")
+        self.base: Path | None = None
+        """The directory under which task cgroups are made (mechanism ``cgroup``)."""
+        subreaper = make_subreaper()
+        if wanted in ("auto", "cgroup"):
+            self.base = cgroup_base()
+        if self.base is not None:
+            self.mechanism = "cgroup"
+        elif wanted in ("auto", "subreaper") and subreaper and _has_proc():
+            self.mechanism = "subreaper"
+        else:
+            self.mechanism = "process-group"
+        self.subreaper = subreaper
+        if self.base is not None:
+            sweep_cgroups(self.base)
+
+    def contain(self, pid: int) -> TaskProcesses:
+        """Take the just started process ``pid`` (the leader of a new process group)
+        and everything it will start into a task's containment."""
+        cgroup = None
+        if self.base is not None:
+            ticks = start_ticks(pid)
+            if ticks is not None:
+                cgroup = self.base / f"{pid}.{ticks}"
+                try:
+                    cgroup.mkdir()
+                    (cgroup / "cgroup.procs").write_text(str(pid))
+                except OSError:
+                    # It exited already (nothing to contain), or the cgroup cannot
+                    # be made after all: the process group and the subreaper remain.
+                    _rmdir(cgroup)
+                    cgroup = None
+        return TaskProcesses(pid, cgroup=cgroup, track=self.mechanism == "subreaper")
+
+
+class TaskProcesses:
+    """All the processes of one task: its leader ``pid`` (a child of this process),
+    the leader's process group, and its cgroup or the process tree seen so far."""
+
+    def __init__(self, pid: int, *, cgroup: Path | None, track: bool) -> None:
+        self.pid = pid
+        self.cgroup = cgroup
+        self._track = track
+        self._seen: dict[int, int] = {}  # pid -> start ticks, of every process seen in the tree
+        self._last_walk = 0.0
+        self.exit_code: int | None = None
+        try:
+            self._pidfd: int | None = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            self._pidfd = None  # older kernel or not Linux: the exit is polled
+        self._leader_exited = anyio.Event()
+
+    # --- the leader ---------------------------------------------------------------------
+
+    async def wait_leader(self) -> int:
+        """Wait for the leader to exit, reap it and return its exit code (``-N`` when
+        signal N killed it). Through a pidfd where the system has one (no thread,
+        no polling); polled otherwise."""
+        if self._pidfd is not None:
+            await anyio.wait_readable(self._pidfd)
+            _, status = os.waitpid(self.pid, 0)
+        else:
+            delay = 0.001
+            while True:
+                done, status = os.waitpid(self.pid, os.WNOHANG)
+                if done:
+                    break
+                self.walk()
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 0.05)
+        self.exit_code = os.waitstatus_to_exitcode(status)
+        self._leader_exited.set()
+        return self.exit_code
+
+    # --- every process ------------------------------------------------------------------
+
+    def walk(self) -> None:
+        """Note every process now in the leader's tree (subreaper mechanism), at most
+        once per :data:`TRACK_INTERVAL`."""
+        if not self._track:
+            return
+        now = time.monotonic()
+        if now - self._last_walk < TRACK_INTERVAL:
+            return
+        self._last_walk = now
+        todo = [self.pid, *self._seen]
+        while todo:
+            pid = todo.pop()
+            for child in _children(pid):
+                if child not in self._seen:
+                    ticks = start_ticks(child)
+                    if ticks is not None:
+                        self._seen[child] = ticks
+                        todo.append(child)
+
+    async def track(self) -> None:
+        """Walk the tree every :data:`TRACK_INTERVAL` until cancelled (subreaper
+        mechanism; returns at once otherwise)."""
+        while self._track:
+            self.walk()
+            await anyio.sleep(TRACK_INTERVAL)
+
+    def pids(self) -> list[int]:
+        """The task's processes alive now (zombies not counted), leader included."""
+        found: set[int] = set()
+        if self.cgroup is not None:
+            found.update(_cgroup_pids(self.cgroup))
+        for pid, ticks in self._seen.items():
+            if start_ticks(pid) == ticks and not _zombie(pid):
+                found.add(pid)
+        if not self._leader_exited.is_set() and not _zombie(self.pid):
+            found.add(self.pid)
+        return sorted(found)
+
+    def alive(self) -> bool:
+        """True while any process of the task runs."""
+        if self.cgroup is not None and _populated(self.cgroup):
+            return True
+        if _group_alive(self.pid):
+            return True
+        return bool(self.pids())
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to every process of the task."""
+        self.walk()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signum)
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signum)
+
+    async def kill(self) -> None:
+        """SIGKILL every process of the task and wait (at most :data:`KILL_WAIT`) for
+        them to be gone."""
+        self._last_walk = 0.0
+        self.walk()
+        deadline = time.monotonic() + KILL_WAIT
+        while True:
+            if self.cgroup is not None:
+                _cgroup_kill(self.cgroup)
+            self.signal(signal.SIGKILL)
+            if not self.alive() or time.monotonic() > deadline:
+                return
+            await anyio.sleep(0.005)
+
+    async def stop(self, grace: float) -> None:
+        """SIGTERM to every process of the task, SIGKILL to whatever is left after
+        ``grace`` seconds."""
+        self.signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and self.alive():
+            self.walk()
+            await anyio.sleep(min(0.02, max(deadline - time.monotonic(), 0)))
+        if self.alive():
+            await self.kill()
+
+    def release(self) -> None:
+        """Once the task has ended: kill what is left (quickly: by now that is
+        leftovers only), reap the zombies reparented to this process, remove the
+        cgroup, close the pidfd. Safe to call more than once."""
+        if self.cgroup is not None:
+            if _populated(self.cgroup):
+                _cgroup_kill(self.cgroup)
+                deadline = time.monotonic() + KILL_WAIT
+                while _populated(self.cgroup) and time.monotonic() < deadline:
+                    time.sleep(0.001)
+        reap_orphans(set(self._seen), self.cgroup)
+        if self.cgroup is not None and _rmdir(self.cgroup):
+            self.cgroup = None
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+
+# --- after a crash ----------------------------------------------------------------------
+
+
+def kill_lost(pid: int, started_at: float) -> bool:
+    """Kill every process left of a task whose node or agent died: ``pid`` is the
+    task's stored pid (its first process, the leader of its process group),
+    ``started_at`` when the task started (epoch seconds). True if anything was killed.
+
+    Finds the task's cgroup by the pid and a start time just before ``started_at``;
+    then the process group ``pid``: if its leader lives it must have started no later
+    than the task did (a process that reused the pid started after that), if the
+    leader is gone every process still in that group is the task's (Linux does not
+    reuse a pid while a process group holds it)."""
+    killed = False
+    base = cgroup_base()
+    if base is not None:
+        for cgroup in base.glob(f"{pid}.*"):
+            began = ticks_to_epoch(_name_ticks(cgroup.name))
+            if began is not None and started_at - 60 <= began <= started_at + START_SLACK:
+                killed = _cgroup_kill(cgroup) or killed
+                deadline = time.monotonic() + KILL_WAIT
+                while _populated(cgroup) and time.monotonic() < deadline:
+                    time.sleep(0.005)
+                _rmdir(cgroup)
+    leader = start_ticks(pid)
+    if leader is not None:
+        began = ticks_to_epoch(leader)
+        try:
+            leads = os.getpgid(pid) == pid
+        except OSError:
+            leads = False
+        if not leads or began is None or began > started_at + START_SLACK:
+            return killed
+    members = [p for p in _all_pids() if _pgid(p) == pid] if _has_proc() else []
+    if leader is None and not members:
+        return killed
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+        killed = True
+    return killed
+
+
+# --- the system -------------------------------------------------------------------------
+
+
+@functools.cache
+def make_subreaper() -> bool:
+    """Make this process a child subreaper (Linux); True if it is one."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+@functools.cache
+def cgroup_base() -> Path | None:
+    """``<this process's cgroup v2>/jumpstarter``, made if missing; None where there
+    is no cgroup2 mount or it cannot be written."""
+    mount = _cgroup2_mount()
+    if mount is None:
+        return None
+    try:
+        with open("/proc/self/cgroup") as f:
+            own = next(line.split(":", 2)[2].strip() for line in f if line.startswith("0::"))
+    except (OSError, StopIteration, IndexError):
+        return None
+    base = mount / own.lstrip("/") / "jumpstarter"
+    try:
+        base.mkdir(exist_ok=True)
+        probe = base / f"probe.{os.getpid()}"
+        probe.mkdir(exist_ok=True)
+        writable = os.access(probe / "cgroup.procs", os.W_OK)
+        _rmdir(probe)
+    except OSError:
+        return None
+    return base if writable else None
+
+
+def _cgroup2_mount() -> Path | None:
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                # ... mount point is field 5; the filesystem type follows the " - ".
+                dash = fields.index("-")
+                if fields[dash + 1] == "cgroup2":
+                    return Path(fields[4])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def sweep_cgroups(base: Path) -> None:
+    """Remove the empty task cgroups under ``base`` whose leader is gone (their node
+    died before it could), leaving those of live tasks alone."""
+    try:
+        entries = list(base.iterdir())
+    except OSError:
+        return
+    for cgroup in entries:
+        pid, _, ticks = cgroup.name.partition(".")
+        if not pid.isdigit() or not ticks.isdigit():
+            continue
+        if start_ticks(int(pid)) != int(ticks) and not _populated(cgroup):
+            _rmdir(cgroup)
+
+
+def reap_orphans(known: set[int], cgroup: Path | None) -> None:
+    """Reap the zombie children of this process that were task processes reparented
+    to it (this process is their subreaper): those in ``known`` or whose cgroup was a
+    task cgroup. Children this process started itself are left to whoever waits for
+    them."""
+    try:
+        peek = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except (ChildProcessError, AttributeError, OSError):
+        return
+    if peek is None:
+        return  # no zombie child at all: the common case costs one system call
+    base = cgroup_base()
+    for child in _children(os.getpid()):
+        if not _zombie(child):
+            continue
+        if child in known or (base is not None and _in_cgroup_under(child, base)):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(child, os.WNOHANG)
+
+
+def start_ticks(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot; None if it does not exist (or
+    there is no ``/proc``)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            # Field 22, counted after the command name, which may hold spaces and ")".
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def ticks_to_epoch(ticks: int | None) -> float | None:
+    if ticks is None:
+        return None
+    boot = _boot_time()
+    return None if boot is None else boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+@functools.cache
+def _boot_time() -> int | None:
+    try:
+        with open("/proc/stat") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, ValueError, StopIteration):
+        return None
+
+
+def _name_ticks(name: str) -> int | None:
+    ticks = name.partition(".")[2]
+    return int(ticks) if ticks.isdigit() else None
+
+
+@functools.cache
+def _has_proc() -> bool:
+    return os.path.exists("/proc/self/stat")
+
+
+def _children(pid: int) -> list[int]:
+    """The children of ``pid`` (of every thread of it)."""
+    found: list[int] = []
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in threads:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as f:
+                found.extend(int(p) for p in f.read().split())
+        except OSError:
+            continue
+    return found
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return False
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[2])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _all_pids() -> list[int]:
+    return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A group of zombies only (reparented to an init that has not reaped them yet)
+    # runs nothing.
+    if not _has_proc():
+        return True
+    return any(_pgid(p) == pgid and not _zombie(p) for p in _all_pids())
+
+
+def _in_cgroup_under(pid: int, base: Path) -> bool:
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            path = next(line.split(":", 2)[2].strip() for line in f if line.startswith("0::"))
+    except (OSError, StopIteration, IndexError):
+        return False
+    mount = _cgroup2_mount()
+    return mount is not None and (mount / path.lstrip("/")).parent == base
+
+
+def _cgroup_pids(cgroup: Path) -> list[int]:
+    try:
+        return [int(p) for p in (cgroup / "cgroup.procs").read_text().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def _populated(cgroup: Path) -> bool:
+    try:
+        with open(cgroup / "cgroup.events") as f:
+            return any(line.strip() == "populated 1" for line in f)
+    except OSError:
+        return False
+
+
+def _cgroup_kill(cgroup: Path) -> bool:
+    """SIGKILL everything in ``cgroup`` (``cgroup.kill``, Linux 5.14; one process at a
+    time before that). True if the cgroup was there to kill."""
+    try:
+        (cgroup / "cgroup.kill").write_text("1")
+        return True
+    except FileNotFoundError:
+        if not cgroup.exists():
+            return False
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.EPERM, errno.EACCES):
+            return False
+    for pid in _cgroup_pids(cgroup):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    return True
+
+
+def _rmdir(cgroup: Path) -> bool:
+    try:
+        os.rmdir(cgroup)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
