@@ -65,17 +65,19 @@ class LocalNodeDriver(NodeDriver):
             pipes.append(_pipe())
             # Popen, not anyio.open_process: asyncio would watch each child with a
             # thread of its own; the exit is waited for through a pidfd instead.
-            process = subprocess.Popen(
-                list(command),
-                stdin=subprocess.DEVNULL,
-                stdout=pipes[0][1],
-                stderr=pipes[1][1],
-                cwd=cwd,
-                # None inherits this process's environment as is: copying it into a
-                # dict for Popen to encode back costs a tenth of a fast task's start.
-                env={**os.environ, **env} if env else None,
-                start_new_session=True,
-                pass_fds=pass_fds,
+            process, processes = self.containment.spawn(
+                lambda: subprocess.Popen(
+                    list(command),
+                    stdin=subprocess.DEVNULL,
+                    stdout=pipes[0][1],
+                    stderr=pipes[1][1],
+                    cwd=cwd,
+                    # None inherits this process's environment as is: copying it into a
+                    # dict for Popen to encode back costs a tenth of a fast task's start.
+                    env={**os.environ, **env} if env else None,
+                    start_new_session=True,
+                    pass_fds=pass_fds,
+                )
             )
         except OSError as exc:
             for read_end, _ in pipes:
@@ -84,7 +86,6 @@ class LocalNodeDriver(NodeDriver):
         finally:
             for _, write_end in pipes:
                 os.close(write_end)
-        processes = self.containment.contain(process.pid)
         return LocalProcess(process, processes, output, pipes[0][0], pipes[1][0])
 
 

@@ -10,12 +10,12 @@ processes, not only its process group. Which mechanism is used
     Each task gets a cgroup v2 of its own, ``<the node's cgroup>/jumpstarter/<pid>.<start>``
     (named by the first process's pid and its start time in clock ticks, so a node that
     restarts after a crash finds the cgroup of a lost task from the pid in the store).
-    No controller is enabled. Stop is ``cgroup.kill``; the task's processes are gone
-    when ``cgroup.events`` says ``populated 0``; the cgroup is removed afterwards.
-    Catches everything the task starts, ``setsid`` and double forks included, except
-    what the first process forks in the few microseconds between its ``exec`` and its
-    move into the cgroup (those are still caught by the process group and the
-    subreaper), and what is moved out of the cgroup by someone with the right to.
+    The node steps into the new cgroup for the fork and back out, so the task is born
+    in it. No controller is enabled. Stop is ``cgroup.kill``; the task's processes are
+    gone when ``cgroup.events`` says ``populated 0``; the cgroup is removed afterwards.
+    Catches everything the task starts, ``setsid`` and double forks included; not what
+    is moved out of the cgroup by someone with the right to (root, or the owner of
+    the cgroup tree).
 ``subreaper``
     Where no cgroup can be made (no cgroup2 mount, no write access): the node process
     is a child subreaper (``PR_SET_CHILD_SUBREAPER``), so a process whose parent dies
@@ -43,7 +43,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import anyio
 
@@ -61,6 +63,13 @@ slewed, so the two times are compared with this much room."""
 _PR_SET_CHILD_SUBREAPER = 36
 
 
+class _HasPid(Protocol):
+    pid: int
+
+
+P = TypeVar("P", bound=_HasPid)
+
+
 class Containment:
     """The containment of one node's tasks; see the module docstring. ``mechanism``
     overrides ``$JMP_CONTAINMENT``."""
@@ -68,7 +77,9 @@ class Containment:
     def __init__(self, mechanism: str | None = None) -> None:
         wanted = mechanism or os.environ.get(ENV) or "auto"
         if wanted not in ("auto", *MECHANISMS):
-            raise ValueError(f"{ENV} must be auto, {', '.join(MECHANISMS)}; got {wanted!r}")
+            from jumpstarter.errors import ConfigError
+
+            raise ConfigError(f"{ENV} must be auto, cgroup, subreaper or process-group; got {wanted!r}")
         self.base: Path | None = None
         """The directory under which task cgroups are made (mechanism ``cgroup``)."""
         subreaper = make_subreaper()
@@ -81,26 +92,59 @@ class Containment:
         else:
             self.mechanism = "process-group"
         self.subreaper = subreaper
+        self._made = 0
         if self.base is not None:
             sweep_cgroups(self.base)
 
-    def contain(self, pid: int) -> TaskProcesses:
-        """Take the just started process ``pid`` (the leader of a new process group)
-        and everything it will start into a task's containment."""
-        cgroup = None
-        if self.base is not None:
-            ticks = start_ticks(pid)
-            if ticks is not None:
-                cgroup = self.base / f"{pid}.{ticks}"
-                try:
-                    cgroup.mkdir()
-                    (cgroup / "cgroup.procs").write_text(str(pid))
-                except OSError:
-                    # It exited already (nothing to contain), or the cgroup cannot
-                    # be made after all: the process group and the subreaper remain.
-                    _rmdir(cgroup)
-                    cgroup = None
-        return TaskProcesses(pid, cgroup=cgroup, track=self.mechanism == "subreaper")
+    def spawn(self, start: Callable[[], P]) -> tuple[P, TaskProcesses]:
+        """Call ``start()``, which starts a task's first process (a
+        :class:`subprocess.Popen`, in a new process group) and returns it, so that the
+        process and everything it will start are contained: with cgroups, this
+        process steps into the task's new cgroup for the fork and back out, so the
+        child is born in it (no moment outside it, no hook run in the child)."""
+        cgroup = self._enter_new_cgroup()
+        try:
+            process = start()
+        except BaseException:
+            if cgroup is not None:
+                self._leave()
+                _rmdir(cgroup)
+            raise
+        if cgroup is not None:
+            self._leave()
+            cgroup = _rename_for(cgroup, process.pid)
+        return process, TaskProcesses(process.pid, cgroup=cgroup, track=self.mechanism == "subreaper")
+
+    def _enter_new_cgroup(self) -> Path | None:
+        if self.base is None:
+            return None
+        self._made += 1
+        cgroup = self.base / f"new.{os.getpid()}.{self._made}"
+        try:
+            cgroup.mkdir()
+            (cgroup / "cgroup.procs").write_text("0")
+        except OSError:
+            _rmdir(cgroup)  # the task is still contained by its group and the subreaper
+            return None
+        return cgroup
+
+    def _leave(self) -> None:
+        assert self.base is not None
+        (self.base.parent / "cgroup.procs").write_text("0")
+
+
+def _rename_for(cgroup: Path, pid: int) -> Path:
+    """Name a task's cgroup by its first process, ``<pid>.<start ticks>``, which a node
+    restarted after a crash finds from the pid in the store."""
+    ticks = start_ticks(pid)
+    if ticks is None:
+        return cgroup  # gone already; the cgroup is removed with the task's end
+    named = cgroup.with_name(f"{pid}.{ticks}")
+    try:
+        os.rename(cgroup, named)
+    except OSError:
+        return cgroup
+    return named
 
 
 class TaskProcesses:

@@ -1,0 +1,246 @@
+"""Nothing a task starts escapes: every shape of runaway process is gone after stop,
+Ctrl-C of ``jmp run``, a timeout, a node killed and restarted, an agent killed.
+
+Real ``jmp`` processes, real detached agents, a real ``jmp node serve``. Every
+process of a task carries a marker in its environment (``--env``), so the test
+counts what is left of it in ``/proc`` however it left its process group. Every
+wait is bounded by the grace plus a margin; no time is asserted."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import suppress
+from pathlib import Path
+
+import pytest
+from conftest import JMP, pid_alive, run_jmp
+from jumpstarter.plugins.containment import Containment, cgroup_base
+from test_lost_and_cleanup import serve, task_pid, wait_until  # noqa: F401 (serve is a fixture)
+
+GRACE = 0.5
+MARGIN = 15.0
+"""Room on top of the grace for a loaded machine: a bound against a hang, not a timing."""
+
+# Each shape prints "ready" once its runaway exists, and keeps its leader running
+# (except the one whose point is a leader that has gone).
+SHAPES = {
+    # A double fork and setsid: the grandchild leaves the process group and is no
+    # one's child; it keeps the task's stdout open.
+    "setsid escapee with the task's stdout": "(setsid sleep 300 &); echo ready; sleep 300",
+    "setsid escapee without the task's stdout":
+        "(setsid sleep 300 </dev/null >/dev/null 2>&1 &); echo ready; sleep 300",
+    # The leader backgrounds a child that holds the output and exits at once.
+    "leader that backgrounds a child and exits": "sleep 300 & echo ready",
+    # A setsid writer keeps writing into the task's stdout while its leader dies of
+    # SIGPIPE (as a writer to a closed pipe does).
+    "pipe writer whose leader dies of SIGPIPE":
+        "(setsid sh -c 'while :; do echo tick; sleep 0.05; done' &); echo ready; "
+        "sleep 0.2; kill -PIPE $$; sleep 300",
+}
+
+
+def marked(mark: str) -> list[int]:
+    """The live processes whose environment holds ``JMP_TEST_MARK=mark``."""
+    needle = f"JMP_TEST_MARK={mark}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+        except OSError:
+            continue
+        if pid_alive(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+@pytest.fixture
+def mark() -> Iterator[str]:
+    """A marker for one test's task processes; whatever carries it is killed at the end."""
+    value = secrets.token_hex(8)
+    yield value
+    for pid in marked(value):
+        with suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def shape_args(mark: str, shape: str) -> list[str]:
+    return ["--env", f"JMP_TEST_MARK={mark}", "--shell", "--", SHAPES[shape]]
+
+
+READERS: dict[int, threading.Thread] = {}
+
+
+def start_run(args: list[str], lines: list[bytes] | None = None) -> tuple[subprocess.Popen[bytes], threading.Event]:
+    """``jmp run ARGS``; the event is set once it printed ``ready``; what it prints
+    goes to ``lines``."""
+    process = subprocess.Popen([JMP, "run", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ready = threading.Event()
+    seen = lines if lines is not None else []
+
+    def read() -> None:
+        for line in process.stdout:
+            seen.append(line)
+            if line == b"ready\n":
+                ready.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    READERS[process.pid] = reader
+    return process, ready
+
+
+def finish(process: subprocess.Popen[bytes], grace: float = GRACE) -> int:
+    try:
+        return process.wait(timeout=grace + MARGIN)
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()
+        READERS.pop(process.pid).join(MARGIN)
+        process.stdout.close()
+
+
+# --- stop, Ctrl-C, timeout ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_task_stop_leaves_nothing(data_dir: Path, mark: str, shape: str) -> None:
+    started = run_jmp("task", "start", *shape_args(mark, shape))
+    assert (started.returncode, started.stderr) == (0, "")
+    task_id = started.stdout.strip()
+    assert wait_until(lambda: marked(mark), timeout=MARGIN)
+    stopped = run_jmp("task", "stop", "--grace", str(GRACE), task_id, timeout=GRACE + MARGIN)
+    assert (stopped.returncode, stopped.stderr) == (0, "")
+    assert stopped.stdout.split()[1] in ("stopped", "failed", "succeeded")
+    assert wait_until(lambda: marked(mark) == [], timeout=MARGIN)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_ctrl_c_of_jmp_run_leaves_nothing(data_dir: Path, mark: str, shape: str) -> None:
+    process, ready = start_run(["--grace", str(GRACE), *shape_args(mark, shape)])
+    assert ready.wait(MARGIN)
+    process.send_signal(signal.SIGINT)
+    assert finish(process) == 128 + signal.SIGINT
+    assert wait_until(lambda: marked(mark) == [], timeout=MARGIN)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_timeout_leaves_nothing(data_dir: Path, mark: str, shape: str) -> None:
+    process, ready = start_run(["--timeout", "2", "--grace", str(GRACE), *shape_args(mark, shape)])
+    assert ready.wait(MARGIN)
+    assert finish(process) == 124
+    assert wait_until(lambda: marked(mark) == [], timeout=MARGIN)
+
+
+def test_what_a_finished_task_left_running_is_killed(data_dir: Path, mark: str) -> None:
+    """A child that let go of the output outlives its leader only until the task ends."""
+    script = "sleep 300 </dev/null >/dev/null 2>&1 & (setsid sleep 300 >/dev/null 2>&1 &); echo done"
+    done = run_jmp("run", "--env", f"JMP_TEST_MARK={mark}", "--shell", "--", script, timeout=MARGIN)
+    assert (done.returncode, done.stdout, done.stderr) == (0, "done\n", "")
+    assert wait_until(lambda: marked(mark) == [], timeout=MARGIN)
+
+
+def test_the_timeout_honours_grace(data_dir: Path, mark: str) -> None:
+    """A cleanup on SIGTERM that takes longer than the old fixed 5 s completes when
+    --grace gives it the time: the timeout stops with the task's own grace."""
+    script = "trap 'sleep 5.5; echo cleaned up; exit 3' TERM; echo ready; while :; do sleep 0.05; done"
+    lines: list[bytes] = []
+    process, ready = start_run(["--timeout", "1", "--grace", "30", "--env", f"JMP_TEST_MARK={mark}",
+                                "--shell", "--", script], lines)
+    assert finish(process, grace=30) == 124
+    assert b"cleaned up\n" in lines
+    assert marked(mark) == []
+
+
+# --- crashes ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_an_agent_killed_leaves_nothing(data_dir: Path, mark: str, shape: str) -> None:
+    started = run_jmp("task", "start", *shape_args(mark, shape))
+    assert (started.returncode, started.stderr) == (0, "")
+    task_id = started.stdout.strip()
+    agent_file = data_dir / "agents" / f"{task_id}.agent"
+    assert wait_until(lambda: marked(mark), timeout=MARGIN)
+    if not agent_file.exists():  # the task has ended already (its leader went)
+        assert wait_until(lambda: marked(mark) == [], timeout=MARGIN)
+        return
+    agent = int(agent_file.read_text().rpartition(":")[2])
+    os.kill(agent, signal.SIGKILL)
+    assert wait_until(lambda: not pid_alive(agent), timeout=MARGIN)
+    stopped = run_jmp("task", "stop", "--grace", str(GRACE), task_id, timeout=GRACE + MARGIN)
+    assert (stopped.returncode, stopped.stdout, stopped.stderr) == (0, f"{task_id} lost\n", "")
+    assert wait_until(lambda: marked(mark) == [], timeout=MARGIN)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_node_killed_and_restarted_leaves_nothing(
+    data_dir: Path, tmp_path: Path, serve, mark: str, shape: str  # noqa: F811
+) -> None:
+    process, url = serve()
+    (tmp_path / "jumpstarter.toml").write_text(f'[nodes.lab1]\ntransport = "grpc"\nendpoint = "{url}"\n')
+    started = run_jmp("task", "start", "--node", "lab1", *shape_args(mark, shape))
+    assert (started.returncode, started.stderr) == (0, "")
+    assert wait_until(lambda: marked(mark), timeout=MARGIN)
+    time.sleep(0.3)  # let the shape's runaway leave its group
+    process.kill()
+    process.wait()
+    serve(listen=url.rpartition("/")[2])
+    assert wait_until(lambda: marked(mark) == [], timeout=MARGIN)
+
+
+def test_sigterm_to_the_node_does_not_wait_for_an_escapee(
+    data_dir: Path, tmp_path: Path, serve, mark: str  # noqa: F811
+) -> None:
+    process, url = serve()
+    (tmp_path / "jumpstarter.toml").write_text(f'[nodes.lab1]\ntransport = "grpc"\nendpoint = "{url}"\n')
+    started = run_jmp("task", "start", "--node", "lab1", *shape_args(mark, "setsid escapee with the task's stdout"))
+    assert (started.returncode, started.stderr) == (0, "")
+    assert wait_until(lambda: len(marked(mark)) >= 2, timeout=MARGIN)
+    process.terminate()
+    assert process.wait(timeout=MARGIN) is not None
+    assert wait_until(lambda: marked(mark) == [], timeout=MARGIN)
+
+
+# --- the mechanisms -----------------------------------------------------------------------
+
+
+def test_this_machine_gives_each_task_a_cgroup(data_dir: Path) -> None:
+    if cgroup_base() is None:
+        pytest.skip("no writable cgroup2 mount here: the subreaper mechanism is tested below")
+    assert Containment().mechanism == "cgroup"
+    # No task cgroup is left behind by the tests above (each is removed at its end).
+    assert [p.name for p in cgroup_base().iterdir() if p.is_dir() and p.name.startswith(f"{os.getpid()}.")] == []
+
+
+@pytest.mark.parametrize("shape", ["leader that backgrounds a child and exits", "setsid escapee without the task's stdout"])
+def test_without_cgroups_the_subreaper_catches_the_tree(
+    data_dir: Path, mark: str, shape: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JMP_CONTAINMENT", "subreaper")
+    # Slow enough for the tree walk to see the child before it leaves the tree:
+    # faster than that, it is the limit the README states.
+    script = SHAPES[shape].replace("(setsid", "(sleep 0.5; setsid")
+    process, ready = start_run(["--grace", str(GRACE), "--env", f"JMP_TEST_MARK={mark}", "--shell", "--", script])
+    assert ready.wait(MARGIN)
+    time.sleep(1.0)  # the runaway has left the group
+    process.send_signal(signal.SIGINT)
+    assert finish(process) == 128 + signal.SIGINT
+    assert wait_until(lambda: marked(mark) == [], timeout=MARGIN)
+
+
+def test_a_bad_containment_setting_is_one_line(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JMP_CONTAINMENT", "jail")
+    done = run_jmp("run", "--", "true", timeout=MARGIN)
+    assert done.returncode != 0
+    assert done.stderr == "jmp: error: JMP_CONTAINMENT must be auto, cgroup, subreaper or process-group; got 'jail'\n"
