@@ -230,7 +230,7 @@ def test_without_cgroups_the_subreaper_catches_the_tree(
     monkeypatch.setenv("JMP_CONTAINMENT", "subreaper")
     # Slow enough for the tree walk to see the child before it leaves the tree:
     # faster than that, it is the limit the README states.
-    script = SHAPES[shape].replace("(setsid", "(sleep 0.5; setsid")
+    script = SHAPES[shape].replace("&)", "& sleep 0.5)")
     process, ready = start_run(["--grace", str(GRACE), "--env", f"JMP_TEST_MARK={mark}", "--shell", "--", script])
     assert ready.wait(MARGIN)
     time.sleep(1.0)  # the runaway has left the group

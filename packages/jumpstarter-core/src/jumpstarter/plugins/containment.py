@@ -7,9 +7,10 @@ processes, not only its process group. Which mechanism is used
 (:attr:`Containment.mechanism`):
 
 ``cgroup``
-    Each task gets a cgroup v2 of its own, ``<the node's cgroup>/jumpstarter/<pid>.<start>``
-    (named by the first process's pid and its start time in clock ticks, so a node that
-    restarts after a crash finds the cgroup of a lost task from the pid in the store).
+    Each task gets a cgroup v2 of its own, ``<the node's cgroup>/jumpstarter/<node pid>.<n>``,
+    labelled with its first process's pid and start time (:data:`LEADER_XATTR`), so a
+    node that restarts after a crash finds the cgroup of a lost task from the pid in
+    the store.
     The node steps into the new cgroup for the fork and back out, so the task is born
     in it. No controller is enabled. Stop is ``cgroup.kill``; the task's processes are
     gone when ``cgroup.events`` says ``populated 0``; the cgroup is removed afterwards.
@@ -112,14 +113,14 @@ class Containment:
             raise
         if cgroup is not None:
             self._leave()
-            cgroup = _rename_for(cgroup, process.pid)
+            _label(cgroup, process.pid)
         return process, TaskProcesses(process.pid, cgroup=cgroup, track=self.mechanism == "subreaper")
 
     def _enter_new_cgroup(self) -> Path | None:
         if self.base is None:
             return None
         self._made += 1
-        cgroup = self.base / f"new.{os.getpid()}.{self._made}"
+        cgroup = self.base / f"{os.getpid()}.{self._made}"
         try:
             cgroup.mkdir()
             (cgroup / "cgroup.procs").write_text("0")
@@ -133,18 +134,25 @@ class Containment:
         (self.base.parent / "cgroup.procs").write_text("0")
 
 
-def _rename_for(cgroup: Path, pid: int) -> Path:
-    """Name a task's cgroup by its first process, ``<pid>.<start ticks>``, which a node
-    restarted after a crash finds from the pid in the store."""
-    ticks = start_ticks(pid)
-    if ticks is None:
-        return cgroup  # gone already; the cgroup is removed with the task's end
-    named = cgroup.with_name(f"{pid}.{ticks}")
+LEADER_XATTR = "user.jumpstarter.leader"
+"""On a task's cgroup: ``<pid>.<start ticks>`` of its first process, by which a node
+restarted after a crash finds the cgroup from the pid in the store (cgroup v2 does
+not rename directories)."""
+
+
+def _label(cgroup: Path, pid: int) -> None:
+    ticks = start_ticks(pid)  # a zombie still has its start time
+    if ticks is not None:
+        with contextlib.suppress(OSError):
+            os.setxattr(cgroup, LEADER_XATTR, f"{pid}.{ticks}".encode())
+
+
+def _leader(cgroup: Path) -> tuple[int, int] | None:
     try:
-        os.rename(cgroup, named)
-    except OSError:
-        return cgroup
-    return named
+        pid, _, ticks = os.getxattr(cgroup, LEADER_XATTR).decode().partition(".")
+        return int(pid), int(ticks)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
 
 
 class TaskProcesses:
@@ -302,8 +310,11 @@ def kill_lost(pid: int, started_at: float) -> bool:
     killed = False
     base = cgroup_base()
     if base is not None:
-        for cgroup in base.glob(f"{pid}.*"):
-            began = ticks_to_epoch(_name_ticks(cgroup.name))
+        for cgroup in _task_cgroups(base):
+            leader = _leader(cgroup)
+            if leader is None or leader[0] != pid:
+                continue
+            began = ticks_to_epoch(leader[1])
             if began is not None and started_at - 60 <= began <= started_at + START_SLACK:
                 killed = _cgroup_kill(cgroup) or killed
                 deadline = time.monotonic() + KILL_WAIT
@@ -383,19 +394,25 @@ def _cgroup2_mount() -> Path | None:
     return None
 
 
-def sweep_cgroups(base: Path) -> None:
-    """Remove the empty task cgroups under ``base`` whose leader is gone (their node
-    died before it could), leaving those of live tasks alone."""
+def _task_cgroups(base: Path) -> list[Path]:
     try:
-        entries = list(base.iterdir())
+        return [entry for entry in base.iterdir() if entry.is_dir()]
     except OSError:
-        return
-    for cgroup in entries:
-        pid, _, ticks = cgroup.name.partition(".")
-        if not pid.isdigit() or not ticks.isdigit():
+        return []
+
+
+def sweep_cgroups(base: Path) -> None:
+    """Remove the empty task cgroups under ``base`` that a node which died could not
+    remove itself, leaving those of live nodes alone."""
+    for cgroup in _task_cgroups(base):
+        node = cgroup.name.partition(".")[0]
+        if not node.isdigit() or _alive(int(node)) or _populated(cgroup):
             continue
-        if start_ticks(int(pid)) != int(ticks) and not _populated(cgroup):
-            _rmdir(cgroup)
+        _rmdir(cgroup)
+
+
+def _alive(pid: int) -> bool:
+    return start_ticks(pid) is not None and not _zombie(pid)
 
 
 def reap_orphans(known: set[int], cgroup: Path | None) -> None:
@@ -443,11 +460,6 @@ def _boot_time() -> int | None:
             return next(int(line.split()[1]) for line in f if line.startswith("btime "))
     except (OSError, ValueError, StopIteration):
         return None
-
-
-def _name_ticks(name: str) -> int | None:
-    ticks = name.partition(".")[2]
-    return int(ticks) if ticks.isdigit() else None
 
 
 @functools.cache
