@@ -244,3 +244,46 @@ def test_a_bad_containment_setting_is_one_line(data_dir: Path, monkeypatch: pyte
     done = run_jmp("run", "--", "true", timeout=MARGIN)
     assert done.returncode != 0
     assert done.stderr == "jmp: error: JMP_CONTAINMENT must be auto, cgroup, subreaper or process-group; got 'jail'\n"
+
+
+# --- threads and resources ----------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_threads_do_not_grow_with_tasks(data_dir: Path) -> None:
+    """200 sleeping tasks at once: their exits are waited for through pidfds, not a
+    watcher thread each."""
+    from jumpstarter.protocol import JumpStarterProtocol
+
+    async with JumpStarterProtocol().create_async_session("threads") as session:
+        node = await session.connect("local")
+        first = await node.start(["true"])
+        await first.wait()
+        before = threading.active_count()
+        tasks = [await node.start(["sleep", "30"]) for _ in range(200)]
+        during = threading.active_count()
+        for task in tasks:
+            await task.stop(0)
+    assert during - before < 10, (before, during)
+
+
+def test_a_file_size_limit_fails_the_task_not_the_node(data_dir: Path) -> None:
+    """``ulimit -f`` on the node: the output log cannot grow, so the task fails with
+    that cause, its processes are stopped, and the node goes on serving."""
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 * 1024 * 1024, 4 * 1024 * 1024))
+
+    script = "head -c 10000000 /dev/zero; sleep 300"
+    done = subprocess.run([JMP, "run", "--shell", "--", script], capture_output=True, timeout=MARGIN,
+                          preexec_fn=limit)
+    assert (done.returncode, done.stderr) == (128 + signal.SIGTERM, b"")  # stopped: SIGTERM
+    import sqlite3
+    from contextlib import closing
+
+    with closing(sqlite3.connect(data_dir / "jumpstarter.db")) as db:
+        rows = db.execute("SELECT state, message FROM tasks").fetchall()
+    assert rows == [("failed", "file too large writing the output log")]
+    again = run_jmp("run", "--", "echo", "still serving", timeout=MARGIN)
+    assert (again.returncode, again.stdout) == (0, "still serving\n")
