@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
 
+import anyio
 import pytest
 from conftest import JMP, pid_alive, run_jmp
 from jumpstarter.plugins.containment import Containment, cgroup_base
@@ -278,7 +279,9 @@ def test_a_file_size_limit_fails_the_task_not_the_node(data_dir: Path) -> None:
     script = "head -c 10000000 /dev/zero; sleep 300"
     done = subprocess.run([JMP, "run", "--shell", "--", script], capture_output=True, timeout=MARGIN,
                           preexec_fn=limit)
-    assert (done.returncode, done.stderr) == (128 + signal.SIGTERM, b"")  # stopped: SIGTERM
+    assert done.returncode == 128 + signal.SIGTERM  # the node stopped it: SIGTERM
+    assert done.stderr.decode().endswith(" failed: file too large writing the output log\n")
+    assert done.stderr.decode().count("\n") == 1
     import sqlite3
     from contextlib import closing
 
@@ -287,3 +290,102 @@ def test_a_file_size_limit_fails_the_task_not_the_node(data_dir: Path) -> None:
     assert rows == [("failed", "file too large writing the output log")]
     again = run_jmp("run", "--", "echo", "still serving", timeout=MARGIN)
     assert (again.returncode, again.stdout) == (0, "still serving\n")
+
+
+@pytest.fixture
+def small_fs(tmp_path: Path) -> Iterator:
+    """``mount(directory, size)``: a tmpfs of ``size`` at ``directory`` (made if
+    missing), unmounted at the end; skips the test where mounting is not allowed."""
+    mounted: list[Path] = []
+
+    def mount(directory: Path, size: str) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root and mount rights): {done.stderr.strip()}")
+        mounted.append(directory)
+        return directory
+
+    yield mount
+    for directory in reversed(mounted):
+        subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+@pytest.mark.anyio
+async def test_a_full_output_filesystem_fails_the_task_and_the_node_serves_on(data_dir: Path, small_fs) -> None:
+    from jumpstarter.protocol import JumpStarterProtocol
+
+    small_fs(data_dir / "output", "1m")
+    async with JumpStarterProtocol().create_async_session("full") as session:
+        node = await session.connect("local")
+        quiet = await node.start(["sh", "-c", "sleep 1"])  # prints nothing: needs no space
+        loud = await node.start(["sh", "-c", "head -c 5000000 /dev/zero; echo ready >&2; sleep 300"])
+        info = await loud.wait(GRACE + MARGIN)
+        assert (info.state.value, info.message) == ("failed", "no space left on device writing the output log")
+        assert info.exit_code == -signal.SIGTERM  # its processes were stopped
+        assert (await quiet.wait(MARGIN)).state.value == "succeeded"
+        again = await node.start(["true"])
+        assert (await again.wait(MARGIN)).state.value == "succeeded"
+
+
+def test_out_of_file_handles_a_start_is_one_line_and_the_node_serves_on(data_dir: Path) -> None:
+    """``ulimit -n`` on the node (the client's process, for the local node): a task
+    that cannot get its pipes is refused with the cause, the store as it was."""
+    script = (
+        "import os, resource, sys\n"
+        "from jumpstarter.protocol import JumpStarterProtocol\n"
+        "from jumpstarter.errors import JumpstarterError\n"
+        "with JumpStarterProtocol().create_session('fds') as session:\n"
+        "    node = session.connect('local')\n"
+        "    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)\n"
+        "    held = []\n"
+        "    try:\n"
+        "        while True: held.append(os.open('/dev/null', os.O_RDONLY))\n"
+        "    except OSError: pass\n"
+        "    try:\n"
+        "        node.start(['true'])\n"
+        "    except JumpstarterError as exc:\n"
+        "        print(type(exc).__name__, exc)\n"
+        "    for fd in held: os.close(fd)\n"
+        "    print(node.start(['true']).wait().state.value)\n"
+    )
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=MARGIN)
+    assert done.stdout.splitlines() == ["SpawnFailed cannot start true: Too many open files", "succeeded"], done.stderr
+
+
+@pytest.mark.anyio
+async def test_a_store_that_cannot_commit_gets_the_final_state_once_space_is_back(
+    data_dir: Path, tmp_path: Path, small_fs, caplog: pytest.LogCaptureFixture
+) -> None:
+    from jumpstarter.config import Config
+    from jumpstarter.protocol import JumpStarterProtocol
+
+    full = small_fs(tmp_path / "store", "1m")
+    protocol = JumpStarterProtocol(Config(data_dir=data_dir, store=str(full / "jumpstarter.db")))
+    async with protocol.create_async_session("full-store") as session:
+        node = await session.connect("local")
+        task = await node.start(["sh", "-c", "sleep 0.5"])
+        filler = full / "filler"
+        with open(filler, "wb") as f, suppress(OSError):
+            while True:
+                f.write(bytes(65536))
+                f.flush()
+        with anyio.move_on_after(MARGIN):
+            while "the store cannot record" not in caplog.text:
+                await anyio.sleep(0.05)
+        assert "database or disk is full; trying again" in caplog.text
+        assert (await task.status()).state.value == "running"  # ended, but not yet recorded
+        filler.unlink()
+        assert (await task.wait(MARGIN)).state.value == "succeeded"
+        again = await node.start(["true"])
+        assert (await again.wait(MARGIN)).state.value == "succeeded"
+    assert marked_none_left(task.id)
+
+
+def marked_none_left(task_id: str) -> bool:
+    """No cgroup of ours is left for a finished task (the sweep of a dead node's aside)."""
+    base = cgroup_base()
+    return base is None or not [p for p in base.iterdir() if p.is_dir() and p.name.startswith(f"{os.getpid()}.")]

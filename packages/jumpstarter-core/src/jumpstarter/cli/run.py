@@ -127,4 +127,10 @@ async def _run(protocol, node_name, session_name, argv, spec, grace, connect) ->
         if end.state.value == "timed_out":
             timeout = spec.get("timeout")
             click.echo(f"jmp: task {task.id} timed out after {timeout:g}s and was stopped", err=True)
+        elif end.state.value == "failed":
+            # A task the node had to stop (its output could not be kept, say) says why;
+            # one that exited non-zero has no message and prints nothing more.
+            info = await task.status()
+            if info.message:
+                click.echo(f"jmp: task {task.id} failed: {info.message}", err=True)
         return task_exit_code(end.state.value, end.exit_code)
