@@ -389,3 +389,39 @@ def marked_none_left(task_id: str) -> bool:
     """No cgroup of ours is left for a finished task (the sweep of a dead node's aside)."""
     base = cgroup_base()
     return base is None or not [p for p in base.iterdir() if p.is_dir() and p.name.startswith(f"{os.getpid()}.")]
+
+
+# --- a start that died --------------------------------------------------------------------
+
+
+DIES_MID_START = """
+import os
+import jumpstarter_driver_local.node as local
+from jumpstarter.protocol import JumpStarterProtocol
+
+async def die(self, spec, output):
+    print("created", flush=True)
+    os._exit(9)  # the process dies between creating the task and running it
+
+local.LocalNodeDriver.spawn = die
+with JumpStarterProtocol().create_session("doomed") as session:
+    session.connect("local").start(["true"])
+"""
+
+
+def test_a_task_whose_start_died_is_reaped_not_pending_forever(data_dir: Path) -> None:
+    import json
+    import sys
+
+    died = subprocess.run([sys.executable, "-c", DIES_MID_START], capture_output=True, text=True, timeout=MARGIN)
+    assert (died.returncode, died.stdout) == (9, "created\n")
+    new = run_jmp("task", "new", "--", "true")  # pending by intent: it stays so
+    assert new.returncode == 0, new.stderr
+    listed = run_jmp("task", "list", "--format", "json")
+    assert listed.returncode == 0, listed.stderr
+    tasks = {task["id"]: task for task in json.loads(listed.stdout)["tasks"]}
+    states = sorted((task["state"], task.get("message")) for task in tasks.values())
+    assert states == [
+        ("lost", "the process starting the task went away before it ran"),
+        ("pending", None),
+    ]

@@ -165,6 +165,21 @@ class Tasks:
                 await self._lose(task)
             else:  # its agent is on another machine: so is whatever it left running
                 await self.store.finish_task(task.id, TaskState.LOST, None, "the node agent went away")
+        await self._reap_dead_starts()
+
+    async def _reap_dead_starts(self) -> None:
+        """A start that died between creating its task and running it (its process
+        killed) left the task pending for ever: it is lost, never ran."""
+        host = socket.gethostname()
+        for task, agent in await self.store.starting_tasks(self.node.name):
+            agent_host, _, pid = agent.rpartition(":")
+            if agent_host != host or not pid.isdigit() or agent == self.agent:
+                continue  # another machine's start, or one of this process, still going
+            if task.id in _LIVE or agent_alive(int(pid)):
+                continue
+            await self.store.finish_task(
+                task.id, TaskState.LOST, None, "the process starting the task went away before it ran"
+            )
 
     async def _lose(self, task: TaskInfo) -> TaskInfo:
         """Mark ``task`` lost because the agent on this machine that ran it died, and
@@ -186,11 +201,15 @@ class Tasks:
         if spec.cwd is not None and not Path(spec.cwd).is_dir():
             raise BadRequest(f"working directory does not exist: {spec.cwd}")
 
-    async def new_task(self, spec: TaskSpec, session_id: str | None) -> TaskInfo:
+    async def new_task(self, spec: TaskSpec, session_id: str | None, *, starting: bool = False) -> TaskInfo:
+        """A new pending task. ``starting``: created by a start that goes on to run it,
+        so this process is recorded as its agent, and a start that dies before the
+        task runs leaves it to be reaped (see :meth:`mark_lost`); a task created to be
+        started later (``NewTask``) has no agent until it runs."""
         self.check_spec(spec)
-        return await self._create_task(spec, session_id)
+        return await self._create_task(spec, session_id, agent=self.agent if starting else None)
 
-    async def _create_task(self, spec: TaskSpec, session_id: str | None) -> TaskInfo:
+    async def _create_task(self, spec: TaskSpec, session_id: str | None, *, agent: str | None) -> TaskInfo:
         """Store a new pending task for ``spec`` and tell the plugins."""
         task = TaskInfo(
             id=secrets.token_hex(6),
@@ -201,7 +220,7 @@ class Tasks:
             state=TaskState.PENDING,
             created_at=_now(),
         )
-        await self.store.create_task(task, self.agent)
+        await self.store.create_task(task, agent)
         self.hook.jmp_task_created(task=task)
         return task
 
@@ -267,7 +286,7 @@ class Tasks:
 
     async def open_task(self, spec: TaskSpec, session_id: str | None) -> TaskInfo:
         """Record work that runs outside the node as a task in state running."""
-        task = await self._create_task(spec, session_id)
+        task = await self._create_task(spec, session_id, agent=self.agent)
         # The agent is this server: if it goes away unclosed, the task is lost.
         task = await self.store.mark_running(task.id, None, self.agent)
         self._open[task.id] = session_id
