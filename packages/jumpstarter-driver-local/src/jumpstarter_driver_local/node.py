@@ -165,7 +165,8 @@ class LocalProcess(RunningProcess):
         finally:
             for fd in self._fds.values():
                 os.close(fd)
-            self.processes.release()
+            with anyio.CancelScope(shield=True):
+                await self.processes.release()
 
     async def _pump(self, stream: Stream, fd: int) -> None:
         write = self._output.write

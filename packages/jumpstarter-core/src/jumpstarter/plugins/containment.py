@@ -155,6 +155,11 @@ def _leader(cgroup: Path) -> tuple[int, int] | None:
         return None
 
 
+_LEADERS: set[int] = set()
+"""The leaders of this process's tasks not yet reaped: only their own
+:meth:`TaskProcesses.release` reaps them."""
+
+
 class TaskProcesses:
     """All the processes of one task: its leader ``pid`` (a child of this process),
     the leader's process group, and its cgroup or the process tree seen so far."""
@@ -171,26 +176,32 @@ class TaskProcesses:
         except (AttributeError, OSError):
             self._pidfd = None  # older kernel or not Linux: the exit is polled
         self._leader_exited = anyio.Event()
+        _LEADERS.add(pid)
+        self._released = False
 
     # --- the leader ---------------------------------------------------------------------
 
     async def wait_leader(self) -> int:
-        """Wait for the leader to exit, reap it and return its exit code (``-N`` when
-        signal N killed it). Through a pidfd where the system has one (no thread,
-        no polling); polled otherwise."""
+        """Wait for the leader to exit and return its exit code (``-N`` when signal N
+        killed it). Through a pidfd where the system has one (no thread, no
+        polling); polled otherwise. The leader is reaped only by :meth:`release`:
+        until then its pid, and so its process group id, cannot be reused by another
+        process, and signalling the group never reaches a stranger."""
+        flags = os.WEXITED | os.WNOWAIT
         if self._pidfd is not None:
             await anyio.wait_readable(self._pidfd)
-            _, status = os.waitpid(self.pid, 0)
+            exited = os.waitid(os.P_PID, self.pid, flags)
         else:
             delay = 0.001
-            while True:
-                done, status = os.waitpid(self.pid, os.WNOHANG)
-                if done:
-                    break
+            while (exited := os.waitid(os.P_PID, self.pid, flags | os.WNOHANG)) is None:
                 self.walk()
                 await anyio.sleep(delay)
                 delay = min(delay * 2, 0.05)
-        self.exit_code = os.waitstatus_to_exitcode(status)
+        assert exited is not None
+        if exited.si_code == os.CLD_EXITED:
+            self.exit_code = exited.si_status
+        else:  # killed, or killed with a core dump
+            self.exit_code = -exited.si_status
         self._leader_exited.set()
         return self.exit_code
 
@@ -236,14 +247,19 @@ class TaskProcesses:
 
     def alive(self) -> bool:
         """True while any process of the task runs."""
-        if self.cgroup is not None and _populated(self.cgroup):
-            return True
+        if self._released:
+            return False
+        if self.cgroup is not None:
+            return _populated(self.cgroup)  # the task was born in it: everything is there
         if _group_alive(self.pid):
             return True
         return bool(self.pids())
 
     def signal(self, signum: int) -> None:
-        """Send ``signum`` to every process of the task."""
+        """Send ``signum`` to every process of the task; nothing once it is released
+        (its pid may belong to another process by then)."""
+        if self._released:
+            return
         self.walk()
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.pid, signum)
@@ -276,17 +292,24 @@ class TaskProcesses:
         if self.alive():
             await self.kill()
 
-    def release(self) -> None:
-        """Once the task has ended: kill what is left (quickly: by now that is
-        leftovers only), reap the zombies reparented to this process, remove the
-        cgroup, close the pidfd. Safe to call more than once."""
+    async def release(self) -> None:
+        """Once the task has ended: kill what is left (by now that is leftovers
+        only), reap the leader and the zombies reparented to this process, remove
+        the cgroup, close the pidfd. Safe to call more than once."""
         if self.cgroup is not None:
             if _populated(self.cgroup):
-                _cgroup_kill(self.cgroup)
-                deadline = time.monotonic() + KILL_WAIT
-                while _populated(self.cgroup) and time.monotonic() < deadline:
-                    time.sleep(0.001)
-        reap_orphans(set(self._seen), self.cgroup)
+                await self.kill()
+        else:
+            # While the leader is an unreaped zombie its group id is still the
+            # task's: one SIGKILL to the group and the processes seen, no wait.
+            self._last_walk = 0.0
+            self.signal(signal.SIGKILL)
+        if self.pid in _LEADERS:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.pid, 0)  # it has exited, or was killed just now
+            _LEADERS.discard(self.pid)
+        self._released = True
+        reap_orphans(set(self._seen))
         if self.cgroup is not None and _rmdir(self.cgroup):
             self.cgroup = None
         if self._pidfd is not None:
@@ -415,7 +438,7 @@ def _alive(pid: int) -> bool:
     return start_ticks(pid) is not None and not _zombie(pid)
 
 
-def reap_orphans(known: set[int], cgroup: Path | None) -> None:
+def reap_orphans(known: set[int]) -> None:
     """Reap the zombie children of this process that were task processes reparented
     to it (this process is their subreaper): those in ``known`` or whose cgroup was a
     task cgroup. Children this process started itself are left to whoever waits for
@@ -430,6 +453,8 @@ def reap_orphans(known: set[int], cgroup: Path | None) -> None:
     for child in _children(os.getpid()):
         if not _zombie(child):
             continue
+        if child in _LEADERS:
+            continue  # another task's leader, reaped when that task ends
         if child in known or (base is not None and _in_cgroup_under(child, base)):
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(child, os.WNOHANG)
