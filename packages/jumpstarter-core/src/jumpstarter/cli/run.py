@@ -66,8 +66,7 @@ def run(state, node, session, endpoint, token_file, tls_ca, select, duration, wa
         node = endpoint_node(state.protocol, endpoint, node, token_file, tls_ca)
     elif token_file is not None or tls_ca is not None:
         raise click.UsageError("--token-file and --tls-ca go with --endpoint (a configured node has them in its config)")
-    argv, spec = make_spec(command, env, cwd, timeout, name, label, shell)
-    spec["grace"] = grace  # the timeout stops it with the same grace as Ctrl-C
+    argv, spec = make_spec(command, env, cwd, timeout, name, label, shell, grace)
     import anyio
 
     connect = {"wait": wait, "duration": duration, "select": selector}
