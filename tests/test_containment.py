@@ -425,3 +425,65 @@ def test_a_task_whose_start_died_is_reaped_not_pending_forever(data_dir: Path) -
         ("lost", "the process starting the task went away before it ran"),
         ("pending", None),
     ]
+
+
+LATE_PRINTERS = """
+import resource, sys
+from jumpstarter.errors import SpawnFailed
+from jumpstarter.protocol import JumpStarterProtocol
+
+print(resource.getrlimit(resource.RLIMIT_NOFILE)[0], flush=True)
+with JumpStarterProtocol().create_session("late") as session:
+    node = session.connect("local")
+    tasks, refused = [], set()
+    for _ in range(60):
+        try:
+            tasks.append(node.start(["sh", "-c", "sleep 0.5; echo late"]))
+        except SpawnFailed as exc:
+            refused.add(str(exc))
+    ends = {(info.state.value, info.message) for info in (task.wait() for task in tasks)}
+    print(sorted(refused), sorted(ends, key=str), flush=True)
+    print(node.start(["true"]).wait().state.value)
+"""
+
+
+def test_a_low_file_handle_limit_fails_tasks_with_the_cause_never_the_node(data_dir: Path) -> None:
+    """``ulimit -n 64`` on the node: tasks that find no file handle for their pipes are
+    refused, those that find none for their output log fail with that cause; every
+    other ends as it should, nothing prints a traceback, and the node serves on."""
+    import resource
+    import sys
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
+
+    done = subprocess.run([sys.executable, "-c", LATE_PRINTERS], capture_output=True, text=True,
+                          timeout=MARGIN * 2, preexec_fn=limit)
+    assert "Traceback" not in done.stderr, done.stderr
+    limit_seen, outcome, last = done.stdout.splitlines()
+    assert limit_seen == "64"
+    assert last == "succeeded"
+    allowed = {
+        "[('failed', 'too many open files writing the output log'), ('succeeded', None)]",
+        "[('succeeded', None)]",
+        "[('failed', 'too many open files writing the output log')]",
+    }
+    refused, _, ends = outcome.partition("] ")
+    assert refused in ("[]", "['cannot start sh: Too many open files'"), outcome
+    assert ends in allowed, outcome
+    assert outcome != "[] [('succeeded', None)]"  # the limit was reached at all
+
+
+@pytest.mark.parametrize("shape", ["setsid escapee with the task's stdout", "leader that backgrounds a child and exits"])
+def test_jmp_run_killed_leaves_nothing_once_a_node_looks(data_dir: Path, mark: str, shape: str) -> None:
+    """``jmp run`` serves the local node in its own process: killed with SIGKILL, its
+    task is lost and its processes are killed by the next ``jmp`` that opens the node."""
+    process, ready = start_run(["--grace", str(GRACE), *shape_args(mark, shape)])
+    assert ready.wait(MARGIN)
+    process.kill()
+    finish(process)
+    assert marked(mark) != []  # the task outlived its node
+    listed = run_jmp("task", "list", timeout=MARGIN)
+    assert (listed.returncode, listed.stderr) == (0, "")
+    assert "lost" in listed.stdout.split()
+    assert wait_until(lambda: marked(mark) == [], timeout=MARGIN)

@@ -563,8 +563,10 @@ def _populated(cgroup: Path) -> bool:
     try:
         with open(cgroup / "cgroup.events") as f:
             return any(line.strip() == "populated 1" for line in f)
-    except OSError:
+    except FileNotFoundError:
         return False
+    except OSError:
+        return True  # cannot tell (out of file handles): not known to be empty
 
 
 def _cgroup_kill(cgroup: Path) -> bool:
