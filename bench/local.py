@@ -81,6 +81,68 @@ def run_true(quick: bool) -> list[Figure]:
     ]
 
 
+# --- containment -------------------------------------------------------------------------
+
+
+@figure
+def containment_cost(quick: bool) -> list[Figure]:
+    """run `true` contained (a cgroup per task, subreaper) vs the same node with only
+    process groups (JMP_CONTAINMENT=process-group)"""
+    import os
+
+    from jumpstarter.plugins.containment import Containment
+
+    n = 200 if quick else 500
+    mechanism = Containment().mechanism
+
+    async def main(data_dir: Path) -> tuple[list[float], list[float]]:
+        previous = os.environ.get("JMP_CONTAINMENT")
+        try:
+            async with local_node(data_dir / "contained") as (_, contained):
+                os.environ["JMP_CONTAINMENT"] = "process-group"
+                async with local_node(data_dir / "plain") as (_, plain):
+
+                    async def run_on(node: AsyncNode) -> None:
+                        task = await node.start(["true"])
+                        info = await task.wait()
+                        assert info.exit_code == 0, info
+
+                    async def ours() -> None:
+                        await run_on(contained)
+
+                    async def baseline() -> None:
+                        await run_on(plain)
+
+                    await alternate(10, ours, baseline)  # warm up
+                    return await alternate(n, ours, baseline)
+        finally:
+            if previous is None:
+                os.environ.pop("JMP_CONTAINMENT", None)
+            else:
+                os.environ["JMP_CONTAINMENT"] = previous
+
+    with tempfile.TemporaryDirectory(prefix="jmp-bench-") as tmp:
+        ours, base = anyio.run(main, Path(tmp))
+    cost = statistics.median(a - b for a, b in zip(ours, base, strict=True)) * 1000
+    return [
+        Figure(
+            f"run `true` contained ({mechanism}) vs process group only (median of {n})",
+            _median_ms(ours),
+            _median_ms(base),
+            "ms",
+            "<= 1.3x",
+            "the same node with JMP_CONTAINMENT=process-group",
+        ),
+        Figure(
+            f"containment cost per task on `true` ({mechanism}; median of {n} paired differences)",
+            cost,
+            None,
+            "ms",
+            "<= 0.3 ms",
+        ),
+    ]
+
+
 # --- ping --------------------------------------------------------------------------------
 
 

@@ -133,8 +133,9 @@ def test_output_interleaves_streams_in_order(protocol: JumpStarterProtocol) -> N
 
 
 def test_stop_kills_the_whole_process_group(protocol: JumpStarterProtocol, tmp_path: Path) -> None:
-    # The child ignores SIGTERM (an ignored signal stays ignored across exec).
-    script = "(trap '' TERM; exec sleep 300) & echo $!; wait"
+    # The child ignores SIGTERM (an ignored signal stays ignored across exec); it
+    # prints its pid only once it does, so the stop cannot come first.
+    script = "(trap '' TERM; exec sh -c 'echo $$; exec sleep 300') & wait"
     with protocol.create_session("s") as session:
         task = session.connect().start(["sh", "-c", script])
         first = next(iter(task.output()))

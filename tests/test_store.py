@@ -67,6 +67,16 @@ async def test_running_tasks_and_pending_delete(store: Store) -> None:
     assert sorted(t.id for t in await store.list_tasks()) == ["a"]
 
 
+async def test_starting_tasks_are_the_pending_ones_a_start_created(store: Store) -> None:
+    await store.add_session("s1", "x", "test")
+    await store.create_task(_task("made"))  # NewTask: no agent
+    await store.create_task(_task("starting"), "host:7")
+    await store.create_task(_task("started"), "host:8")
+    await store.mark_running("started", 99, "host:8")
+    await store.create_task(_task("elsewhere", node="n2"), "host:9")
+    assert [(t.id, agent) for t, agent in await store.starting_tasks("n1")] == [("starting", "host:7")]
+
+
 async def test_results_batches_query_filters_and_paging(store: Store) -> None:
     await store.add_session("s1", "nightly", "test")
     await store.add_session("s2", "weekly", "test")

@@ -10,17 +10,19 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import signal
 import subprocess
-import time
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
 from jumpstarter import NodeDriver, RunningProcess
 from jumpstarter.errors import SpawnFailed
-from jumpstarter.plugins import OutputWriter, Stream
+from jumpstarter.plugins import Containment, OutputWriter, Stream, TaskProcesses
 from jumpstarter_protocol import TaskSpec
+
+if TYPE_CHECKING:
+    from jumpstarter.config import NodeConfig
 
 READ_SIZE = 1024 * 1024
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -28,9 +30,16 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 class LocalNodeDriver(NodeDriver):
     """Runs each task as a subprocess of this machine, in a new session (and so a
-    new process group), with stdin from /dev/null."""
+    new process group), with stdin from /dev/null, contained (see
+    :class:`~jumpstarter.plugins.Containment`: a cgroup per task where the node may
+    make one, the node as child subreaper) so that stop, timeout and crash recovery
+    reach every process the task starts."""
 
     capabilities = ["exec", "shell", "env", "cwd", "timeout", "process-group"]
+
+    def __init__(self, node: NodeConfig) -> None:
+        super().__init__(node)
+        self.containment = Containment()
 
     async def spawn(self, spec: TaskSpec, output: OutputWriter) -> RunningProcess:
         return await self.start_process(spec.command, output, cwd=spec.cwd, env=spec.env)
@@ -45,23 +54,30 @@ class LocalNodeDriver(NodeDriver):
         pass_fds: Sequence[int] = (),
     ) -> LocalProcess:
         """Start ``command`` as :meth:`spawn` starts a task: its own process group,
-        stdin from /dev/null, output to ``output``; ``env`` is added to this process's
-        environment, ``pass_fds`` stay open in the child. Drivers built on this one
-        (say, one that runs each task in a directory of its own) call it from their
-        ``spawn``. Raises :class:`SpawnFailed` (see :func:`spawn_failed`)."""
-        pipes = [_pipe(), _pipe()]
+        contained, stdin from /dev/null, output to ``output``; ``env`` is added to
+        this process's environment, ``pass_fds`` stay open in the child. Drivers built
+        on this one (say, one that runs each task in a directory of its own) call it
+        from their ``spawn``. Raises :class:`SpawnFailed` (see :func:`spawn_failed`),
+        also when this process is out of file handles for the task's pipes."""
+        pipes: list[tuple[int, int]] = []
         try:
-            process = await anyio.open_process(
-                list(command),
-                stdin=subprocess.DEVNULL,
-                stdout=pipes[0][1],
-                stderr=pipes[1][1],
-                cwd=cwd,
-                # None inherits this process's environment as is: copying it into a
-                # dict for Popen to encode back costs a tenth of a fast task's start.
-                env={**os.environ, **env} if env else None,
-                start_new_session=True,
-                pass_fds=pass_fds,
+            pipes.append(_pipe())
+            pipes.append(_pipe())
+            # Popen, not anyio.open_process: asyncio would watch each child with a
+            # thread of its own; the exit is waited for through a pidfd instead.
+            process, processes = self.containment.spawn(
+                lambda: subprocess.Popen(
+                    list(command),
+                    stdin=subprocess.DEVNULL,
+                    stdout=pipes[0][1],
+                    stderr=pipes[1][1],
+                    cwd=cwd,
+                    # None inherits this process's environment as is: copying it into a
+                    # dict for Popen to encode back costs a tenth of a fast task's start.
+                    env={**os.environ, **env} if env else None,
+                    start_new_session=True,
+                    pass_fds=pass_fds,
+                )
             )
         except OSError as exc:
             for read_end, _ in pipes:
@@ -70,7 +86,7 @@ class LocalNodeDriver(NodeDriver):
         finally:
             for _, write_end in pipes:
                 os.close(write_end)
-        return LocalProcess(process, output, pipes[0][0], pipes[1][0])
+        return LocalProcess(process, processes, output, pipes[0][0], pipes[1][0])
 
 
 def _pipe() -> tuple[int, int]:
@@ -97,25 +113,60 @@ def spawn_failed(command: str, exc: OSError) -> SpawnFailed:
     return SpawnFailed(text, details={"errno": code, "command": command})
 
 
+DRAIN_AFTER_STOP = 1.0
+"""Seconds the output of a stopped task is still read once its processes are dead:
+a process outside the task's reach (see :class:`~jumpstarter.plugins.Containment`)
+may hold its pipes open forever, and a stop must not wait for it."""
+
+
 class LocalProcess(RunningProcess):
-    def __init__(self, process: anyio.abc.Process, output: OutputWriter, stdout: int, stderr: int) -> None:
-        self.process = process
-        self.pid = process.pid
+    def __init__(
+        self,
+        popen: subprocess.Popen[bytes],
+        processes: TaskProcesses,
+        output: OutputWriter,
+        stdout: int,
+        stderr: int,
+    ) -> None:
+        self.popen = popen
+        self.pid = popen.pid
+        self.processes = processes
         self._output = output
         self._fds = {"stdout": stdout, "stderr": stderr}
-        self._exited = anyio.Event()
+        self._killed = anyio.Event()
 
     async def wait(self) -> int:
+        """The task has ended when its first process has exited and its output is
+        closed (by every process holding it, or by a stop); whatever of it is left
+        then is killed."""
         try:
             async with anyio.create_task_group() as tg:
-                for stream, fd in self._fds.items():
-                    tg.start_soon(self._pump, stream, fd)
-                await self.process.wait()
-                self._exited.set()
+                drained = anyio.Event()
+
+                async def pump_all() -> None:
+                    async with anyio.create_task_group() as pumps:
+                        for stream, fd in self._fds.items():
+                            pumps.start_soon(self._pump, stream, fd)
+                    drained.set()
+
+                tg.start_soon(pump_all)
+                tg.start_soon(self.processes.track)
+                code = await self.processes.wait_leader()
+                # Popen would otherwise warn that its child still runs.
+                self.popen.returncode = code
+                async with anyio.create_task_group() as either:
+                    for event in (drained, self._killed):
+                        either.start_soon(_set_then_cancel, event, either.cancel_scope)
+                if not drained.is_set():  # stopped: read what is there, then close
+                    with anyio.move_on_after(DRAIN_AFTER_STOP):
+                        await drained.wait()
+                tg.cancel_scope.cancel()
+            return code
         finally:
             for fd in self._fds.values():
                 os.close(fd)
-        return self.process.returncode if self.process.returncode is not None else -1
+            with anyio.CancelScope(shield=True):
+                await self.processes.release()
 
     async def _pump(self, stream: Stream, fd: int) -> None:
         write = self._output.write
@@ -140,23 +191,16 @@ class LocalProcess(RunningProcess):
                 await anyio.lowlevel.checkpoint()
 
     async def terminate(self, grace: float) -> None:
-        """SIGTERM to the process group; SIGKILL to whatever of it is left after
-        ``grace`` seconds (a child that ignores SIGTERM included)."""
-        if not self._signal(signal.SIGTERM):
-            return
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            if not self._signal(0):
-                return
-            await anyio.sleep(min(0.02, max(deadline - time.monotonic(), 0)))
-        self._signal(signal.SIGKILL)
-
-    def _signal(self, signum: int) -> bool:
-        """Send ``signum`` to the task's process group; False if the group is gone."""
+        """SIGTERM to every process of the task; SIGKILL to whatever of it is left
+        after ``grace`` seconds (a child that ignores SIGTERM, or left the process
+        group, included). Then the output is read for at most
+        :data:`DRAIN_AFTER_STOP` seconds and closed."""
         try:
-            os.killpg(self.pid, signum)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
+            await self.processes.stop(grace)
+        finally:
+            self._killed.set()
+
+
+async def _set_then_cancel(event: anyio.Event, scope: anyio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()

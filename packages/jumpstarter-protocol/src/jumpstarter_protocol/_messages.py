@@ -107,6 +107,8 @@ class TaskSpec(_Model):
     env: dict[str, str] = Field(default_factory=dict)
     cwd: str | None = None
     timeout: float | None = Field(default=None, gt=0)
+    grace: float = Field(default=5.0, ge=0, le=3600)
+    """Seconds between SIGTERM and SIGKILL when ``timeout`` stops the task."""
     labels: Labels = Field(default_factory=dict)
     name: str | None = None
     stdin: bool = False

@@ -210,7 +210,8 @@ def parse_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
 
 
 def make_spec(command: tuple[str, ...], env: tuple[str, ...], cwd: str | None, timeout: float | None,
-              name: str | None, label: tuple[str, ...], shell: bool) -> tuple[list[str] | None, dict[str, Any]]:
+              name: str | None, label: tuple[str, ...], shell: bool,
+              grace: float | None = None) -> tuple[list[str] | None, dict[str, Any]]:
     """The argv and task spec fields from the options ``run`` and ``task`` share."""
     spec: dict[str, Any] = {
         "env": parse_pairs(env, "--env"),
@@ -219,6 +220,8 @@ def make_spec(command: tuple[str, ...], env: tuple[str, ...], cwd: str | None, t
         "timeout": timeout,
         "name": name,
     }
+    if grace is not None:  # the timeout stops the task with it (SIGTERM, then SIGKILL)
+        spec["grace"] = grace
     if shell:
         spec["shell"] = " ".join(command)
         return None, spec

@@ -34,7 +34,7 @@ WAIT_FOREVER = 10 * 365 * 86400.0
 @click.option("-l", "--label", multiple=True, metavar="K=V", help="Label the task (repeatable).")
 @click.option("--shell", is_flag=True, help="Run CMD as one string through /bin/sh -c.")
 @click.option("--grace", type=click.FloatRange(min=0), default=5.0, show_default=True,
-              help="Seconds between SIGTERM and SIGKILL when stopping.")
+              help="Seconds between SIGTERM and SIGKILL when stopping (Ctrl-C or --timeout).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_obj
 @handle_errors
@@ -66,7 +66,7 @@ def run(state, node, session, endpoint, token_file, tls_ca, select, duration, wa
         node = endpoint_node(state.protocol, endpoint, node, token_file, tls_ca)
     elif token_file is not None or tls_ca is not None:
         raise click.UsageError("--token-file and --tls-ca go with --endpoint (a configured node has them in its config)")
-    argv, spec = make_spec(command, env, cwd, timeout, name, label, shell)
+    argv, spec = make_spec(command, env, cwd, timeout, name, label, shell, grace)
     import anyio
 
     connect = {"wait": wait, "duration": duration, "select": selector}
@@ -126,4 +126,10 @@ async def _run(protocol, node_name, session_name, argv, spec, grace, connect) ->
         if end.state.value == "timed_out":
             timeout = spec.get("timeout")
             click.echo(f"jmp: task {task.id} timed out after {timeout:g}s and was stopped", err=True)
+        elif end.state.value == "failed":
+            # A task the node had to stop (its output could not be kept, say) says why;
+            # one that exited non-zero has no message and prints nothing more.
+            info = await task.status()
+            if info.message:
+                click.echo(f"jmp: task {task.id} failed: {info.message}", err=True)
         return task_exit_code(end.state.value, end.exit_code)

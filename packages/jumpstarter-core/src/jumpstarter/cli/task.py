@@ -43,6 +43,8 @@ def spec_options(fn: F) -> F:
     for option in reversed(
         [
             click.option("-t", "--timeout", type=Seconds(min_open=True), help="Stop after SECONDS (state timed_out)."),
+            click.option("--grace", type=Seconds(max=3600), metavar="SECONDS",
+                         help="When --timeout stops it: SIGKILL this long after SIGTERM (default 5)."),
             click.option("-e", "--env", multiple=True, metavar="K=V", help="Set an environment variable (repeatable)."),
             click.option("--cwd", help="Working directory of the task (default: the current one, on the local node)."),
             click.option("--name", help="A name for the task."),

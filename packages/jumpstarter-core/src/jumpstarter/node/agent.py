@@ -29,7 +29,7 @@ that registered itself in ``<data dir>/agents/<task>.agent`` (its ``host:pid``, 
 same as the store's agent of the task) is ever signalled. The agent removes both
 files when it exits. Should the agent itself die (killed), a node server that waits
 for or follows the task marks it ``lost`` rather than wait forever, and kills the
-task's process group (see :func:`kill_left_behind`), so nothing runs on that nobody
+task's processes (see :func:`kill_left_behind`), so nothing runs on that nobody
 can stop.
 
 The agent loads plugins as ``jmp`` does (the ``jmp.plugins`` entry points, under the
@@ -48,6 +48,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from jumpstarter.plugins.containment import kill_lost, start_ticks, ticks_to_epoch
 
 if TYPE_CHECKING:
     from jumpstarter.config import Config
@@ -171,52 +173,19 @@ def alive(pid: int) -> bool:
         return True  # no /proc here: trust kill()
 
 
-START_SLACK = 1.0
-"""Seconds a process may seem to have started after its task did and still count as
-the task's: boot time in ``/proc/stat`` is whole seconds and the wall clock may be
-slewed, so the two times are compared with this much room."""
-
-
 def start_time(pid: int) -> float | None:
     """When ``pid`` started, in seconds since the epoch (from ``/proc``); None if it
     does not exist or there is no ``/proc`` to tell."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            # Field 22, starttime, in clock ticks since boot; counted after the
-            # command name, which may hold spaces and parentheses.
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-    except (OSError, ValueError, IndexError, StopIteration):
-        return None
-    return boot + ticks / os.sysconf("SC_CLK_TCK")
+    return ticks_to_epoch(start_ticks(pid))
 
 
 def kill_left_behind(pid: int, started_at: float) -> bool:
-    """SIGKILL the process group of a task whose agent on this machine died: ``pid``
-    is the task's stored pid, its process group id too (drivers start each task in a
-    session of its own), ``started_at`` when the task started (epoch seconds).
-    True if the group was signalled.
-
-    The pid may have been reused since the task ended, so the group is killed only
-    if a process ``pid`` still exists, leads its own process group, and started no
-    later than the task did (its process is spawned just before the task is marked
-    running; a process that reused the pid started after that). Without ``/proc`` to
-    tell when it started, nothing is killed. A group whose leader has gone is left
-    alone: nothing then proves it is the task's."""
-    try:
-        if os.getpgid(pid) != pid:
-            return False
-    except (ProcessLookupError, PermissionError):
-        return False
-    began = start_time(pid)
-    if began is None or began > started_at + START_SLACK:
-        return False
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
+    """Kill every process left of a task whose agent on this machine died: ``pid``
+    is the task's stored pid, ``started_at`` when the task started (epoch seconds).
+    True if anything was killed. Its cgroup is found by the pid and start time, then
+    its process group, with or without a live leader; a pid reused since is left
+    alone (see :func:`jumpstarter.plugins.containment.kill_lost`)."""
+    return kill_lost(pid, started_at)
 
 
 # --- the agent ---------------------------------------------------------------------------

@@ -211,7 +211,7 @@ class NodeConnection:
         created_here = request.spec is not None
         if request.spec is not None:
             tasks.check_spec(request.spec)  # before the session is recorded
-            task = await tasks.new_task(request.spec, await self._session_for_task())
+            task = await tasks.new_task(request.spec, await self._session_for_task(), starting=True)
         else:
             assert request.task_id is not None
             task = await self._own_task(request.task_id)

@@ -72,6 +72,10 @@ class OutputLog:
         self._recent_offsets: list[int] = []
         self._recent_dropped = 0
         self._reserved = 0  # disk space reserved up to here (beyond the size)
+        self.error: OSError | None = None
+        """The error that stopped the writes, if one did."""
+        self.failed = anyio.Event()
+        """Set when a write failed."""
         if not write:
             self._refresh()
 
@@ -90,8 +94,27 @@ class OutputLog:
             return None
 
     def write(self, stream: Stream, data: bytes) -> None:
-        if not data:
+        """Append ``data``. Never raises: a write the filesystem refuses (no space,
+        quota, file size limit, no file handle left) is kept in :attr:`error`, sets
+        :attr:`failed`, and every later write is dropped; the node server then stops
+        the task with that cause (see :attr:`failure`)."""
+        if not data or self.error is not None:
             return
+        try:
+            self._write(stream, data)
+        except OSError as exc:
+            self.error = exc
+            self.failed.set()
+
+    @property
+    def failure(self) -> str | None:
+        """Why the log could not be written, for the task's message; None if it could."""
+        if self.error is None:
+            return None
+        reason = os.strerror(self.error.errno) if self.error.errno else str(self.error)
+        return f"{reason[:1].lower()}{reason[1:]} writing the output log"
+
+    def _write(self, stream: Stream, data: bytes) -> None:
         if self._fd < 0:
             self._open_files()
         code = _STREAMS[stream]
@@ -102,12 +125,17 @@ class OutputLog:
         if self.size + len(data) > self._reserved >= 0 and self.size >= RESERVE_FROM:
             self._reserve(self.size + len(data) + RESERVE_AHEAD)
         view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
-        self._remember(self.size, data)
-        self.size += len(data)
-        self._changed.set()
-        self._changed = anyio.Event()
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(self._fd, view[written:])
+        finally:
+            if written:  # what reached the file is counted, even when the rest did not
+                piece = data if written == len(data) else data[:written]
+                self._remember(self.size, piece)
+                self.size += written
+                self._changed.set()
+                self._changed = anyio.Event()
 
     def _remember(self, offset: int, data: bytes) -> None:
         self._recent.append(data)
@@ -143,7 +171,12 @@ class OutputLog:
         flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
         # The index first: a reader that finds the bytes file finds its index too.
         self._index_fd = os.open(self._index_path, flags, 0o644)
-        self._fd = os.open(self.path, flags, 0o644)
+        try:
+            self._fd = os.open(self.path, flags, 0o644)
+        except OSError:
+            os.close(self._index_fd)
+            self._index_fd = -1
+            raise
 
     def read(self, offset: int, max_bytes: int) -> list[tuple[int, Stream, bytes]]:
         """Up to ``max_bytes`` from ``offset``, split where the stream changes."""

@@ -32,7 +32,7 @@ from jumpstarter_protocol import (
 )
 
 from jumpstarter.config import NodeConfig
-from jumpstarter.errors import BadRequest, Conflict
+from jumpstarter.errors import BadRequest, Conflict, NodeError
 from jumpstarter.node.agent import alive as agent_alive
 from jumpstarter.node.agent import kill_left_behind, request_stop
 from jumpstarter.node.output import OutputLog, give_back_reserved
@@ -46,11 +46,24 @@ OUTPUT_CHUNK = 1024 * 1024
 POLL_INTERVAL = 0.05
 """How often a task run by another process is looked at (its output, its state)."""
 STOP_GRACE_ON_SHUTDOWN = 2.0
-TIMEOUT_GRACE = 5.0
+STORE_RETRY = 1.0
+"""Seconds between two tries to record a task's end in a store that cannot commit."""
 
 Detacher = Callable[[str, str], Awaitable[None]]
 """Starts the pending task ``task_id`` of node ``node`` under an agent process of its
 own and returns once it runs: ``await detach(node, task_id)``."""
+
+
+async def _first(*events: anyio.Event) -> None:
+    """Return as soon as one of ``events`` is set."""
+    async with anyio.create_task_group() as tg:
+        for event in events:
+
+            async def wait(event: anyio.Event = event) -> None:
+                await event.wait()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(wait)
 
 
 def _now() -> datetime:
@@ -152,6 +165,21 @@ class Tasks:
                 await self._lose(task)
             else:  # its agent is on another machine: so is whatever it left running
                 await self.store.finish_task(task.id, TaskState.LOST, None, "the node agent went away")
+        await self._reap_dead_starts()
+
+    async def _reap_dead_starts(self) -> None:
+        """A start that died between creating its task and running it (its process
+        killed) left the task pending for ever: it is lost, never ran."""
+        host = socket.gethostname()
+        for task, agent in await self.store.starting_tasks(self.node.name):
+            agent_host, _, pid = agent.rpartition(":")
+            if agent_host != host or not pid.isdigit() or agent == self.agent:
+                continue  # another machine's start, or one of this process, still going
+            if task.id in _LIVE or agent_alive(int(pid)):
+                continue
+            await self.store.finish_task(
+                task.id, TaskState.LOST, None, "the process starting the task went away before it ran"
+            )
 
     async def _lose(self, task: TaskInfo) -> TaskInfo:
         """Mark ``task`` lost because the agent on this machine that ran it died, and
@@ -173,11 +201,15 @@ class Tasks:
         if spec.cwd is not None and not Path(spec.cwd).is_dir():
             raise BadRequest(f"working directory does not exist: {spec.cwd}")
 
-    async def new_task(self, spec: TaskSpec, session_id: str | None) -> TaskInfo:
+    async def new_task(self, spec: TaskSpec, session_id: str | None, *, starting: bool = False) -> TaskInfo:
+        """A new pending task. ``starting``: created by a start that goes on to run it,
+        so this process is recorded as its agent, and a start that dies before the
+        task runs leaves it to be reaped (see :meth:`mark_lost`); a task created to be
+        started later (``NewTask``) has no agent until it runs."""
         self.check_spec(spec)
-        return await self._create_task(spec, session_id)
+        return await self._create_task(spec, session_id, agent=self.agent if starting else None)
 
-    async def _create_task(self, spec: TaskSpec, session_id: str | None) -> TaskInfo:
+    async def _create_task(self, spec: TaskSpec, session_id: str | None, *, agent: str | None) -> TaskInfo:
         """Store a new pending task for ``spec`` and tell the plugins."""
         task = TaskInfo(
             id=secrets.token_hex(6),
@@ -188,7 +220,7 @@ class Tasks:
             state=TaskState.PENDING,
             created_at=_now(),
         )
-        await self.store.create_task(task, self.agent)
+        await self.store.create_task(task, agent)
         self.hook.jmp_task_created(task=task)
         return task
 
@@ -209,7 +241,18 @@ class Tasks:
         running = _Running(task, process, output)
         self._running[task.id] = running
         _LIVE.add(task.id)
-        running.task = await self.store.mark_running(task.id, process.pid, self.agent)
+        try:
+            running.task = await self.store.mark_running(task.id, process.pid, self.agent)
+        except BaseException:
+            # Not recorded as running (the store cannot commit, or the start was
+            # cancelled): nobody could stop it, so it must not run on.
+            with anyio.CancelScope(shield=True):
+                del self._running[task.id]
+                _LIVE.discard(task.id)
+                await process.terminate(0)
+                await process.wait()
+                output.remove()
+            raise
         self.hook.jmp_task_started(task=running.task)
         self._tg.start_soon(self._supervise, running)
         return TaskStarted(task_id=task.id, started_at=running.task.started_at or _now(), pid=process.pid)
@@ -243,7 +286,7 @@ class Tasks:
 
     async def open_task(self, spec: TaskSpec, session_id: str | None) -> TaskInfo:
         """Record work that runs outside the node as a task in state running."""
-        task = await self._create_task(spec, session_id)
+        task = await self._create_task(spec, session_id, agent=self.agent)
         # The agent is this server: if it goes away unclosed, the task is lost.
         task = await self.store.mark_running(task.id, None, self.agent)
         self._open[task.id] = session_id
@@ -277,6 +320,7 @@ class Tasks:
     async def _supervise(self, running: _Running) -> None:
         exit_code: int | None = None
         exited = anyio.Event()
+        output = running.output
 
         async def wait_for_exit() -> None:
             nonlocal exit_code
@@ -288,15 +332,20 @@ class Tasks:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(wait_for_exit)
                 with anyio.move_on_after(running.task.spec.timeout):
-                    await exited.wait()
-                if not exited.is_set():
+                    await _first(exited, output.failed)
+                if not exited.is_set() and not output.failed.is_set():
                     running.timed_out = True
                     message = f"timed out after {running.task.spec.timeout:g}s"
-                    await running.process.terminate(TIMEOUT_GRACE)
+                    await running.process.terminate(running.task.spec.grace)
+                elif not exited.is_set():
+                    # Its output can no longer be kept: the task cannot go on.
+                    await running.process.terminate(running.task.spec.grace)
         except Exception as exc:  # a broken driver must not take the node down
             log.exception("node driver failed while task %s ran", running.task.id)
             message = f"node driver failed: {exc}"
-        if running.stop_requested:
+        if output.failure is not None:
+            state, message = TaskState.FAILED, output.failure
+        elif running.stop_requested:
             state = TaskState.STOPPED
         elif running.timed_out:
             state = TaskState.TIMED_OUT
@@ -305,13 +354,32 @@ class Tasks:
         else:
             state = TaskState.FAILED
         with anyio.CancelScope(shield=True):
-            running.task = await self.store.finish_task(running.task.id, state, exit_code, message)
+            running.task = await self._finish(running.task, state, exit_code, message)
             del self._running[running.task.id]  # readers go to the files from now on
             running.output.close()
             _LIVE.discard(running.task.id)
             running.done.set()
             running.output.wake()
             self.hook.jmp_task_finished(task=running.task)
+
+    async def _finish(
+        self, task: TaskInfo, state: TaskState, exit_code: int | None, message: str | None
+    ) -> TaskInfo:
+        """Store the final state of ``task``. A store that cannot commit (its disk is
+        full) is tried again every :data:`STORE_RETRY` seconds until it can: the
+        final state is written once space is back, and the node serves on meanwhile."""
+        complained = False
+        while True:
+            try:
+                return await self.store.finish_task(task.id, state, exit_code, message)
+            except (OSError, NodeError):
+                raise
+            except Exception as exc:  # sqlite3 / psycopg errors: "database or disk is full"
+                if not complained:
+                    log.error("the store cannot record that task %s is %s: %s; trying again",
+                              task.id, state.value, exc)
+                    complained = True
+                await anyio.sleep(STORE_RETRY)
 
     async def _stop(self, running: _Running, grace: float) -> TaskInfo:
         if not running.done.is_set():

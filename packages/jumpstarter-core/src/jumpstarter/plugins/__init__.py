@@ -7,6 +7,8 @@ Runs on both sides of the wire. Imports nothing of the client, the node or the s
 - :mod:`jumpstarter.plugins.hookspecs` — every hook, grouped by phase;
 - :mod:`jumpstarter.plugins.interfaces` — :class:`NodeDriver`, :class:`RunningProcess`,
   :class:`Transport`, :class:`OutputWriter`;
+- :mod:`jumpstarter.plugins.containment` — :class:`Containment`: every process of a
+  task found and killed (cgroup v2, child subreaper), for drivers that run processes;
 - :mod:`jumpstarter.plugins.manager` — :func:`get_plugin_manager` and the entry-point
   group ``jmp.plugins``.
 """
@@ -28,6 +30,8 @@ _EXPORTS = {
     "ClientContext": "jumpstarter.plugins.interfaces",
     "NodeFiles": "jumpstarter.plugins.interfaces",
     "FileStat": "jumpstarter.plugins.interfaces",
+    "Containment": "jumpstarter.plugins.containment",
+    "TaskProcesses": "jumpstarter.plugins.containment",
     "ENTRY_POINT_GROUP": "jumpstarter.plugins.manager",
     "Plugins": "jumpstarter.plugins.manager",
     "get_plugin_manager": "jumpstarter.plugins.manager",
@@ -36,6 +40,7 @@ __all__ = list(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:
+    from jumpstarter.plugins.containment import Containment, TaskProcesses
     from jumpstarter.plugins.hookspecs import hookimpl, hookspec
     from jumpstarter.plugins.interfaces import (
         ClientContext,

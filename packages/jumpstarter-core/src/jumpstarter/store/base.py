@@ -87,6 +87,11 @@ class Store(ABC):
         """Tasks of ``node`` in state running, each with the agent that runs it."""
 
     @abstractmethod
+    async def starting_tasks(self, node: str) -> list[tuple[TaskInfo, str]]:
+        """Tasks of ``node`` still pending that a start created (not ``NewTask``), each
+        with the agent that was starting it: a start that died leaves them so."""
+
+    @abstractmethod
     async def add_results(
         self, task: TaskInfo, results: Sequence[ResultSpec]
     ) -> list[Result]:

@@ -40,6 +40,7 @@ from jumpstarter.store.sql import (
     INSERT_TASK,
     MARK_RUNNING,
     RUNNING_TASKS,
+    STARTING_TASKS,
     TASK_PID,
     Dialect,
     _result,
@@ -175,6 +176,10 @@ class PostgresStore(Store):
 
     async def running_tasks(self, node: str) -> list[tuple[TaskInfo, str | None]]:
         rows = await self._fetchall(POSTGRES.sql(RUNNING_TASKS), (node,))
+        return [(_task(row), row[-1]) for row in rows]
+
+    async def starting_tasks(self, node: str) -> list[tuple[TaskInfo, str]]:
+        rows = await self._fetchall(POSTGRES.sql(STARTING_TASKS), (node,))
         return [(_task(row), row[-1]) for row in rows]
 
     # --- results ----------------------------------------------------------------------

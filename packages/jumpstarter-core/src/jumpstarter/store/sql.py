@@ -191,6 +191,9 @@ def finish_params(
 
 GET_TASK = f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = ?"
 RUNNING_TASKS = f"SELECT {_TASK_COLUMNS}, agent FROM tasks WHERE node = ? AND state = 'running'"
+STARTING_TASKS = (
+    f"SELECT {_TASK_COLUMNS}, agent FROM tasks WHERE node = ? AND state = 'pending' AND agent IS NOT NULL"
+)
 
 
 def tasks_query(

@@ -49,6 +49,7 @@ from jumpstarter.store.sql import (
     INSERT_TASK,
     MARK_RUNNING,
     RUNNING_TASKS,
+    STARTING_TASKS,
     SQLITE,
     TASK_PID,
     _result,
@@ -303,6 +304,10 @@ class SQLiteStore(Store):
 
     async def running_tasks(self, node: str) -> list[tuple[TaskInfo, str | None]]:
         rows = await self._run(self._fetchall, RUNNING_TASKS, (node,))
+        return [(_task(row), row[-1]) for row in rows]
+
+    async def starting_tasks(self, node: str) -> list[tuple[TaskInfo, str]]:
+        rows = await self._run(self._fetchall, STARTING_TASKS, (node,))
         return [(_task(row), row[-1]) for row in rows]
 
     def _fetchall(self, sql: str, params: Sequence[Any]) -> list[Any]:
