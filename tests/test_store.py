@@ -9,8 +9,8 @@ import anyio
 import pytest
 from click.testing import CliRunner
 from jumpstarter.cli import cli
-from jumpstarter.errors import BadRequest, NotFound
-from jumpstarter.store import Store, open_store
+from jumpstarter.errors import BadRequest, Conflict, NotFound
+from jumpstarter.store import RepeatedBatch, Store, open_store
 from jumpstarter_protocol import Outcome, QueryResults, ResultSpec, TaskInfo, TaskSpec, TaskState
 
 from stores import postgres_url, store_url  # noqa: F401  (fixture)
@@ -168,3 +168,43 @@ async def test_a_new_sqlite_store_opened_by_many_at_once_opens_for_all(tmp_path:
         finally:
             for s in stores:
                 await s.aclose()
+
+
+async def test_a_batch_sent_again_is_stored_once(store: Store) -> None:
+    await store.add_session("s1", "nightly", "test")
+    t1, t2 = _task("t1"), _task("t2")
+    await store.create_task(t1)
+    await store.create_task(t2)
+    batch = [ResultSpec(name=f"case/{i}", outcome=Outcome.PASSED) for i in range(3)]
+    first = await store.add_result_ids(t1, batch, "batch-1")
+    await store.add_results(t2, batch[:1])  # between: ids of the next batch move on
+    with pytest.raises(RepeatedBatch) as repeated:
+        await store.add_result_ids(t1, batch, "batch-1")
+    assert repeated.value.ids == first
+    with pytest.raises(RepeatedBatch) as repeated:
+        await store.add_results(t1, batch, "batch-1")
+    assert repeated.value.ids == first
+    with pytest.raises(Conflict, match="^result batch 'batch-1' was stored for task 't1', not 't2'$"):
+        await store.add_results(t2, batch, "batch-1")
+    other = await store.add_result_ids(t1, batch, "batch-2")
+    assert len(set(first + other)) == 6
+    assert (await store.query_results(QueryResults(task_id="t1"))).summary.total == 6
+
+
+async def test_one_batch_sent_twice_at_once_is_stored_once(store: Store) -> None:
+    await store.add_session("s1", "nightly", "test")
+    await store.create_task(_task("t1"))
+    batch = [ResultSpec(name=f"case/{i}", outcome=Outcome.PASSED) for i in range(500)]
+    answers: list[list[int]] = []
+
+    async def send() -> None:
+        try:
+            answers.append(await store.add_result_ids(_task("t1"), batch, "same"))
+        except RepeatedBatch as repeated:
+            answers.append(repeated.ids)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(send)
+    assert len(answers) == 4 and all(a == answers[0] for a in answers)
+    assert (await store.query_results(QueryResults(task_id="t1"))).summary.total == 500

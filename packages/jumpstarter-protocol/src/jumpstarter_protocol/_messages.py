@@ -289,6 +289,10 @@ class AddResult(_Model):
     type: Literal["add_result"] = "add_result"
     task_id: Id
     results: list[ResultSpec] = Field(min_length=1)
+    batch_id: Id | None = None
+    """Chosen by the client, unique per batch. The store keeps it with the results, in
+    the same transaction, and answers the batch sent again (its reply was lost) with
+    the ids it stored the first time: sent twice, stored once."""
 
 
 class QueryResults(_Model):

@@ -59,6 +59,7 @@ from jumpstarter_protocol import (
 )
 
 from jumpstarter.errors import BadRequest, Conflict, NodeError, NotFound, Unauthorized
+from jumpstarter.store.base import RepeatedBatch
 
 if TYPE_CHECKING:
     from jumpstarter.node.server import NodeServer
@@ -235,13 +236,19 @@ class NodeConnection:
     async def _add_result(self, request: AddResult) -> ResultAdded:
         self._require_init()
         task = await self.server.store.get_task(request.task_id)
-        if self.server.hook.jmp_result_added.get_hookimpls():
-            results = await self.server.store.add_results(task, request.results)
-            self.server.hook.jmp_result_added(task=task, results=results)
-            return ResultAdded(ids=[r.id for r in results])
-        # No plugin wants the stored results: skip building them (most of the cost of
-        # a big batch after the insert itself).
-        return ResultAdded(ids=await self.server.store.add_result_ids(task, request.results))
+        store, batch = self.server.store, request.batch_id
+        try:
+            if self.server.hook.jmp_result_added.get_hookimpls():
+                results = await store.add_results(task, request.results, batch)
+                self.server.hook.jmp_result_added(task=task, results=results)
+                return ResultAdded(ids=[r.id for r in results])
+            # No plugin wants the stored results: skip building them (most of the cost
+            # of a big batch after the insert itself).
+            return ResultAdded(ids=await store.add_result_ids(task, request.results, batch))
+        except RepeatedBatch as repeated:
+            # Sent again because the reply was lost: stored once, answered alike, and
+            # the plugins heard of it the first time.
+            return ResultAdded(ids=repeated.ids)
 
     async def _query_results(self, request: QueryResults) -> Any:
         self._require_init()

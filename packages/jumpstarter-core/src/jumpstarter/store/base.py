@@ -25,6 +25,16 @@ from jumpstarter_protocol import (
 from jumpstarter.errors import ConfigError
 
 
+class RepeatedBatch(Exception):
+    """A result batch whose id the store already holds: it was stored before (its
+    reply was lost and the client sent it again). ``ids`` are the ids it got then."""
+
+    def __init__(self, batch_id: str, ids: list[int]) -> None:
+        super().__init__(f"result batch {batch_id!r} was stored before")
+        self.batch_id = batch_id
+        self.ids = ids
+
+
 class Store(ABC):
     """Where sessions, tasks and results are kept. Every method may raise
     :class:`~jumpstarter.errors.NotFound` for an unknown task id."""
@@ -88,15 +98,20 @@ class Store(ABC):
 
     @abstractmethod
     async def add_results(
-        self, task: TaskInfo, results: Sequence[ResultSpec]
+        self, task: TaskInfo, results: Sequence[ResultSpec], batch_id: str | None = None
     ) -> list[Result]:
-        """Commit ``results`` for ``task`` in one transaction."""
+        """Commit ``results`` for ``task`` in one transaction, with ``batch_id`` (the
+        client's id for the batch) when given. A batch id stored before raises
+        :class:`RepeatedBatch` with the ids it got, and nothing is written; one stored
+        for another task raises :class:`~jumpstarter.errors.Conflict`."""
 
-    async def add_result_ids(self, task: TaskInfo, results: Sequence[ResultSpec]) -> list[int]:
+    async def add_result_ids(
+        self, task: TaskInfo, results: Sequence[ResultSpec], batch_id: str | None = None
+    ) -> list[int]:
         """As :meth:`add_results`, but return only the new ids, in order. The node
         server calls this when no plugin wants the stored results: building a
         ``Result`` per row costs more than inserting it, so a store may skip that."""
-        return [r.id for r in await self.add_results(task, results)]
+        return [r.id for r in await self.add_results(task, results, batch_id)]
 
     @abstractmethod
     async def query_results(self, query: QueryResults) -> ResultsData: ...

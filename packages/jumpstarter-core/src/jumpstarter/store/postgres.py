@@ -32,7 +32,9 @@ from jumpstarter.store.base import Store
 from jumpstarter.store.sql import (
     _TASK_COLUMNS,
     FINISH_TASK,
+    GET_BATCH,
     GET_TASK,
+    INSERT_BATCH,
     INSERT_RESULT,
     INSERT_TASK,
     MARK_RUNNING,
@@ -42,9 +44,11 @@ from jumpstarter.store.sql import (
     _task,
     finish_params,
     history_query,
+    id_runs,
     no_session,
     no_task,
     result_rows,
+    repeated_batch,
     results_page,
     results_queries,
     session_check,
@@ -181,12 +185,26 @@ class PostgresStore(Store):
 
     # --- results ----------------------------------------------------------------------
 
-    async def add_results(self, task: TaskInfo, results: Sequence[ResultSpec]) -> list[Result]:
+    async def add_results(
+        self, task: TaskInfo, results: Sequence[ResultSpec], batch_id: str | None = None
+    ) -> list[Result]:
         now = time.time()
         rows = result_rows(task, results, now)
         async with self._pool.connection() as db, db.transaction():
             if not await (await db.execute("SELECT 1 FROM tasks WHERE id = %s", (task.id,))).fetchone():
                 raise no_task(task.id)
+            if batch_id is not None:
+                # Claimed first: the same batch sent again while this one commits
+                # waits here for it, then finds it stored.
+                claimed = await (
+                    await db.execute(
+                        POSTGRES.sql(INSERT_BATCH + " ON CONFLICT (id) DO NOTHING RETURNING id"),
+                        (batch_id, task.id, "[]", now),
+                    )
+                ).fetchone()
+                if not claimed:
+                    row = await (await db.execute(POSTGRES.sql(GET_BATCH), (batch_id,))).fetchone()
+                    raise repeated_batch(batch_id, task.id, row)
             async with db.cursor() as cur:
                 await cur.executemany(POSTGRES.sql(f"{INSERT_RESULT} RETURNING id"), rows, returning=True)
                 ids = []
@@ -194,6 +212,10 @@ class PostgresStore(Store):
                     ids.append((await cur.fetchone())[0])
                     if not cur.nextset():
                         break
+            if batch_id is not None:
+                await db.execute(
+                    "UPDATE result_batches SET ids = %s WHERE id = %s", (id_runs(ids), batch_id)
+                )
         return stored_results(task, results, ids, now)
 
     async def query_results(self, query: QueryResults) -> ResultsData:

@@ -24,7 +24,8 @@ from jumpstarter_protocol import (
     TaskState,
 )
 
-from jumpstarter.errors import BadRequest, NotFound
+from jumpstarter.errors import BadRequest, Conflict, NotFound
+from jumpstarter.store.base import RepeatedBatch
 
 _UNFINISHED = (TaskState.PENDING.value, TaskState.RUNNING.value)
 _OUTCOME_TEXT = {o: o.value for o in Outcome}  # a dict lookup beats Enum.value per row
@@ -242,6 +243,34 @@ def result_rows(task: TaskInfo, results: Sequence[ResultSpec], now: float) -> li
         )
         for r in results
     ]
+
+
+INSERT_BATCH = "INSERT INTO result_batches (id, task_id, ids, created_at) VALUES (?, ?, ?, ?)"
+GET_BATCH = "SELECT task_id, ids FROM result_batches WHERE id = ?"
+
+
+def id_runs(ids: Sequence[int]) -> str:
+    """``ids`` as the ``ids`` column of ``result_batches``: JSON ``[first, last]`` runs."""
+    runs: list[list[int]] = []
+    for result_id in ids:
+        if runs and runs[-1][1] + 1 == result_id:
+            runs[-1][1] = result_id
+        else:
+            runs.append([result_id, result_id])
+    return json.dumps(runs)
+
+
+def repeated_batch(batch_id: str, task_id: str, row: Sequence[Any]) -> Exception:
+    """What to raise for batch ``batch_id`` of ``task_id`` found stored as ``row``
+    (:data:`GET_BATCH`): :class:`RepeatedBatch`, or :class:`Conflict` when the id
+    was used for another task's results."""
+    stored_task, runs = row
+    if stored_task != task_id:
+        return Conflict(
+            f"result batch {batch_id!r} was stored for task {stored_task!r}, not {task_id!r}",
+            details={"batch_id": batch_id},
+        )
+    return RepeatedBatch(batch_id, [i for first, last in json.loads(runs) for i in range(first, last + 1)])
 
 
 def stored_results(

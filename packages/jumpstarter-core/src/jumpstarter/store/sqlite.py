@@ -41,7 +41,9 @@ from jumpstarter.store import schema
 from jumpstarter.store.base import Store
 from jumpstarter.store.sql import (
     FINISH_TASK,
+    GET_BATCH,
     GET_TASK,
+    INSERT_BATCH,
     INSERT_RESULT,
     INSERT_TASK,
     MARK_RUNNING,
@@ -51,10 +53,12 @@ from jumpstarter.store.sql import (
     _task,
     finish_params,
     history_query,
+    id_runs,
     no_session,
     no_task,
     result_rows,
     results_page,
+    repeated_batch,
     results_queries,
     session_check,
     session_counts,
@@ -315,27 +319,39 @@ class SQLiteStore(Store):
 
     # --- results ----------------------------------------------------------------------
 
-    async def add_results(self, task: TaskInfo, results: Sequence[ResultSpec]) -> list[Result]:
-        return await self._run(self._add_results, task, results)
+    async def add_results(
+        self, task: TaskInfo, results: Sequence[ResultSpec], batch_id: str | None = None
+    ) -> list[Result]:
+        return await self._run(self._add_results, task, results, batch_id)
 
-    def _add_results(self, task: TaskInfo, results: Sequence[ResultSpec]) -> list[Result]:
-        first, now = self._insert_results(task, results)
+    def _add_results(self, task: TaskInfo, results: Sequence[ResultSpec], batch_id: str | None) -> list[Result]:
+        first, now = self._insert_results(task, results, batch_id)
         return stored_results(task, results, range(first, first + len(results)), now)
 
-    async def add_result_ids(self, task: TaskInfo, results: Sequence[ResultSpec]) -> list[int]:
-        first, _ = await self._run(self._insert_results, task, results)
+    async def add_result_ids(
+        self, task: TaskInfo, results: Sequence[ResultSpec], batch_id: str | None = None
+    ) -> list[int]:
+        first, _ = await self._run(self._insert_results, task, results, batch_id)
         return list(range(first, first + len(results)))
 
-    def _insert_results(self, task: TaskInfo, results: Sequence[ResultSpec]) -> tuple[int, float]:
-        """Insert ``results`` in one transaction; the first new id (the others
-        follow it: no one else inserts while we hold the write lock) and the time."""
+    def _insert_results(
+        self, task: TaskInfo, results: Sequence[ResultSpec], batch_id: str | None
+    ) -> tuple[int, float]:
+        """Insert ``results`` (and their batch) in one transaction; the first new id
+        (the others follow it: no one else inserts while we hold the write lock) and
+        the time."""
         now = time.time()
         rows = result_rows(task, results, now)
         with self._transaction() as db:
             if db.execute("SELECT 1 FROM tasks WHERE id = ?", (task.id,)).fetchone() is None:
                 raise no_task(task.id)
+            if batch_id is not None and (row := db.execute(GET_BATCH, (batch_id,)).fetchone()):
+                raise repeated_batch(batch_id, task.id, row)
             first = db.execute("SELECT coalesce(max(id), 0) + 1 FROM results").fetchone()[0]
             db.executemany(INSERT_RESULT, rows)
+            if batch_id is not None:
+                ids = id_runs(range(first, first + len(rows)))
+                db.execute(INSERT_BATCH, (batch_id, task.id, ids, now))
         return first, now
 
     async def query_results(self, query: QueryResults) -> ResultsData:
