@@ -68,3 +68,44 @@ async def test_a_reply_is_not_a_request(server) -> None:
 
     reply = await server.connect().handle(Pong())
     assert (reply.code, reply.message) == ("bad_request", "pong is not a request")
+
+
+def _frame(message: dict) -> bytes:
+    import json
+    import struct
+
+    header = json.dumps(message).encode()
+    return struct.pack(">I", len(header)) + header
+
+
+async def test_bad_wire_values_are_bad_request_with_nothing_applied(server) -> None:
+    conn = server.connect()
+    await conn.handle(InitializeConnection(session_id="s1", session_name="wire"))
+    spec = {"argv": ["true"]}
+    cases = [
+        ({"type": "connect_node", "duration": 1e308},
+         "invalid connect_node message: duration: Input should be less than or equal to 1000000000"),
+        ({"type": "query_results", "cursor": str(10**23)},
+         "invalid cursor '100000000000000000000000': use the next_cursor of a page"),
+        ({"type": "new_task", "spec": {"argv": ["echo", "a\0b"]}},
+         "invalid new_task message: spec: Value error, argv[1] holds a NUL character"),
+        ({"type": "new_task", "spec": {**spec, "env": {"A": "x\0y"}}},
+         "invalid new_task message: spec: Value error, env A holds a NUL character"),
+        ({"type": "new_task", "spec": {**spec, "env": {"A=B": "x"}}},
+         "invalid new_task message: spec: Value error, env name 'A=B' must be non-empty and hold no '='"),
+        ({"type": "start_request", "spec": {**spec, "timeout": 1e308}},
+         "invalid start_request message: spec.timeout: Input should be less than or equal to 1000000000"),
+    ]
+    for message, text in cases:
+        reply = decode(await conn.handle_bytes(_frame(message)))
+        assert (reply.type, reply.code, reply.message) == ("error", "bad_request", text)
+    assert server.leases.current() is None  # the huge duration took no lease
+    assert await server.store.list_tasks() == []
+    assert await server.store.list_sessions(with_results=False) == []
+    # The node still leases and runs what is valid.
+    reply = decode(await conn.handle_bytes(_frame({"type": "connect_node", "duration": 60})))
+    assert reply.type == "connection_established"
+    for message, _ in cases[2:]:
+        reply = decode(await conn.handle_bytes(_frame(message)))
+        assert reply.code == "bad_request"
+    assert await server.store.list_tasks() == []

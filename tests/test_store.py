@@ -106,7 +106,10 @@ async def test_results_batches_query_filters_and_paging(store: Store) -> None:
         if cursor is None:
             break
     assert names == [f"suite/case{i}" for i in range(10)]
-    with pytest.raises(BadRequest, match="^invalid cursor 'x'$"):
+    for bad in ("10" * 15, "-1"):  # past any id (10^30 once overflowed SQLite), negative
+        with pytest.raises(BadRequest, match=f"^invalid cursor '{bad}': use the next_cursor of a page$"):
+            await store.query_results(QueryResults(cursor=bad))
+    with pytest.raises(BadRequest, match="^invalid cursor 'x': use the next_cursor of a page$"):
         await store.query_results(QueryResults(cursor="x"))
     with pytest.raises(NotFound, match="^no session named 'monthly'$"):
         await store.query_results(QueryResults(session="monthly"))

@@ -324,6 +324,18 @@ def _result_filters(dialect: Dialect, query: QueryResults) -> tuple[list[str], l
 
 Statement = tuple[str, list[Any]]
 
+_MAX_ID = 2**63 - 1  # both stores' ids are signed 64-bit
+
+
+def parse_cursor(cursor: str) -> int:
+    """The result id a cursor (a page's ``next_cursor``) stands for; a cursor no page
+    gave (not a number, or past any id) is :class:`BadRequest`."""
+    if not (cursor.isascii() and cursor.isdigit()) or int(cursor) > _MAX_ID:
+        shown = cursor if len(cursor) <= 40 else cursor[:39] + "…"
+        raise BadRequest(f"invalid cursor {shown!r}: use the next_cursor of a page")
+    return int(cursor)
+
+
 
 def results_queries(dialect: Dialect, query: QueryResults) -> tuple[Statement, Statement]:
     """The statements of :meth:`Store.query_results`: its page (one row more than
@@ -332,10 +344,7 @@ def results_queries(dialect: Dialect, query: QueryResults) -> tuple[Statement, S
     where, params = _result_filters(dialect, query)
     page_where, page_params = list(where), list(params)
     if query.cursor is not None:
-        try:
-            after = int(query.cursor)
-        except ValueError:
-            raise BadRequest(f"invalid cursor {query.cursor!r}") from None
+        after = parse_cursor(query.cursor)
         page_where.append("id > ?")
         page_params.append(after)
     page = _statement(dialect, f"SELECT {_RESULT_COLUMNS} FROM results", page_where, " ORDER BY id LIMIT ?")
