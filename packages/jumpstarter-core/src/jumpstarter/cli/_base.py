@@ -44,6 +44,16 @@ class JmpGroup(click.Group):
         ``jmp: error: <what is wrong> (try 'jmp run --help')``, exit code 2."""
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
+        argv = kwargs.get("args", args[0] if args else None)
+        for arg in sys.argv[1:] if argv is None else argv:
+            try:
+                arg.encode("utf-8")
+            except UnicodeEncodeError:
+                # A byte that is not UTF-8 (os.fsdecode made it a lone surrogate): JSON
+                # and the store cannot carry it, so it is refused before anything is done.
+                shown = _shown_bytes(arg)
+                click.echo(f"jmp: error: argument '{shown}' is not valid UTF-8 text", err=True)
+                sys.exit(EXIT_USAGE)
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except click.exceptions.NoArgsIsHelpError as exc:  # `jmp task`: the help
@@ -109,6 +119,15 @@ class JmpGroup(click.Group):
             click.echo(f"jmp: warning: plugins not loaded: {exc}", err=True)
             return
         plugins.hook.jmp_register_commands(cli=self)
+
+
+def _shown_bytes(arg: str) -> str:
+    """``arg`` with what is not UTF-8 shown as escapes: ``bad\\xff``."""
+    try:
+        raw = arg.encode("utf-8", "surrogateescape")  # the bytes the user typed
+    except UnicodeEncodeError:
+        return arg.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+    return ascii(raw)[2:-1]
 
 
 class State:

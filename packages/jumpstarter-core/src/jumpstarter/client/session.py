@@ -76,7 +76,7 @@ class AsyncSession:
 
     def __init__(self, protocol: JumpStarterProtocol, name: str) -> None:
         self.protocol = protocol
-        self.name = name
+        self.name = _checked("session name", name, MAX_NAME)
         self.id = secrets.token_hex(8)
         self.nodes: list[AsyncNode] = []
         self._task_nodes: dict[str, AsyncNode] = {}
@@ -229,6 +229,26 @@ class AsyncSession:
         return await self._node_for(filters.get("task_id")).query_results(**filters)
 
 
+MAX_NAME = 512
+"""Longest session name (the protocol's ``Name``)."""
+MAX_ID = 128
+"""Longest task id (the protocol's ``Id``)."""
+
+
+def _checked(what: str, value: str, limit: int) -> str:
+    """``value``, or :class:`BadRequest` of one line if the protocol cannot carry it."""
+    shown = repr(value if len(value) <= 40 else value[:39] + "…")
+    if not value:
+        raise BadRequest(f"invalid {what}: it is empty")
+    if len(value) > limit:
+        raise BadRequest(f"invalid {what} {shown}: {len(value)} characters, at most {limit}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"invalid {what} {shown}: not valid UTF-8 text") from None
+    return value
+
+
 def new_batch_id() -> str:
     """A fresh id for a result batch: random, so no two clients ever share one."""
     return secrets.token_hex(16)
@@ -290,8 +310,9 @@ class AsyncNode:
         return self._task(started.task_id)
 
     def task(self, task_id: str) -> AsyncTask:
-        """A handle on an existing task of this node."""
-        return self._task(task_id)
+        """A handle on an existing task of this node; :class:`BadRequest` for an id
+        no task can have."""
+        return self._task(_checked("task id", task_id, MAX_ID))
 
     def _task(self, task_id: str, info: TaskInfo | None = None) -> AsyncTask:
         self.session._task_nodes[task_id] = self

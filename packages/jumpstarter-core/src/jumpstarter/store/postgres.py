@@ -69,6 +69,16 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "a postgresql:// store needs psycopg: pip install 'jumpstarter-core[postgres]'"
     ) from exc
 
+CONNECT_TIMEOUT = 5
+"""Seconds to wait for the server to answer when the store is opened."""
+
+
+def _first_line(exc: Exception) -> str:
+    # libpq's message: "connection failed: connection to server at …: Connection
+    # refused\n\tIs the server running…": the first line says it.
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 class PostgresStore(Store):
     """A store in a PostgreSQL database, shared by many machines."""
 
@@ -79,6 +89,13 @@ class PostgresStore(Store):
         )
 
     async def open(self) -> None:
+        # One connection first: a server that cannot be reached (or refuses us) is
+        # one line at once, not the pool's retries logged for its whole timeout.
+        try:
+            probe = await psycopg.AsyncConnection.connect(self.url, connect_timeout=CONNECT_TIMEOUT)
+        except psycopg.Error as exc:
+            raise ConfigError(f"cannot open the store {_safe(self.url)}: {_first_line(exc)}") from None
+        await probe.close()
         try:
             await self._pool.open(wait=True, timeout=10)
         except Exception as exc:

@@ -162,9 +162,23 @@ class SQLiteStore(Store):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            _enter_wal(db)
+            # Before anything is written (even the switch to WAL, which changes the
+            # file's header): a database of another application is left as it was.
+            # One read transaction: another process migrating a new store meanwhile is
+            # seen whole (its tables with their version) or not at all.
+            with self._Tx(db, immediate=False):
+                unversioned = db.execute("PRAGMA user_version").fetchone()[0] == 0
+                foreign = self._foreign_tables(db) if unversioned else []
+            if not foreign:
+                _enter_wal(db)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"cannot open the store {self.path}: {exc}") from None
+        if foreign:
+            db.close()
+            raise ConfigError(
+                f"the store {self.path} is not a Jumpstarter store: it holds another "
+                f"application's tables ({', '.join(foreign)})"
+            )
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA foreign_keys=ON")
         self._db = db
@@ -182,6 +196,18 @@ class SQLiteStore(Store):
                         db.execute(statement)
                     db.execute(f"PRAGMA user_version={number}")
         self._open_inline()
+
+    @staticmethod
+    def _foreign_tables(db: sqlite3.Connection, shown: int = 3) -> list[str]:
+        names = [
+            row[0]
+            for row in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+                " ORDER BY name LIMIT ?",
+                (shown + 1,),
+            )
+        ]
+        return names if len(names) <= shown else [*names[:shown], "…"]
 
     def _open_inline(self) -> None:
         # Used only from the event loop's thread once open; never waits for a lock
