@@ -9,7 +9,7 @@ import anyio
 import pytest
 from click.testing import CliRunner
 from jumpstarter.cli import cli
-from jumpstarter.errors import BadRequest, Conflict, NotFound
+from jumpstarter.errors import BadRequest, Conflict, NotFound, TooLarge
 from jumpstarter.store import RepeatedBatch, Store, open_store
 from jumpstarter_protocol import Outcome, QueryResults, ResultSpec, TaskInfo, TaskSpec, TaskState
 
@@ -211,3 +211,27 @@ async def test_one_batch_sent_twice_at_once_is_stored_once(store: Store) -> None
             tg.start_soon(send)
     assert len(answers) == 4 and all(a == answers[0] for a in answers)
     assert (await store.query_results(QueryResults(task_id="t1"))).summary.total == 500
+
+
+async def test_a_page_is_cut_by_bytes_as_well_as_by_count(store: Store) -> None:
+    await store.add_session("s1", "nightly", "test")
+    task = _task("t1")
+    await store.create_task(task)
+    # 10 results of some 10 kB each (control characters count 6 bytes a character).
+    await store.add_results(task, [
+        ResultSpec(name=f"big/{i}", outcome=Outcome.FAILED, message=("x" * 9000) + "\x01" * 200)
+        for i in range(10)
+    ])
+    names, cursor, pages = [], None, 0
+    while True:
+        page = await store.query_results(QueryResults(task_id="t1", cursor=cursor), max_bytes=40_000)
+        assert sum(len(r.model_dump_json()) for r in page.results) <= 40_000
+        assert page.summary.total == 10
+        names += [r.name for r in page.results]
+        pages += 1
+        if (cursor := page.next_cursor) is None:
+            break
+    assert names == [f"big/{i}" for i in range(10)] and pages >= 3
+    with pytest.raises(TooLarge, match=r"^result \d+ alone is larger than a reply may be \(5000 bytes\); "
+                                       "query with a narrower filter$"):
+        await store.query_results(QueryResults(task_id="t1"), max_bytes=5000)

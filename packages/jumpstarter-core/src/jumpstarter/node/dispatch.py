@@ -66,6 +66,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+REPLY_ROOM = 64 * 1024
+"""Bytes of a reply kept for what is not its results (the summary, the cursor)."""
+
 
 class NodeConnection:
     """One client's connection to a node server: its handshake and its lease."""
@@ -252,7 +255,10 @@ class NodeConnection:
 
     async def _query_results(self, request: QueryResults) -> Any:
         self._require_init()
-        return await self.server.store.query_results(request)
+        # The page ends (with a cursor) before its results pass the message limit,
+        # less room for the rest of the reply: it is never built too large to send.
+        budget = max(self.server.max_message_size - REPLY_ROOM, REPLY_ROOM)
+        return await self.server.store.query_results(request, max_bytes=budget)
 
     async def _open_task(self, request: OpenTask) -> TaskCreated:
         self._require_init()  # no lease: the node runs nothing for it

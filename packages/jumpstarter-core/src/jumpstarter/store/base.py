@@ -114,7 +114,11 @@ class Store(ABC):
         return [r.id for r in await self.add_results(task, results, batch_id)]
 
     @abstractmethod
-    async def query_results(self, query: QueryResults) -> ResultsData: ...
+    async def query_results(self, query: QueryResults, max_bytes: int | None = None) -> ResultsData:
+        """A page of the results matching ``query``, with the summary of them all. With
+        ``max_bytes`` the page's results take at most that many bytes of JSON: rows are
+        read one by one and the page ends (with a cursor) before it would pass; a single
+        result larger than that is :class:`~jumpstarter.errors.TooLarge`."""
 
     @abstractmethod
     async def list_sessions(

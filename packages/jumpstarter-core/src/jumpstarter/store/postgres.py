@@ -49,7 +49,7 @@ from jumpstarter.store.sql import (
     no_task,
     result_rows,
     repeated_batch,
-    results_page,
+    Page,
     results_queries,
     session_check,
     session_counts,
@@ -69,6 +69,8 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "a postgresql:// store needs psycopg: pip install 'jumpstarter-core[postgres]'"
     ) from exc
 
+PAGE_FETCH = 50
+"""Rows of a query's page fetched from the server at once."""
 CONNECT_TIMEOUT = 5
 """Seconds to wait for the server to answer when the store is opened."""
 
@@ -235,16 +237,23 @@ class PostgresStore(Store):
                 )
         return stored_results(task, results, ids, now)
 
-    async def query_results(self, query: QueryResults) -> ResultsData:
+    async def query_results(self, query: QueryResults, max_bytes: int | None = None) -> ResultsData:
         if query.task_id is not None:
             await self.get_task(query.task_id)
         if query.session is not None:
             await self._require_session(query.session)
-        page, summary = results_queries(POSTGRES, query)
+        statement, summary = results_queries(POSTGRES, query)
+        page = Page(query.limit, max_bytes)
         async with self._snapshot() as db:  # one for the page and its summary
-            rows = await (await db.execute(*page)).fetchall()
             counts = await (await db.execute(*summary)).fetchall()
-        return results_page(rows, counts, query.limit)
+            # A server-side cursor: rows come a few at a time, and a full page stops
+            # reading, so large results are never all held here at once.
+            async with db.cursor(name="jmp_results_page") as cur:
+                await cur.execute(*statement)
+                full = False
+                while not full and (rows := await cur.fetchmany(PAGE_FETCH)):
+                    full = not all(page.add(row) for row in rows)
+        return page.reply(counts)
 
     # --- sessions and history -------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from jumpstarter_protocol import (
     TaskState,
 )
 
-from jumpstarter.errors import BadRequest, Conflict, NotFound
+from jumpstarter.errors import BadRequest, Conflict, NotFound, TooLarge
 from jumpstarter.store.base import RepeatedBatch
 
 _UNFINISHED = (TaskState.PENDING.value, TaskState.RUNNING.value)
@@ -340,7 +340,7 @@ def parse_cursor(cursor: str) -> int:
 def results_queries(dialect: Dialect, query: QueryResults) -> tuple[Statement, Statement]:
     """The statements of :meth:`Store.query_results`: its page (one row more than
     asked, to tell whether another follows) and the summary of every match, by
-    outcome. Run both in one snapshot and hand the rows to :func:`results_page`."""
+    outcome. Run both in one snapshot and feed the page's rows to a :class:`Page`."""
     where, params = _result_filters(dialect, query)
     page_where, page_params = list(where), list(params)
     if query.cursor is not None:
@@ -354,19 +354,66 @@ def results_queries(dialect: Dialect, query: QueryResults) -> tuple[Statement, S
     return (page, [*page_params, query.limit + 1]), (summary, params)
 
 
-def results_page(rows: Sequence[Any], counts: Sequence[Any], limit: int) -> ResultsData:
-    """The answer to a query from the rows of :func:`results_queries`."""
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return ResultsData(
-        results=[_result(row) for row in rows],
-        summary=ResultSummary(
-            total=sum(c for _, c, _ in counts),
-            outcomes={Outcome(o): c for o, c, _ in counts},
-            duration=float(sum(d for _, _, d in counts)),
-        ),
-        next_cursor=str(rows[-1][0]) if more and rows else None,
-    )
+class Page:
+    """A page of results built row by row, within ``limit`` rows and ``max_bytes``
+    bytes of JSON (the reply's budget), so a query over large results stops reading
+    when the page is full instead of building a reply too large to send. Feed it
+    rows of :func:`results_queries`'s page statement with :meth:`add` until it
+    answers False, then take :meth:`reply`."""
+
+    ROW_OVERHEAD = 1024
+    """Bytes a result's JSON spends beyond its text: keys, numbers, timestamps."""
+
+    def __init__(self, limit: int, max_bytes: int | None = None) -> None:
+        self.limit, self.max_bytes = limit, max_bytes
+        self.results: list[Result] = []
+        self.more = False
+        self._size = 0  # an upper bound of the JSON of self.results
+
+    def add(self, row: Sequence[Any]) -> bool:
+        """Add ``row`` if it fits; False when the page is full (then another follows)."""
+        if len(self.results) >= self.limit:
+            self.more = True
+            return False
+        result = _result(row)
+        if self.max_bytes is not None:
+            # Cheap first: JSON of text is at most 6 bytes a character (\u0000); only
+            # near the budget is the result's JSON measured exactly.
+            size = 6 * sum(_text_length(value) for value in row) + self.ROW_OVERHEAD
+            if self._size + size > self.max_bytes:
+                size = len(result.__pydantic_serializer__.to_json(result)) + 1
+            if self._size + size > self.max_bytes:
+                if not self.results:
+                    raise TooLarge(
+                        f"result {result.id} alone is larger than a reply may be "
+                        f"({self.max_bytes} bytes); query with a narrower filter",
+                        details={"result_id": result.id},
+                    )
+                self.more = True
+                return False
+            self._size += size
+        self.results.append(result)
+        return True
+
+    def reply(self, counts: Sequence[Any]) -> ResultsData:
+        """The answer, with the summary from the summary statement's ``counts``."""
+        return ResultsData(
+            results=self.results,
+            summary=ResultSummary(
+                total=sum(c for _, c, _ in counts),
+                outcomes={Outcome(o): c for o, c, _ in counts},
+                duration=float(sum(d for _, _, d in counts)),
+            ),
+            next_cursor=str(self.results[-1].id) if self.more and self.results else None,
+        )
+
+
+def _text_length(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict | list):  # a PostgreSQL JSONB column, already parsed
+        return len(json.dumps(value, ensure_ascii=False))
+    return 0
 
 
 def sessions_query(

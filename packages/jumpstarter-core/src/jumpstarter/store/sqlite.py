@@ -57,7 +57,7 @@ from jumpstarter.store.sql import (
     no_session,
     no_task,
     result_rows,
-    results_page,
+    Page,
     repeated_batch,
     results_queries,
     session_check,
@@ -380,19 +380,22 @@ class SQLiteStore(Store):
                 db.execute(INSERT_BATCH, (batch_id, task.id, ids, now))
         return first, now
 
-    async def query_results(self, query: QueryResults) -> ResultsData:
-        return await self._run(self._query_results, query)
+    async def query_results(self, query: QueryResults, max_bytes: int | None = None) -> ResultsData:
+        return await self._run(self._query_results, query, max_bytes)
 
-    def _query_results(self, query: QueryResults) -> ResultsData:
+    def _query_results(self, query: QueryResults, max_bytes: int | None) -> ResultsData:
         if query.task_id is not None:
             self._get_task(query.task_id)  # NotFound for an unknown id
         if query.session is not None:
             self._require_session(query.session)
-        page, summary = results_queries(SQLITE, query)
+        statement, summary = results_queries(SQLITE, query)
+        page = Page(query.limit, max_bytes)
         with self._transaction(immediate=False) as db:  # one snapshot for page and summary
-            rows = db.execute(*page).fetchall()
             counts = db.execute(*summary).fetchall()
-        return results_page(rows, counts, query.limit)
+            for row in db.execute(*statement):  # row by row: a full page stops reading
+                if not page.add(row):
+                    break
+        return page.reply(counts)
 
     # --- sessions and history -------------------------------------------------------------
 
