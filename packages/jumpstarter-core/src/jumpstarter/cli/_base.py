@@ -61,7 +61,7 @@ class JmpGroup(click.Group):
             sys.exit(exc.exit_code)
         except click.UsageError as exc:
             where = exc.ctx.command_path if exc.ctx is not None else "jmp"
-            message = " ".join(exc.format_message().split())  # click may wrap a choice list
+            message = one_line(" ".join(exc.format_message().split()))  # click may wrap a choice list
             click.echo(f"jmp: error: {message} (try '{where} --help')", err=True)
             sys.exit(exc.exit_code)
         except OSError as exc:
@@ -71,7 +71,7 @@ class JmpGroup(click.Group):
             click.echo(f"jmp: error: cannot write output: {exc.strerror}", err=True)
             sys.exit(EXIT_ERROR)
         except click.ClickException as exc:
-            click.echo(f"jmp: error: {exc.format_message()}", err=True)
+            click.echo(f"jmp: error: {one_line(exc.format_message())}", err=True)
             sys.exit(exc.exit_code)
         except click.Abort:
             click.echo("jmp: aborted", err=True)
@@ -168,8 +168,16 @@ def exit_code_for(exc: BaseException) -> int:
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> None:
-    click.echo(f"jmp: error: {message}", err=True)
+    click.echo(f"jmp: error: {one_line(message)}", err=True)
     sys.exit(code)
+
+
+def one_line(message: str) -> str:
+    """``message`` as one line a terminal shows as it is: control characters (a
+    newline, an escape sequence from a name the user gave) escaped."""
+    from ._output import printable
+
+    return printable(message)
 
 
 def require_named_store(state: State, node: str | None) -> None:
