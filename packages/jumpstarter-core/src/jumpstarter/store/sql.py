@@ -251,6 +251,8 @@ GET_BATCH = "SELECT task_id, ids FROM result_batches WHERE id = ?"
 
 def id_runs(ids: Sequence[int]) -> str:
     """``ids`` as the ``ids`` column of ``result_batches``: JSON ``[first, last]`` runs."""
+    if isinstance(ids, range) and ids.step == 1:
+        return json.dumps([[ids.start, ids.stop - 1]] if ids else [])
     runs: list[list[int]] = []
     for result_id in ids:
         if runs and runs[-1][1] + 1 == result_id:
