@@ -211,7 +211,7 @@ class ResultSpec(_Model):
     """The attempts disagreed (it failed, then passed): the outcome is not to be trusted."""
     file: str | None = None
     """The source file of the test, as the producer named it."""
-    line: int | None = Field(default=None, ge=0)
+    line: int | None = Field(default=None, ge=0, le=2**31 - 1)
 
 
 class Result(ResultSpec):
@@ -400,7 +400,7 @@ class CloseTask(_Model):
     type: Literal["close_task"] = "close_task"
     task_id: Id
     state: TaskState
-    exit_code: int | None = None
+    exit_code: int | None = Field(default=None, ge=-(2**31), le=2**31 - 1)
     message: str | None = None
 
     @model_validator(mode="after")
