@@ -17,7 +17,6 @@ from jumpstarter.errors import TransportError
 from jumpstarter.protocol import JumpStarterProtocol
 from jumpstarter_protocol import OpenTask, ResultSpec, TaskSpec
 from jumpstarter_testing._recorder import Sender
-
 from stores import postgres_url, store_url  # noqa: F401  (fixture)
 
 # ``jmp node serve`` itself, with one change: when the file named by
@@ -93,7 +92,18 @@ class Node:
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def node(request: pytest.FixtureRequest, tmp_path: Path, data_dir: Path) -> Iterator[Node]:
-    served = Node(tmp_path, store_url(request.param, tmp_path, request))
+    """The node on each store."""
+    yield from _served(request, tmp_path, request.param)
+
+
+@pytest.fixture
+def sqlite_node(request: pytest.FixtureRequest, tmp_path: Path, data_dir: Path) -> Iterator[Node]:
+    """The node on SQLite: the retries of the client's side, the store's part once."""
+    yield from _served(request, tmp_path, "sqlite")
+
+
+def _served(request: pytest.FixtureRequest, tmp_path: Path, kind: str) -> Iterator[Node]:
+    served = Node(tmp_path, store_url(kind, tmp_path, request))
     served.start()
     try:
         yield served
@@ -121,6 +131,7 @@ def test_a_batch_whose_reply_was_lost_is_stored_once_when_sent_again(node: Node,
             session.add_results(task_id, _batch("lost"), batch_id="batch-lost")
         assert not node.marker.exists()
         node.restart()
+        _until_reachable(lab)
         again = session.add_results(task_id, _batch("lost"), batch_id="batch-lost")
         after = session.add_results(task_id, _batch("after"))
         page = session.query_results(task_id=task_id, limit=1000)
@@ -130,7 +141,8 @@ def test_a_batch_whose_reply_was_lost_is_stored_once_when_sent_again(node: Node,
     assert again[0] > before[-1] and after[0] > again[-1]
 
 
-def test_the_transport_sends_a_lost_batch_again_with_its_id(node: Node, data_dir: Path) -> None:
+def test_the_transport_sends_a_lost_batch_again_with_its_id(sqlite_node: Node, data_dir: Path) -> None:
+    node = sqlite_node
     # The transport itself retries a batch carrying its id while the node comes back.
     protocol = _client(data_dir, node.url, reconnect_timeout=60)
     with protocol.create_session("exactly-once") as session:
@@ -149,7 +161,8 @@ def test_the_transport_sends_a_lost_batch_again_with_its_id(node: Node, data_dir
     assert sorted(r.name for r in page.results) == sorted(f"case/{i}" for i in range(120))
 
 
-def test_the_recorder_sends_a_failed_batch_again_with_the_same_id(node: Node, data_dir: Path) -> None:
+def test_the_recorder_sends_a_failed_batch_again_with_the_same_id(sqlite_node: Node, data_dir: Path) -> None:
+    node = sqlite_node
     protocol = _client(data_dir, node.url, reconnect_timeout=0.3)
     with protocol.create_session("exactly-once") as session:
         lab = session.connect("lab1", lease=False)
@@ -167,11 +180,25 @@ def test_the_recorder_sends_a_failed_batch_again_with_the_same_id(node: Node, da
         sender.flush()  # committed, reply lost, given up: kept with its id
         assert (sender.sent, sender.pending) == (0, 80)
         node.restart()
+        _until_reachable(lab)
         sender.flush()
         assert (sender.sent, sender.pending, sender.error) == (80, 0, None)
         page = session.query_results(task_id=task_id, limit=1000)
     assert len(ids_sent) == 2 and ids_sent[0] == ids_sent[1]
     assert sorted(r.name for r in page.results) == sorted(f"case/{i}" for i in range(80))
+
+
+def _until_reachable(lab) -> None:  # type: ignore[no-untyped-def]
+    """Wait until the client's channel reaches the restarted node (gRPC backs off
+    between connection attempts; the short reconnect_timeout may end first)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            lab.ping()
+            return
+        except TransportError:
+            assert time.monotonic() < deadline, "the restarted node cannot be reached"
+            time.sleep(0.1)
 
 
 def _in_thread(fn):  # type: ignore[no-untyped-def]

@@ -235,3 +235,18 @@ async def test_a_page_is_cut_by_bytes_as_well_as_by_count(store: Store) -> None:
     with pytest.raises(TooLarge, match=r"^result \d+ alone is larger than a reply may be \(5000 bytes\); "
                                        "query with a narrower filter$"):
         await store.query_results(QueryResults(task_id="t1"), max_bytes=5000)
+
+
+async def test_history_leaves_out_older_runs_that_would_not_fit(store: Store) -> None:
+    await store.add_session("s1", "nightly", "test")
+    task = _task("t1")
+    await store.create_task(task)
+    for i in range(6):
+        await store.add_results(task, [ResultSpec(name="boot", outcome=Outcome.PASSED, message=f"{i}" * 9000)])
+    whole = await store.history("boot", limit=10, max_bytes=10**6)
+    assert len(whole.results) == 6 and not whole.truncated
+    assert whole.session_names == {"s1": "nightly"}
+    cut = await store.history("boot", limit=10, max_bytes=30_000)
+    assert cut.truncated and 1 <= len(cut.results) < 6
+    assert [r.message[0] for r in cut.results] == ["5", "4", "3"][: len(cut.results)]  # the newest
+    assert not (await store.history("boot", limit=2, max_bytes=10**6)).truncated

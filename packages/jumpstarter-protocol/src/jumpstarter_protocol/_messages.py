@@ -529,6 +529,9 @@ class HistoryData(_Model):
     name: str
     results: list[Result]
     session_names: dict[str, str] = Field(default_factory=dict)
+    truncated: bool = False
+    """Older runs within ``limit`` were left out: all of them would not fit in one
+    reply (the message limit)."""
 
 
 class Error(_Model):

@@ -257,8 +257,10 @@ class NodeConnection:
         self._require_init()
         # The page ends (with a cursor) before its results pass the message limit,
         # less room for the rest of the reply: it is never built too large to send.
-        budget = max(self.server.max_message_size - REPLY_ROOM, REPLY_ROOM)
-        return await self.server.store.query_results(request, max_bytes=budget)
+        return await self.server.store.query_results(request, max_bytes=self._reply_budget())
+
+    def _reply_budget(self) -> int:
+        return max(self.server.max_message_size - REPLY_ROOM, REPLY_ROOM)
 
     async def _open_task(self, request: OpenTask) -> TaskCreated:
         self._require_init()  # no lease: the node runs nothing for it
@@ -277,7 +279,9 @@ class NodeConnection:
 
     async def _history(self, request: QueryHistory) -> Any:
         self._require_init()
-        return await self.server.store.history(request.name, session=request.session, limit=request.limit)
+        return await self.server.store.history(
+            request.name, session=request.session, limit=request.limit, max_bytes=self._reply_budget()
+        )
 
     async def _status(self, request: GetTaskStatus) -> TaskStatus:
         self._require_init()

@@ -129,10 +129,14 @@ class Store(ABC):
         sessions that have results."""
 
     @abstractmethod
-    async def history(self, name: str, *, session: str | None = None, limit: int = 50) -> HistoryData:
+    async def history(
+        self, name: str, *, session: str | None = None, limit: int = 50, max_bytes: int | None = None
+    ) -> HistoryData:
         """The ``limit`` newest results named exactly ``name``, newest first, with the
         names of their sessions; ``session`` (an id, or a glob over names) narrows
-        them. :class:`NotFound` when ``session`` matches no session."""
+        them. :class:`NotFound` when ``session`` matches no session. With
+        ``max_bytes``, as :meth:`query_results`: older runs that would not fit are left
+        out and the reply says ``truncated``."""
 
 
 

@@ -40,16 +40,15 @@ from jumpstarter.store.sql import (
     MARK_RUNNING,
     RUNNING_TASKS,
     Dialect,
-    _result,
+    Page,
     _task,
     finish_params,
     history_query,
     id_runs,
     no_session,
     no_task,
-    result_rows,
     repeated_batch,
-    Page,
+    result_rows,
     results_queries,
     session_check,
     session_counts,
@@ -246,13 +245,7 @@ class PostgresStore(Store):
         page = Page(query.limit, max_bytes)
         async with self._snapshot() as db:  # one for the page and its summary
             counts = await (await db.execute(*summary)).fetchall()
-            # A server-side cursor: rows come a few at a time, and a full page stops
-            # reading, so large results are never all held here at once.
-            async with db.cursor(name="jmp_results_page") as cur:
-                await cur.execute(*statement)
-                full = False
-                while not full and (rows := await cur.fetchmany(PAGE_FETCH)):
-                    full = not all(page.add(row) for row in rows)
+            await self._fill(db, page, statement)
         return page.reply(counts)
 
     # --- sessions and history -------------------------------------------------------------
@@ -267,17 +260,30 @@ class PostgresStore(Store):
                 counts += await (await db.execute(*statement)).fetchall()
         return sessions_with_summaries(rows, counts)
 
-    async def history(self, name: str, *, session: str | None = None, limit: int = 50) -> HistoryData:
+    async def history(
+        self, name: str, *, session: str | None = None, limit: int = 50, max_bytes: int | None = None
+    ) -> HistoryData:
+        page = Page(limit, max_bytes)
         async with self._snapshot() as db:
             if session is not None and not await (
                 await db.execute(*session_check(POSTGRES, session, glob=True))
             ).fetchone():
                 raise no_session(session)
-            rows = await (await db.execute(*history_query(POSTGRES, name, session, limit))).fetchall()
+            await self._fill(db, page, history_query(POSTGRES, name, session, limit))
             names: list[Any] = []
-            if (statement := session_names(POSTGRES, rows)) is not None:
+            if (statement := session_names(POSTGRES, page.results)) is not None:
                 names = await (await db.execute(*statement)).fetchall()
-        return HistoryData(name=name, results=[_result(row) for row in rows], session_names=dict(names))
+        return page.history(name, names)
+
+    @staticmethod
+    async def _fill(db: psycopg.AsyncConnection[Any], page: Page, statement: tuple[str, list[Any]]) -> None:
+        """Feed ``page`` the rows of ``statement`` until it is full, from a server-side
+        cursor: rows come a few at a time, so large results are never all held here."""
+        async with db.cursor(name="jmp_page") as cur:
+            await cur.execute(*statement)
+            full = False
+            while not full and (rows := await cur.fetchmany(PAGE_FETCH)):
+                full = not all(page.add(row) for row in rows)
 
     @asynccontextmanager
     async def _snapshot(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:

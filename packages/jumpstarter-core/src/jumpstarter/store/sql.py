@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from jumpstarter_protocol import (
+    HistoryData,
     Outcome,
     QueryResults,
     Result,
@@ -397,6 +398,10 @@ class Page:
         self.results.append(result)
         return True
 
+    def history(self, name: str, names: Sequence[Any]) -> HistoryData:
+        """The answer to a history query, with the ``(id, name)`` rows of its sessions."""
+        return HistoryData(name=name, results=self.results, session_names=dict(names), truncated=self.more)
+
     def reply(self, counts: Sequence[Any]) -> ResultsData:
         """The answer, with the summary from the summary statement's ``counts``."""
         return ResultsData(
@@ -459,9 +464,9 @@ def history_query(dialect: Dialect, name: str, session: str | None, limit: int) 
     return dialect.sql(sql), [*params, limit]
 
 
-def session_names(dialect: Dialect, rows: Sequence[Any]) -> Statement | None:
-    """The statement that names the sessions of history ``rows``; None for none."""
-    ids = sorted({row[2] for row in rows if row[2] is not None})
+def session_names(dialect: Dialect, results: Sequence[Result]) -> Statement | None:
+    """The statement that names the sessions of history ``results``; None for none."""
+    ids = sorted({r.session_id for r in results if r.session_id is not None})
     if not ids:
         return None
     term, params = dialect.one_of("id", ids)

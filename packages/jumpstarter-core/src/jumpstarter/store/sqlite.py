@@ -49,16 +49,15 @@ from jumpstarter.store.sql import (
     MARK_RUNNING,
     RUNNING_TASKS,
     SQLITE,
-    _result,
+    Page,
     _task,
     finish_params,
     history_query,
     id_runs,
     no_session,
     no_task,
-    result_rows,
-    Page,
     repeated_batch,
+    result_rows,
     results_queries,
     session_check,
     session_counts,
@@ -412,18 +411,23 @@ class SQLiteStore(Store):
                 counts += db.execute(*statement).fetchall()
         return sessions_with_summaries(rows, counts)
 
-    async def history(self, name: str, *, session: str | None = None, limit: int = 50) -> HistoryData:
-        return await self._run(self._history, name, session, limit)
+    async def history(
+        self, name: str, *, session: str | None = None, limit: int = 50, max_bytes: int | None = None
+    ) -> HistoryData:
+        return await self._run(self._history, name, session, limit, max_bytes)
 
-    def _history(self, name: str, session: str | None, limit: int) -> HistoryData:
+    def _history(self, name: str, session: str | None, limit: int, max_bytes: int | None) -> HistoryData:
+        page = Page(limit, max_bytes)
         with self._transaction(immediate=False) as db:
             if session is not None:
                 self._require_session(session, glob=True)
-            rows = db.execute(*history_query(SQLITE, name, session, limit)).fetchall()
+            for row in db.execute(*history_query(SQLITE, name, session, limit)):
+                if not page.add(row):
+                    break
             names: list[Any] = []
-            if (statement := session_names(SQLITE, rows)) is not None:
+            if (statement := session_names(SQLITE, page.results)) is not None:
                 names = db.execute(*statement).fetchall()
-        return HistoryData(name=name, results=[_result(row) for row in rows], session_names=dict(names))
+        return page.history(name, names)
 
 
 
