@@ -187,7 +187,7 @@ ADD = ["result", "add", "TASK", "--name", "n", "--outcome", "passed"]
         (["result", "query", "--task", "nope"], 3, "jmp: error: no task with id 'nope'\n"),
         (["result", "query", "--session", "nope"], 3, "jmp: error: no session named 'nope'\n"),
         (["result", "query", "--node", "nowhere"], 3, "jmp: error: unknown node 'nowhere'; known nodes: local\n"),
-        (["result", "query", "--cursor", "x"], 2, "jmp: error: invalid cursor 'x'\n"),
+        (["result", "query", "--cursor", "x"], 2, "jmp: error: invalid cursor 'x': use the next_cursor of a page\n"),
     ],
 )
 def test_bad_input(task_id: str, data_dir: Path, how: str, args: list[str], code: int, message: str | None) -> None:

@@ -304,3 +304,26 @@ def test_an_unreadable_config_is_one_line(data_dir: Path, tmp_path: Path) -> Non
         assert (code, stdout) == (1, "")
         assert stderr.startswith("jmp: error: jumpstarter.toml: invalid TOML: ") and stderr.count("\n") == 1
     assert not (data_dir / "jumpstarter.db").exists()
+
+
+def test_logs_as_json_are_standard_base64_of_any_bytes(data_dir: Path, cleanup: list[str]) -> None:
+    # Random bytes hold every value, so URL-safe base64 ('-' and '_' for '+' and '/')
+    # would be misread by a standard, validating decoder.
+    import base64
+    import binascii
+    import random
+
+    payload = random.Random(17).randbytes(3000)
+    (data_dir.parent / "blob").write_bytes(payload)
+    runner = CliRunner()
+    task_id = runner.invoke(cli, ["task", "start", "--", "cat", str(data_dir.parent / "blob")]).stdout.strip()
+    cleanup.append(task_id)
+    runner.invoke(cli, ["task", "wait", task_id])
+    out = run_jmp("task", "logs", "--format", "json", task_id).stdout
+    *chunks, end = [json.loads(line) for line in out.splitlines()]
+    try:
+        got = b"".join(base64.b64decode(c["data"], validate=True) for c in chunks)
+    except binascii.Error as exc:
+        raise AssertionError(f"not standard base64: {exc}") from None
+    assert got == payload and end["offset"] == len(payload)
+    assert any(ch in c["data"] for c in chunks for ch in "+/")

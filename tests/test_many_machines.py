@@ -203,3 +203,42 @@ def test_a_killed_agent_goes_offline_its_lease_ends_its_tasks_are_lost(lab, post
             assert [r.name for r in data.results] == ["before/kill"]
 
     anyio.run(main)
+
+
+def test_a_killed_select_client_loses_its_lease_within_the_heartbeat_timeout(
+    lab, postgres_url: str, tmp_path: Path
+) -> None:
+    # The node's connection to the killed client lives on until its gRPC keep-alive
+    # (30 s) runs out; the lease must not: the client alone keeps it alive.
+    lab("kept", "board=rpi4")
+    _wait_registered(postgres_url, {"kept"})
+    env = {**os.environ, **FAST, "JMP_STORE": postgres_url, "JMP_DATA_DIR": str(tmp_path / "cli")}
+    holder = subprocess.Popen(
+        [JMP, "run", "--select", "board=rpi4", "--", "sleep", "60"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        with psycopg.connect(postgres_url, autocommit=True) as db:
+            def live() -> list[tuple[int, str]]:
+                return db.execute("SELECT id, end_reason FROM leases WHERE ended_at IS NULL").fetchall()
+
+            deadline = time.monotonic() + 30
+            while not (live() and db.execute("SELECT 1 FROM tasks WHERE state = 'running'").fetchone()):
+                assert holder.poll() is None and time.monotonic() < deadline
+                time.sleep(0.05)
+            (lease_id, _), = live()
+            holder.send_signal(signal.SIGKILL)
+            holder.wait()
+            # A bound far below the node's 30 s keep-alive, not a timing claim.
+            deadline = time.monotonic() + 15
+            while live():
+                assert time.monotonic() < deadline, "the lease outlived its client's heartbeats"
+                time.sleep(0.1)
+            reason = db.execute("SELECT end_reason FROM leases WHERE id = %s", (lease_id,)).fetchone()[0]
+        assert reason is not None and reason != "released"
+        again = run_jmp("run", "--select", "board=rpi4", "--", "echo", "free again", env=env)
+        assert (again.returncode, again.stdout) == (0, "free again\n"), again.stderr
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()

@@ -218,9 +218,17 @@ def derived(model: type[BaseModel], **fixed: st.SearchStrategy[Any]) -> st.Searc
     return st.fixed_dictionaries(required, optional=optional).map(lambda kw: model(**kw))
 
 
+# What a process can be given: no NUL, no lone surrogate, no '=' in an env name.
+process_text = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\0"), max_size=40)
+_spec_text = {
+    "env": st.dictionaries(process_text.filter(lambda k: k and "=" not in k), process_text, max_size=3),
+    "labels": st.dictionaries(process_text, process_text, max_size=3),
+    "cwd": st.none() | process_text,
+    "name": st.none() | process_text,
+}
 task_specs = st.one_of(
-    derived(TaskSpec, argv=st.lists(st.text(), min_size=1, max_size=4), shell=st.none()),
-    derived(TaskSpec, argv=st.none(), shell=st.text()),
+    derived(TaskSpec, argv=st.lists(process_text, min_size=1, max_size=4), shell=st.none(), **_spec_text),
+    derived(TaskSpec, argv=st.none(), shell=process_text, **_spec_text),
 )
 start_requests = st.one_of(
     derived(StartRequest, task_id=st.text(min_size=1, max_size=40), spec=st.none()),
@@ -615,9 +623,12 @@ def test_any_limit_either_fits_or_is_too_large(message: BaseModel, limit: int) -
 
 def test_values_that_cannot_be_encoded_raise_protocol_error() -> None:
     # os.fsdecode() of a non-UTF-8 file name gives lone surrogates
-    surrogates = "^cannot encode new_task message: .*surrogates not allowed"
+    surrogates = "^cannot encode error message: .*surrogates not allowed"
     with pytest.raises(ProtocolError, match=surrogates):
-        encode(NewTask(spec=TaskSpec(argv=["cat", "caf\udce9.txt"])))
+        encode(Error(code="internal", message="caf\udce9.txt"))
+    # A task spec refuses one as it is built: no process could be given it.
+    with pytest.raises(ValidationError, match=r"argv\[1\] is not valid UTF-8 text: 'caf\\udce9.txt'"):
+        TaskSpec(argv=["cat", "caf\udce9.txt"])
     with pytest.raises(ProtocolError, match="^cannot encode error message: "):
         encode(Error(code="internal", message="m", details={"obj": object()}))
     deep: list[Any] = []

@@ -9,8 +9,8 @@ import anyio
 import pytest
 from click.testing import CliRunner
 from jumpstarter.cli import cli
-from jumpstarter.errors import BadRequest, NotFound
-from jumpstarter.store import Store, open_store
+from jumpstarter.errors import BadRequest, Conflict, NotFound, TooLarge
+from jumpstarter.store import RepeatedBatch, Store, open_store
 from jumpstarter_protocol import Outcome, QueryResults, ResultSpec, TaskInfo, TaskSpec, TaskState
 
 from stores import postgres_url, store_url  # noqa: F401  (fixture)
@@ -116,7 +116,10 @@ async def test_results_batches_query_filters_and_paging(store: Store) -> None:
         if cursor is None:
             break
     assert names == [f"suite/case{i}" for i in range(10)]
-    with pytest.raises(BadRequest, match="^invalid cursor 'x'$"):
+    for bad in ("10" * 15, "-1"):  # past any id (10^30 once overflowed SQLite), negative
+        with pytest.raises(BadRequest, match=f"^invalid cursor '{bad}': use the next_cursor of a page$"):
+            await store.query_results(QueryResults(cursor=bad))
+    with pytest.raises(BadRequest, match="^invalid cursor 'x': use the next_cursor of a page$"):
         await store.query_results(QueryResults(cursor="x"))
     with pytest.raises(NotFound, match="^no session named 'monthly'$"):
         await store.query_results(QueryResults(session="monthly"))
@@ -178,3 +181,82 @@ async def test_a_new_sqlite_store_opened_by_many_at_once_opens_for_all(tmp_path:
         finally:
             for s in stores:
                 await s.aclose()
+
+
+async def test_a_batch_sent_again_is_stored_once(store: Store) -> None:
+    await store.add_session("s1", "nightly", "test")
+    t1, t2 = _task("t1"), _task("t2")
+    await store.create_task(t1)
+    await store.create_task(t2)
+    batch = [ResultSpec(name=f"case/{i}", outcome=Outcome.PASSED) for i in range(3)]
+    first = await store.add_result_ids(t1, batch, "batch-1")
+    await store.add_results(t2, batch[:1])  # between: ids of the next batch move on
+    with pytest.raises(RepeatedBatch) as repeated:
+        await store.add_result_ids(t1, batch, "batch-1")
+    assert repeated.value.ids == first
+    with pytest.raises(RepeatedBatch) as repeated:
+        await store.add_results(t1, batch, "batch-1")
+    assert repeated.value.ids == first
+    with pytest.raises(Conflict, match="^result batch 'batch-1' was stored for task 't1', not 't2'$"):
+        await store.add_results(t2, batch, "batch-1")
+    other = await store.add_result_ids(t1, batch, "batch-2")
+    assert len(set(first + other)) == 6
+    assert (await store.query_results(QueryResults(task_id="t1"))).summary.total == 6
+
+
+async def test_one_batch_sent_twice_at_once_is_stored_once(store: Store) -> None:
+    await store.add_session("s1", "nightly", "test")
+    await store.create_task(_task("t1"))
+    batch = [ResultSpec(name=f"case/{i}", outcome=Outcome.PASSED) for i in range(500)]
+    answers: list[list[int]] = []
+
+    async def send() -> None:
+        try:
+            answers.append(await store.add_result_ids(_task("t1"), batch, "same"))
+        except RepeatedBatch as repeated:
+            answers.append(repeated.ids)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(4):
+            tg.start_soon(send)
+    assert len(answers) == 4 and all(a == answers[0] for a in answers)
+    assert (await store.query_results(QueryResults(task_id="t1"))).summary.total == 500
+
+
+async def test_a_page_is_cut_by_bytes_as_well_as_by_count(store: Store) -> None:
+    await store.add_session("s1", "nightly", "test")
+    task = _task("t1")
+    await store.create_task(task)
+    # 10 results of some 10 kB each (control characters count 6 bytes a character).
+    await store.add_results(task, [
+        ResultSpec(name=f"big/{i}", outcome=Outcome.FAILED, message=("x" * 9000) + "\x01" * 200)
+        for i in range(10)
+    ])
+    names, cursor, pages = [], None, 0
+    while True:
+        page = await store.query_results(QueryResults(task_id="t1", cursor=cursor), max_bytes=40_000)
+        assert sum(len(r.model_dump_json()) for r in page.results) <= 40_000
+        assert page.summary.total == 10
+        names += [r.name for r in page.results]
+        pages += 1
+        if (cursor := page.next_cursor) is None:
+            break
+    assert names == [f"big/{i}" for i in range(10)] and pages >= 3
+    with pytest.raises(TooLarge, match=r"^result \d+ alone is larger than a reply may be \(5000 bytes\); "
+                                       "query with a narrower filter$"):
+        await store.query_results(QueryResults(task_id="t1"), max_bytes=5000)
+
+
+async def test_history_leaves_out_older_runs_that_would_not_fit(store: Store) -> None:
+    await store.add_session("s1", "nightly", "test")
+    task = _task("t1")
+    await store.create_task(task)
+    for i in range(6):
+        await store.add_results(task, [ResultSpec(name="boot", outcome=Outcome.PASSED, message=f"{i}" * 9000)])
+    whole = await store.history("boot", limit=10, max_bytes=10**6)
+    assert len(whole.results) == 6 and not whole.truncated
+    assert whole.session_names == {"s1": "nightly"}
+    cut = await store.history("boot", limit=10, max_bytes=30_000)
+    assert cut.truncated and 1 <= len(cut.results) < 6
+    assert [r.message[0] for r in cut.results] == ["5", "4", "3"][: len(cut.results)]  # the newest
+    assert not (await store.history("boot", limit=2, max_bytes=10**6)).truncated

@@ -137,6 +137,12 @@ def load_config(
             raise ConfigError(f"cannot read config file {source}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{source}: invalid TOML: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(
+                f"{source}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+            ) from None
+        except RecursionError:
+            raise ConfigError(f"{source}: invalid TOML: arrays or tables nested too deeply") from None
     from_env = {}
     for key in ENV_OVERRIDES:
         value = env.get(f"JMP_{key.upper()}")

@@ -37,6 +37,7 @@ from jumpstarter.node import NodeServer
 from jumpstarter.plugins import ClientContext
 from jumpstarter_protocol import (
     MAX_MESSAGE_SIZE,
+    AddResult,
     ConnectionEstablished,
     ConnectionInfo,
     ConnectNode,
@@ -97,6 +98,14 @@ _REPEATABLE = (
     ReleaseNode,
     StopTask,
 )
+
+
+def _repeatable(message: Any) -> bool:
+    # A result batch with its id is stored once however often it is sent: the store
+    # answers a repeat with the ids it gave the first time.
+    return isinstance(message, _REPEATABLE) or (
+        isinstance(message, AddResult) and message.batch_id is not None
+    )
 
 
 @dataclass(frozen=True)
@@ -391,7 +400,7 @@ class GrpcTransport(Transport):
                     exc.code() == grpc.StatusCode.UNAVAILABLE
                     and self._reached
                     and not isinstance(message, ReleaseNode)
-                    and (isinstance(message, _REPEATABLE) or _never_sent(exc))
+                    and (_repeatable(message) or _never_sent(exc))
                     and await retry.wait(self.channel)
                 ):
                     continue

@@ -6,6 +6,7 @@ from ._codec import MAX_MESSAGE_SIZE, decode, encode
 from ._errors import JumpstarterError, ProtocolError
 from ._messages import (
     Attempt,
+    MAX_SECONDS,
     MIN_PROTOCOL_VERSION,
     PROTOCOL_VERSION,
     REPLY_TYPES,

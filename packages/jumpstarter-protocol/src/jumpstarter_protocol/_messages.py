@@ -35,6 +35,24 @@ def _to_utc(value: datetime) -> datetime:
         raise ValueError("datetime is out of range once converted to UTC") from None
 
 
+MAX_SECONDS = 1e9
+"""The longest duration, timeout or wait a message may ask for (some 31 years): any
+longer is a mistake, and would overflow the clocks it is added to."""
+
+Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS)]
+
+
+def _check_text(value: str, what: str) -> None:
+    """Refuse what no process can be given: NUL, or text that is not Unicode (a lone
+    surrogate, which is how Python holds a byte like 0xff of a non-UTF-8 argv)."""
+    if "\0" in value:
+        raise ValueError(f"{what} holds a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid UTF-8 text: {value!r}") from None
+
+
 Timestamp = Annotated[datetime, AfterValidator(_to_utc)]
 """A point in time; aware datetimes are held (and travel) in UTC."""
 
@@ -106,7 +124,7 @@ class TaskSpec(_Model):
     shell: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
     cwd: str | None = None
-    timeout: float | None = Field(default=None, gt=0)
+    timeout: Seconds | None = None
     grace: float = Field(default=5.0, ge=0, le=3600)
     """Seconds between SIGTERM and SIGKILL when ``timeout`` stops the task."""
     labels: Labels = Field(default_factory=dict)
@@ -124,6 +142,21 @@ class TaskSpec(_Model):
             raise ValueError("give exactly one of argv and shell")
         if self.argv is not None and not self.argv:
             raise ValueError("argv must not be empty")
+        for i, arg in enumerate(self.argv or ()):
+            _check_text(arg, f"argv[{i}]")
+        if self.shell is not None:
+            _check_text(self.shell, "shell")
+        for key, value in self.env.items():
+            if not key or "=" in key:
+                raise ValueError(f"env name {key!r} must be non-empty and hold no '='")
+            _check_text(key, f"env name {key!r}")
+            _check_text(value, f"env {key}")
+        for what, text in (("cwd", self.cwd), ("name", self.name)):
+            if text is not None:
+                _check_text(text, what)
+        for key, value in self.labels.items():
+            _check_text(key, "label name")
+            _check_text(value, f"label {key}")
         return self
 
     @property
@@ -180,7 +213,7 @@ class ResultSpec(_Model):
     """The attempts disagreed (it failed, then passed): the outcome is not to be trusted."""
     file: str | None = None
     """The source file of the test, as the producer named it."""
-    line: int | None = Field(default=None, ge=0)
+    line: int | None = Field(default=None, ge=0, le=2**31 - 1)
 
 
 class Result(ResultSpec):
@@ -248,8 +281,8 @@ class ConnectNode(_Model):
     """Step 3: the session takes the node (a lease), optionally for a limited time."""
 
     type: Literal["connect_node"] = "connect_node"
-    duration: float | None = Field(default=None, gt=0)
-    wait: float | None = Field(default=None, ge=0)
+    duration: Seconds | None = None
+    wait: float | None = Field(default=None, ge=0, le=MAX_SECONDS)
 
 
 class StartRequest(_Model):
@@ -291,6 +324,10 @@ class AddResult(_Model):
     type: Literal["add_result"] = "add_result"
     task_id: Id
     results: list[ResultSpec] = Field(min_length=1)
+    batch_id: Id | None = None
+    """Chosen by the client, unique per batch. The store keeps it with the results, in
+    the same transaction, and answers the batch sent again (its reply was lost) with
+    the ids it stored the first time: sent twice, stored once."""
 
 
 class QueryResults(_Model):
@@ -306,7 +343,7 @@ class QueryResults(_Model):
     until: Timestamp | None = None
     labels: Labels = Field(default_factory=dict)
     limit: int = Field(default=1000, ge=1, le=100_000)
-    cursor: str | None = None
+    cursor: str | None = Field(default=None, max_length=64, description="next_cursor of the page before")
 
 
 class GetTaskStatus(_Model):
@@ -319,7 +356,7 @@ class WaitTask(_Model):
 
     type: Literal["wait_task"] = "wait_task"
     task_id: Id
-    timeout: float | None = Field(default=None, ge=0)
+    timeout: float | None = Field(default=None, ge=0, le=MAX_SECONDS)
 
 
 class ListTasks(_Model):
@@ -365,7 +402,7 @@ class CloseTask(_Model):
     type: Literal["close_task"] = "close_task"
     task_id: Id
     state: TaskState
-    exit_code: int | None = None
+    exit_code: int | None = Field(default=None, ge=-(2**31), le=2**31 - 1)
     message: str | None = None
 
     @model_validator(mode="after")
@@ -494,6 +531,9 @@ class HistoryData(_Model):
     name: str
     results: list[Result]
     session_names: dict[str, str] = Field(default_factory=dict)
+    truncated: bool = False
+    """Older runs within ``limit`` were left out: all of them would not fit in one
+    reply (the message limit)."""
 
 
 class Error(_Model):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import threading
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -58,7 +59,9 @@ class Recorder:
         self.session = session
         assert self.task_id is not None
         task_id = self.task_id
-        self.sender = Sender(lambda batch: self.node.add_results(task_id, batch))
+        self.sender = Sender(
+            lambda batch, batch_id: self.node.add_results(task_id, batch, batch_id=batch_id)
+        )
         self.sender.start()
 
     def close(self) -> None:
@@ -149,12 +152,15 @@ class Recorder:
 class Sender(threading.Thread):
     """Sends results in batches: when ``BATCH`` are waiting, or ``INTERVAL`` seconds
     after the first of them, from a thread of its own, so a test that hangs does not
-    hold back the results before it. A failed batch is kept and tried again."""
+    hold back the results before it. A failed batch is kept and tried again with the
+    id it was first sent with: if it was stored and only the reply was lost, the store
+    answers with the ids it gave it, and nothing is stored twice."""
 
-    def __init__(self, send: Callable[[list[ResultSpec]], object]) -> None:
+    def __init__(self, send: Callable[[list[ResultSpec], str], object]) -> None:
         super().__init__(name="jumpstarter-results", daemon=True)
         self._send = send
         self._waiting: list[ResultSpec] = []
+        self._failed: tuple[list[ResultSpec], str] | None = None  # sent, not acknowledged
         self._lock = threading.Lock()  # guards _waiting
         self._sending = threading.Lock()  # one batch at a time, in order
         self._wake = threading.Event()
@@ -165,7 +171,7 @@ class Sender(threading.Thread):
     @property
     def pending(self) -> int:
         with self._lock:
-            return len(self._waiting)
+            return len(self._waiting) + (len(self._failed[0]) if self._failed else 0)
 
     def add(self, result: ResultSpec) -> None:
         with self._lock:
@@ -184,14 +190,18 @@ class Sender(threading.Thread):
         with self._sending:
             while True:
                 with self._lock:
-                    batch, self._waiting = self._waiting[:BATCH], self._waiting[BATCH:]
+                    if self._failed is not None:
+                        (batch, batch_id), self._failed = self._failed, None
+                    else:
+                        batch, self._waiting = self._waiting[:BATCH], self._waiting[BATCH:]
+                        batch_id = secrets.token_hex(16)
                 if not batch:
                     return
                 try:
-                    self._send(batch)
+                    self._send(batch, batch_id)
                 except Exception as exc:  # the node went away: keep them, try again later
                     with self._lock:
-                        self._waiting[:0] = batch
+                        self._failed = (batch, batch_id)
                     self.error = exc
                     return
                 self.sent += len(batch)

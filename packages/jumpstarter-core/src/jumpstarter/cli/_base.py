@@ -44,6 +44,16 @@ class JmpGroup(click.Group):
         ``jmp: error: <what is wrong> (try 'jmp run --help')``, exit code 2."""
         if not standalone_mode:
             return super().main(*args, standalone_mode=False, **kwargs)
+        argv = kwargs.get("args", args[0] if args else None)
+        for arg in sys.argv[1:] if argv is None else argv:
+            try:
+                arg.encode("utf-8")
+            except UnicodeEncodeError:
+                # A byte that is not UTF-8 (os.fsdecode made it a lone surrogate): JSON
+                # and the store cannot carry it, so it is refused before anything is done.
+                shown = _shown_bytes(arg)
+                click.echo(f"jmp: error: argument '{shown}' is not valid UTF-8 text", err=True)
+                sys.exit(EXIT_USAGE)
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
         except click.exceptions.NoArgsIsHelpError as exc:  # `jmp task`: the help
@@ -51,7 +61,7 @@ class JmpGroup(click.Group):
             sys.exit(exc.exit_code)
         except click.UsageError as exc:
             where = exc.ctx.command_path if exc.ctx is not None else "jmp"
-            message = " ".join(exc.format_message().split())  # click may wrap a choice list
+            message = one_line(" ".join(exc.format_message().split()))  # click may wrap a choice list
             click.echo(f"jmp: error: {message} (try '{where} --help')", err=True)
             sys.exit(exc.exit_code)
         except OSError as exc:
@@ -61,7 +71,7 @@ class JmpGroup(click.Group):
             click.echo(f"jmp: error: cannot write output: {exc.strerror}", err=True)
             sys.exit(EXIT_ERROR)
         except click.ClickException as exc:
-            click.echo(f"jmp: error: {exc.format_message()}", err=True)
+            click.echo(f"jmp: error: {one_line(exc.format_message())}", err=True)
             sys.exit(exc.exit_code)
         except click.Abort:
             click.echo("jmp: aborted", err=True)
@@ -111,6 +121,15 @@ class JmpGroup(click.Group):
         plugins.hook.jmp_register_commands(cli=self)
 
 
+def _shown_bytes(arg: str) -> str:
+    """``arg`` with what is not UTF-8 shown as escapes: ``bad\\xff``."""
+    try:
+        raw = arg.encode("utf-8", "surrogateescape")  # the bytes the user typed
+    except UnicodeEncodeError:
+        return arg.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+    return ascii(raw)[2:-1]
+
+
 class State:
     """Shared by the commands of one ``jmp`` call."""
 
@@ -149,8 +168,16 @@ def exit_code_for(exc: BaseException) -> int:
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> None:
-    click.echo(f"jmp: error: {message}", err=True)
+    click.echo(f"jmp: error: {one_line(message)}", err=True)
     sys.exit(code)
+
+
+def one_line(message: str) -> str:
+    """``message`` as one line a terminal shows as it is: control characters (a
+    newline, an escape sequence from a name the user gave) escaped."""
+    from ._output import printable
+
+    return printable(message)
 
 
 def require_named_store(state: State, node: str | None) -> None:

@@ -74,6 +74,20 @@ def dump(model: Any) -> Any:
 _ID_COLUMNS = {"ID", "TASK", "TASK ID", "SESSION", "LEASE"}
 
 
+def printable(text: str) -> str:
+    """``text`` safe to show on a terminal: control characters (an escape sequence
+    that retitles the window or clears the screen, a newline inside a name) shown
+    escaped, ``\\x1b]0;…\\x07``. Only what is printed changes; the store keeps them."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode("ascii") for ch in text)
+
+
+def _cell(cell: Cell) -> tuple[str, str]:
+    text, style = cell if isinstance(cell, tuple) else (cell, "")
+    return printable(text), style
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Cell]]) -> None:
     """A table: rich on a terminal, columns aligned by spaces otherwise."""
     if on_terminal():
@@ -86,10 +100,10 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Cell]]) -> None:
             # Ids are copied into the next command: never wrap or cut them.
             table.add_column(header, no_wrap=header in _ID_COLUMNS, min_width=12 if header in _ID_COLUMNS else None)
         for row in rows:
-            table.add_row(*(Text(c[0], style=c[1]) if isinstance(c, tuple) else Text(c) for c in row))
+            table.add_row(*(Text(*_cell(c)) for c in row))
         Console(highlight=False).print(table)
         return
-    texts = [[c[0] if isinstance(c, tuple) else c for c in row] for row in rows]
+    texts = [[_cell(c)[0] for c in row] for row in rows]
     widths = [max([len(h), *(len(r[i]) for r in texts)]) for i, h in enumerate(headers)]
     for row in [list(headers), *texts]:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
@@ -104,11 +118,10 @@ def print_fields(pairs: Sequence[tuple[str, Cell]]) -> None:
 
         console = Console(highlight=False)
         for key, value in pairs:
-            text, style = value if isinstance(value, tuple) else (value, "")
-            console.print(Text(key.ljust(width), style="bold"), Text(text, style=style))
+            console.print(Text(key.ljust(width), style="bold"), Text(*_cell(value)))
         return
     for key, value in pairs:
-        click.echo(f"{key.ljust(width)}  {value[0] if isinstance(value, tuple) else value}".rstrip())
+        click.echo(f"{key.ljust(width)}  {_cell(value)[0]}".rstrip())
 
 
 @contextmanager

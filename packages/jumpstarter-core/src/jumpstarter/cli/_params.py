@@ -54,6 +54,8 @@ class When(click.ParamType):
             return value
         try:
             return parse_when(value)
+        except OverflowError:
+            self.fail(f"{value!r} is too far in the past or future for a date", param, ctx)
         except ValueError:
             self.fail(
                 f"{value!r} is neither a date nor an age; use ISO 8601 "
@@ -64,7 +66,8 @@ class When(click.ParamType):
 
 
 def parse_when(value: str, now: datetime | None = None) -> datetime:
-    """``value`` as an aware datetime; ValueError if it is neither ISO 8601 nor an age."""
+    """``value`` as an aware datetime; ValueError if it is neither ISO 8601 nor an age,
+    OverflowError if it is beyond the dates Python holds."""
     age = _AGE.match(value.strip().lower())
     if age:
         now = now or datetime.now().astimezone()

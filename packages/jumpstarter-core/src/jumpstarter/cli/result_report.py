@@ -382,6 +382,8 @@ def history(state, name, session, limit, node, fmt) -> None:
     )
     if durations:
         line += f"; duration {seconds(min(durations))} to {seconds(max(durations))}"
+    if data.truncated:
+        line += " (older runs left out: all of them would not fit in one reply)"
     click.echo(line)
     if flaky:
         changes = outcome_changes(outcomes)

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -229,6 +231,15 @@ def wait(state, node, timeout, fmt, task_id) -> None:
     sys.exit(task_exit_code(info.state.value, info.exit_code))
 
 
+def chunk_json(chunk: Any) -> str:
+    """One output chunk as a JSON line, its bytes in standard base64 (RFC 4648 §4:
+    ``+`` and ``/``, padded), which every decoder reads; pydantic would write the
+    URL-safe alphabet, which a standard decoder silently misreads."""
+    doc = chunk.model_dump(mode="json", exclude={"data"})
+    doc["data"] = base64.b64encode(chunk.data).decode("ascii")
+    return json.dumps(doc)
+
+
 @task.command(short_help="Print a task's output (--follow: as it comes).")
 @node_option
 @click.option("-f", "--follow", is_flag=True, help="Keep reading until the task has finished.")
@@ -252,7 +263,7 @@ def logs(state, node, follow, offset, fmt, task_id) -> None:
             async for chunk in task_.output(offset, follow=follow):
                 spinner.output()
                 if fmt == "json":
-                    click.echo(chunk.model_dump_json())
+                    click.echo(chunk_json(chunk))
                 else:
                     stream = streams[chunk.stream]
                     stream.write(chunk.data)

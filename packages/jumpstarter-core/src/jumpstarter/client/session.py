@@ -76,7 +76,7 @@ class AsyncSession:
 
     def __init__(self, protocol: JumpStarterProtocol, name: str) -> None:
         self.protocol = protocol
-        self.name = name
+        self.name = _checked("session name", name, MAX_NAME)
         self.id = secrets.token_hex(8)
         self.nodes: list[AsyncNode] = []
         self._task_nodes: dict[str, AsyncNode] = {}
@@ -211,14 +211,47 @@ class AsyncSession:
             )
         return (await self.add_results(task_id, [spec]))[0]
 
-    async def add_results(self, task_id: str, results: Iterable[ResultSpec | Mapping[str, Any]]) -> list[int]:
-        """Attach a batch of results to a task in one transaction; their ids."""
-        return await self._node_for(task_id).add_results(task_id, results)
+    async def add_results(
+        self, task_id: str, results: Iterable[ResultSpec | Mapping[str, Any]], *, batch_id: str | None = None
+    ) -> list[int]:
+        """Attach a batch of results to a task in one transaction; their ids.
+
+        The batch is stored exactly once: it carries ``batch_id`` (a fresh random id
+        when not given), and a transport that loses the reply sends it again with the
+        same id, which the store answers with the ids it already gave. To retry a
+        batch after a :class:`~jumpstarter.errors.TransportError` yourself, pass the
+        same ``batch_id`` again; never resend it without one."""
+        return await self._node_for(task_id).add_results(task_id, results, batch_id=batch_id)
 
     async def query_results(self, **filters: Any) -> ResultsData:
         """Results matching ``filters`` (the fields of ``QueryResults``: task_id,
         session, node, outcomes, name, since, until, labels, limit, cursor)."""
         return await self._node_for(filters.get("task_id")).query_results(**filters)
+
+
+MAX_NAME = 512
+"""Longest session name (the protocol's ``Name``)."""
+MAX_ID = 128
+"""Longest task id (the protocol's ``Id``)."""
+
+
+def _checked(what: str, value: str, limit: int) -> str:
+    """``value``, or :class:`BadRequest` of one line if the protocol cannot carry it."""
+    shown = repr(value if len(value) <= 40 else value[:39] + "…")
+    if not value:
+        raise BadRequest(f"invalid {what}: it is empty")
+    if len(value) > limit:
+        raise BadRequest(f"invalid {what} {shown}: {len(value)} characters, at most {limit}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest(f"invalid {what} {shown}: not valid UTF-8 text") from None
+    return value
+
+
+def new_batch_id() -> str:
+    """A fresh id for a result batch: random, so no two clients ever share one."""
+    return secrets.token_hex(16)
 
 
 class AsyncNode:
@@ -277,8 +310,9 @@ class AsyncNode:
         return self._task(started.task_id)
 
     def task(self, task_id: str) -> AsyncTask:
-        """A handle on an existing task of this node."""
-        return self._task(task_id)
+        """A handle on an existing task of this node; :class:`BadRequest` for an id
+        no task can have."""
+        return self._task(_checked("task id", task_id, MAX_ID))
 
     def _task(self, task_id: str, info: TaskInfo | None = None) -> AsyncTask:
         self.session._task_nodes[task_id] = self
@@ -292,18 +326,22 @@ class AsyncNode:
         reply = await self.request(request)
         return reply.tasks
 
-    async def add_results(self, task_id: str, results: Iterable[ResultSpec | Mapping[str, Any]]) -> list[int]:
+    async def add_results(
+        self, task_id: str, results: Iterable[ResultSpec | Mapping[str, Any]], *, batch_id: str | None = None
+    ) -> list[int]:
+        """See :meth:`AsyncSession.add_results`."""
         batch = list(results)
+        batch_id = batch_id or new_batch_id()
         try:
             # One call validates the whole batch (dicts and ResultSpec objects alike):
             # a quarter faster than a call per result, which matters at 100,000.
-            request = AddResult(task_id=task_id, results=batch)
+            request = AddResult(task_id=task_id, results=batch, batch_id=batch_id)
         except ValidationError:
             # Validate result by result, so the error names the field of the result
             # that is wrong ("outcome"), not its place in the request.
             with _valid_request():
                 specs = [r if isinstance(r, ResultSpec) else ResultSpec.model_validate(r) for r in batch]
-                request = AddResult(task_id=task_id, results=specs)
+                request = AddResult(task_id=task_id, results=specs, batch_id=batch_id)
         return (await self.request(request)).ids
 
     async def query_results(self, **filters: Any) -> ResultsData:

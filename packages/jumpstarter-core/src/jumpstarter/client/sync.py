@@ -60,8 +60,11 @@ class Session:
         """Attach one result to a task; see ``AsyncSession.add_result``."""
         return self._call(self.aio.add_result, task_id, **result)
 
-    def add_results(self, task_id: str, results: Iterable[ResultSpec | Mapping[str, Any]]) -> list[int]:
-        return self._call(self.aio.add_results, task_id, list(results))
+    def add_results(
+        self, task_id: str, results: Iterable[ResultSpec | Mapping[str, Any]], *, batch_id: str | None = None
+    ) -> list[int]:
+        """Attach a batch of results; see ``AsyncSession.add_results``."""
+        return self._call(self.aio.add_results, task_id, list(results), batch_id=batch_id)
 
     def query_results(self, **filters: Any) -> ResultsData:
         return self._call(self.aio.query_results, **filters)
@@ -108,8 +111,10 @@ class Node:
     def list_tasks(self, **filters: Any) -> list[TaskInfo]:
         return self.session._call(self.aio.list_tasks, **filters)
 
-    def add_results(self, task_id: str, results: Iterable[ResultSpec | Mapping[str, Any]]) -> list[int]:
-        return self.session._call(self.aio.add_results, task_id, list(results))
+    def add_results(
+        self, task_id: str, results: Iterable[ResultSpec | Mapping[str, Any]], *, batch_id: str | None = None
+    ) -> list[int]:
+        return self.session._call(self.aio.add_results, task_id, list(results), batch_id=batch_id)
 
     def query_results(self, **filters: Any) -> ResultsData:
         return self.session._call(self.aio.query_results, **filters)

@@ -59,11 +59,15 @@ from jumpstarter_protocol import (
 )
 
 from jumpstarter.errors import BadRequest, Conflict, NodeError, NotFound, Unauthorized
+from jumpstarter.store.base import RepeatedBatch
 
 if TYPE_CHECKING:
     from jumpstarter.node.server import NodeServer
 
 log = logging.getLogger(__name__)
+
+REPLY_ROOM = 64 * 1024
+"""Bytes of a reply kept for what is not its results (the summary, the cursor)."""
 
 
 class NodeConnection:
@@ -235,17 +239,28 @@ class NodeConnection:
     async def _add_result(self, request: AddResult) -> ResultAdded:
         self._require_init()
         task = await self.server.store.get_task(request.task_id)
-        if self.server.hook.jmp_result_added.get_hookimpls():
-            results = await self.server.store.add_results(task, request.results)
-            self.server.hook.jmp_result_added(task=task, results=results)
-            return ResultAdded(ids=[r.id for r in results])
-        # No plugin wants the stored results: skip building them (most of the cost of
-        # a big batch after the insert itself).
-        return ResultAdded(ids=await self.server.store.add_result_ids(task, request.results))
+        store, batch = self.server.store, request.batch_id
+        try:
+            if self.server.hook.jmp_result_added.get_hookimpls():
+                results = await store.add_results(task, request.results, batch)
+                self.server.hook.jmp_result_added(task=task, results=results)
+                return ResultAdded(ids=[r.id for r in results])
+            # No plugin wants the stored results: skip building them (most of the cost
+            # of a big batch after the insert itself).
+            return ResultAdded(ids=await store.add_result_ids(task, request.results, batch))
+        except RepeatedBatch as repeated:
+            # Sent again because the reply was lost: stored once, answered alike, and
+            # the plugins heard of it the first time.
+            return ResultAdded(ids=repeated.ids)
 
     async def _query_results(self, request: QueryResults) -> Any:
         self._require_init()
-        return await self.server.store.query_results(request)
+        # The page ends (with a cursor) before its results pass the message limit,
+        # less room for the rest of the reply: it is never built too large to send.
+        return await self.server.store.query_results(request, max_bytes=self._reply_budget())
+
+    def _reply_budget(self) -> int:
+        return max(self.server.max_message_size - REPLY_ROOM, REPLY_ROOM)
 
     async def _open_task(self, request: OpenTask) -> TaskCreated:
         self._require_init()  # no lease: the node runs nothing for it
@@ -264,7 +279,9 @@ class NodeConnection:
 
     async def _history(self, request: QueryHistory) -> Any:
         self._require_init()
-        return await self.server.store.history(request.name, session=request.session, limit=request.limit)
+        return await self.server.store.history(
+            request.name, session=request.session, limit=request.limit, max_bytes=self._reply_budget()
+        )
 
     async def _status(self, request: GetTaskStatus) -> TaskStatus:
         self._require_init()

@@ -29,6 +29,10 @@ class Lease:
     session_name: str
     since: float
     expires_at: float | None
+    kept_here: bool = True
+    """This node keeps the lease alive. A lease a client took in the registry (by
+    selector) is kept alive by that client alone, so it ends within the heartbeat
+    timeout once the client dies, whatever its connection to the node still seems."""
 
 
 @dataclass
@@ -169,13 +173,26 @@ class Leases:
                 if time.monotonic() >= deadline:
                     raise
                 await anyio.sleep(0.2)
-        self._lease = Lease(str(record.id), record.session_id, record.session_name, record.since, record.expires_at)
+        self._lease = Lease(
+            str(record.id),
+            record.session_id,
+            record.session_name,
+            record.since,
+            record.expires_at,
+            kept_here=record.holder == self.holder,
+        )
         return self._lease
 
     async def keep_alive_in_registry(self) -> None:
-        """Renew the current lease in the registry; forget it if it ended there
-        (expired, or ended by ``jmp lease release``)."""
+        """Renew the current lease in the registry if this node keeps it alive, and
+        forget it if it ended there (expired, its client stopped keeping it alive, or
+        ended by ``jmp lease release``)."""
         lease = self._lease
-        if lease is not None and not await self.registry.keepalive(int(lease.id)):
-            if self._lease is lease:
-                self._lease = None
+        if lease is None:
+            return
+        if lease.kept_here:
+            live = await self.registry.keepalive(int(lease.id))
+        else:
+            live = await self.registry.lease_live(int(lease.id))
+        if not live and self._lease is lease:
+            self._lease = None

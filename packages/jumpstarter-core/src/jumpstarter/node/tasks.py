@@ -198,7 +198,14 @@ class Tasks:
     def check_spec(spec: TaskSpec) -> None:
         """:class:`BadRequest` for a spec no task can run with (a missing working
         directory); checked before anything is stored for it."""
-        if spec.cwd is not None and not Path(spec.cwd).is_dir():
+        if spec.cwd is None:
+            return
+        try:
+            usable = Path(spec.cwd).is_dir()
+        except OSError as exc:  # a name too long for the file system, say
+            shown = spec.cwd if len(spec.cwd) <= 80 else spec.cwd[:79] + "…"
+            raise BadRequest(f"working directory cannot be used: {shown}: {exc.strerror}") from None
+        if not usable:
             raise BadRequest(f"working directory does not exist: {spec.cwd}")
 
     async def new_task(self, spec: TaskSpec, session_id: str | None, *, starting: bool = False) -> TaskInfo:

@@ -17,6 +17,7 @@ from jumpstarter._lazy import lazy_exports
 _EXPORTS = {
     "Store": "jumpstarter.store.base",
     "open_store": "jumpstarter.store.base",
+    "RepeatedBatch": "jumpstarter.store.base",
     "SQLiteStore": "jumpstarter.store.sqlite",
     "PostgresStore": "jumpstarter.store.postgres",
     "NodeRegistry": "jumpstarter.store.registry",
@@ -25,7 +26,7 @@ __all__ = list(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:
-    from jumpstarter.store.base import Store, open_store
+    from jumpstarter.store.base import RepeatedBatch, Store, open_store
     from jumpstarter.store.postgres import PostgresStore
     from jumpstarter.store.registry import NodeRegistry
     from jumpstarter.store.sqlite import SQLiteStore

@@ -25,6 +25,16 @@ from jumpstarter_protocol import (
 from jumpstarter.errors import ConfigError
 
 
+class RepeatedBatch(Exception):
+    """A result batch whose id the store already holds: it was stored before (its
+    reply was lost and the client sent it again). ``ids`` are the ids it got then."""
+
+    def __init__(self, batch_id: str, ids: list[int]) -> None:
+        super().__init__(f"result batch {batch_id!r} was stored before")
+        self.batch_id = batch_id
+        self.ids = ids
+
+
 class Store(ABC):
     """Where sessions, tasks and results are kept. Every method may raise
     :class:`~jumpstarter.errors.NotFound` for an unknown task id."""
@@ -93,18 +103,27 @@ class Store(ABC):
 
     @abstractmethod
     async def add_results(
-        self, task: TaskInfo, results: Sequence[ResultSpec]
+        self, task: TaskInfo, results: Sequence[ResultSpec], batch_id: str | None = None
     ) -> list[Result]:
-        """Commit ``results`` for ``task`` in one transaction."""
+        """Commit ``results`` for ``task`` in one transaction, with ``batch_id`` (the
+        client's id for the batch) when given. A batch id stored before raises
+        :class:`RepeatedBatch` with the ids it got, and nothing is written; one stored
+        for another task raises :class:`~jumpstarter.errors.Conflict`."""
 
-    async def add_result_ids(self, task: TaskInfo, results: Sequence[ResultSpec]) -> list[int]:
+    async def add_result_ids(
+        self, task: TaskInfo, results: Sequence[ResultSpec], batch_id: str | None = None
+    ) -> list[int]:
         """As :meth:`add_results`, but return only the new ids, in order. The node
         server calls this when no plugin wants the stored results: building a
         ``Result`` per row costs more than inserting it, so a store may skip that."""
-        return [r.id for r in await self.add_results(task, results)]
+        return [r.id for r in await self.add_results(task, results, batch_id)]
 
     @abstractmethod
-    async def query_results(self, query: QueryResults) -> ResultsData: ...
+    async def query_results(self, query: QueryResults, max_bytes: int | None = None) -> ResultsData:
+        """A page of the results matching ``query``, with the summary of them all. With
+        ``max_bytes`` the page's results take at most that many bytes of JSON: rows are
+        read one by one and the page ends (with a cursor) before it would pass; a single
+        result larger than that is :class:`~jumpstarter.errors.TooLarge`."""
 
     @abstractmethod
     async def list_sessions(
@@ -115,10 +134,14 @@ class Store(ABC):
         sessions that have results."""
 
     @abstractmethod
-    async def history(self, name: str, *, session: str | None = None, limit: int = 50) -> HistoryData:
+    async def history(
+        self, name: str, *, session: str | None = None, limit: int = 50, max_bytes: int | None = None
+    ) -> HistoryData:
         """The ``limit`` newest results named exactly ``name``, newest first, with the
         names of their sessions; ``session`` (an id, or a glob over names) narrows
-        them. :class:`NotFound` when ``session`` matches no session."""
+        them. :class:`NotFound` when ``session`` matches no session. With
+        ``max_bytes``, as :meth:`query_results`: older runs that would not fit are left
+        out and the reply says ``truncated``."""
 
 
 

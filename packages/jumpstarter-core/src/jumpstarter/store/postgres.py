@@ -34,7 +34,9 @@ from jumpstarter.store.sql import (
     DELETE_EMPTY_SESSION,
     DELETE_PENDING_TASK,
     FINISH_TASK,
+    GET_BATCH,
     GET_TASK,
+    INSERT_BATCH,
     INSERT_RESULT,
     INSERT_SESSION,
     INSERT_TASK,
@@ -43,14 +45,15 @@ from jumpstarter.store.sql import (
     STARTING_TASKS,
     TASK_PID,
     Dialect,
-    _result,
+    Page,
     _task,
     finish_params,
     history_query,
+    id_runs,
     no_session,
     no_task,
+    repeated_batch,
     result_rows,
-    results_page,
     results_queries,
     session_check,
     session_counts,
@@ -70,6 +73,18 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "a postgresql:// store needs psycopg: pip install 'jumpstarter-core[postgres]'"
     ) from exc
 
+PAGE_FETCH = 50
+"""Rows of a query's page fetched from the server at once."""
+CONNECT_TIMEOUT = 5
+"""Seconds to wait for the server to answer when the store is opened."""
+
+
+def _first_line(exc: Exception) -> str:
+    # libpq's message: "connection failed: connection to server at …: Connection
+    # refused\n\tIs the server running…": the first line says it.
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
 class PostgresStore(Store):
     """A store in a PostgreSQL database, shared by many machines."""
 
@@ -80,6 +95,13 @@ class PostgresStore(Store):
         )
 
     async def open(self) -> None:
+        # One connection first: a server that cannot be reached (or refuses us) is
+        # one line at once, not the pool's retries logged for its whole timeout.
+        try:
+            probe = await psycopg.AsyncConnection.connect(self.url, connect_timeout=CONNECT_TIMEOUT)
+        except psycopg.Error as exc:
+            raise ConfigError(f"cannot open the store {_safe(self.url)}: {_first_line(exc)}") from None
+        await probe.close()
         try:
             await self._pool.open(wait=True, timeout=10)
         except Exception as exc:
@@ -184,12 +206,26 @@ class PostgresStore(Store):
 
     # --- results ----------------------------------------------------------------------
 
-    async def add_results(self, task: TaskInfo, results: Sequence[ResultSpec]) -> list[Result]:
+    async def add_results(
+        self, task: TaskInfo, results: Sequence[ResultSpec], batch_id: str | None = None
+    ) -> list[Result]:
         now = time.time()
         rows = result_rows(task, results, now)
         async with self._pool.connection() as db, db.transaction():
             if not await (await db.execute("SELECT 1 FROM tasks WHERE id = %s", (task.id,))).fetchone():
                 raise no_task(task.id)
+            if batch_id is not None:
+                # Claimed first: the same batch sent again while this one commits
+                # waits here for it, then finds it stored.
+                claimed = await (
+                    await db.execute(
+                        POSTGRES.sql(INSERT_BATCH + " ON CONFLICT (id) DO NOTHING RETURNING id"),
+                        (batch_id, task.id, "[]", now),
+                    )
+                ).fetchone()
+                if not claimed:
+                    row = await (await db.execute(POSTGRES.sql(GET_BATCH), (batch_id,))).fetchone()
+                    raise repeated_batch(batch_id, task.id, row)
             async with db.cursor() as cur:
                 await cur.executemany(POSTGRES.sql(f"{INSERT_RESULT} RETURNING id"), rows, returning=True)
                 ids = []
@@ -197,18 +233,23 @@ class PostgresStore(Store):
                     ids.append((await cur.fetchone())[0])
                     if not cur.nextset():
                         break
+            if batch_id is not None:
+                await db.execute(
+                    "UPDATE result_batches SET ids = %s WHERE id = %s", (id_runs(ids), batch_id)
+                )
         return stored_results(task, results, ids, now)
 
-    async def query_results(self, query: QueryResults) -> ResultsData:
+    async def query_results(self, query: QueryResults, max_bytes: int | None = None) -> ResultsData:
         if query.task_id is not None:
             await self.get_task(query.task_id)
         if query.session is not None:
             await self._require_session(query.session)
-        page, summary = results_queries(POSTGRES, query)
+        statement, summary = results_queries(POSTGRES, query)
+        page = Page(query.limit, max_bytes)
         async with self._snapshot() as db:  # one for the page and its summary
-            rows = await (await db.execute(*page)).fetchall()
             counts = await (await db.execute(*summary)).fetchall()
-        return results_page(rows, counts, query.limit)
+            await self._fill(db, page, statement)
+        return page.reply(counts)
 
     # --- sessions and history -------------------------------------------------------------
 
@@ -222,17 +263,30 @@ class PostgresStore(Store):
                 counts += await (await db.execute(*statement)).fetchall()
         return sessions_with_summaries(rows, counts)
 
-    async def history(self, name: str, *, session: str | None = None, limit: int = 50) -> HistoryData:
+    async def history(
+        self, name: str, *, session: str | None = None, limit: int = 50, max_bytes: int | None = None
+    ) -> HistoryData:
+        page = Page(limit, max_bytes)
         async with self._snapshot() as db:
             if session is not None and not await (
                 await db.execute(*session_check(POSTGRES, session, glob=True))
             ).fetchone():
                 raise no_session(session)
-            rows = await (await db.execute(*history_query(POSTGRES, name, session, limit))).fetchall()
+            await self._fill(db, page, history_query(POSTGRES, name, session, limit))
             names: list[Any] = []
-            if (statement := session_names(POSTGRES, rows)) is not None:
+            if (statement := session_names(POSTGRES, page.results)) is not None:
                 names = await (await db.execute(*statement)).fetchall()
-        return HistoryData(name=name, results=[_result(row) for row in rows], session_names=dict(names))
+        return page.history(name, names)
+
+    @staticmethod
+    async def _fill(db: psycopg.AsyncConnection[Any], page: Page, statement: tuple[str, list[Any]]) -> None:
+        """Feed ``page`` the rows of ``statement`` until it is full, from a server-side
+        cursor: rows come a few at a time, so large results are never all held here."""
+        async with db.cursor(name="jmp_page") as cur:
+            await cur.execute(*statement)
+            full = False
+            while not full and (rows := await cur.fetchmany(PAGE_FETCH)):
+                full = not all(page.add(row) for row in rows)
 
     @asynccontextmanager
     async def _snapshot(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:

@@ -283,6 +283,14 @@ class NodeRegistry:
             ).fetchone()
         return row is not None
 
+    async def lease_live(self, lease_id: int) -> bool:
+        """True while the lease has not ended."""
+        async with self.pool.connection() as db:
+            row = await (
+                await db.execute("SELECT 1 FROM leases WHERE id = %s AND ended_at IS NULL", (lease_id,))
+            ).fetchone()
+        return row is not None
+
     async def release(self, lease_id: int, reason: str = "released") -> bool:
         """End a lease; False if it had ended already."""
         async with self.pool.connection() as db:

@@ -126,6 +126,18 @@ _MIGRATIONS = [
     ALTER TABLE results ADD COLUMN file TEXT;
     ALTER TABLE results ADD COLUMN line INTEGER;
     """,
+    # 4: result batches by the id their client chose, so a batch sent again (its reply
+    # was lost) is answered with the ids it got, not stored twice. ``ids`` is a JSON
+    # list of [first, last] runs: a batch's ids are one run unless another writer's
+    # rows came between.
+    """
+    CREATE TABLE result_batches (
+        id TEXT PRIMARY KEY,
+        task_id TEXT NOT NULL REFERENCES tasks (id),
+        ids TEXT NOT NULL,
+        created_at {real} NOT NULL
+    );
+    """,
 ]
 
 VERSION = len(_MIGRATIONS)

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from jumpstarter_protocol import (
+    HistoryData,
     Outcome,
     QueryResults,
     Result,
@@ -24,7 +25,8 @@ from jumpstarter_protocol import (
     TaskState,
 )
 
-from jumpstarter.errors import BadRequest, NotFound
+from jumpstarter.errors import BadRequest, Conflict, NotFound, TooLarge
+from jumpstarter.store.base import RepeatedBatch
 
 _UNFINISHED = (TaskState.PENDING.value, TaskState.RUNNING.value)
 _OUTCOME_TEXT = {o: o.value for o in Outcome}  # a dict lookup beats Enum.value per row
@@ -258,6 +260,36 @@ def result_rows(task: TaskInfo, results: Sequence[ResultSpec], now: float) -> li
     ]
 
 
+INSERT_BATCH = "INSERT INTO result_batches (id, task_id, ids, created_at) VALUES (?, ?, ?, ?)"
+GET_BATCH = "SELECT task_id, ids FROM result_batches WHERE id = ?"
+
+
+def id_runs(ids: Sequence[int]) -> str:
+    """``ids`` as the ``ids`` column of ``result_batches``: JSON ``[first, last]`` runs."""
+    if isinstance(ids, range) and ids.step == 1:
+        return json.dumps([[ids.start, ids.stop - 1]] if ids else [])
+    runs: list[list[int]] = []
+    for result_id in ids:
+        if runs and runs[-1][1] + 1 == result_id:
+            runs[-1][1] = result_id
+        else:
+            runs.append([result_id, result_id])
+    return json.dumps(runs)
+
+
+def repeated_batch(batch_id: str, task_id: str, row: Sequence[Any]) -> Exception:
+    """What to raise for batch ``batch_id`` of ``task_id`` found stored as ``row``
+    (:data:`GET_BATCH`): :class:`RepeatedBatch`, or :class:`Conflict` when the id
+    was used for another task's results."""
+    stored_task, runs = row
+    if stored_task != task_id:
+        return Conflict(
+            f"result batch {batch_id!r} was stored for task {stored_task!r}, not {task_id!r}",
+            details={"batch_id": batch_id},
+        )
+    return RepeatedBatch(batch_id, [i for first, last in json.loads(runs) for i in range(first, last + 1)])
+
+
 def stored_results(
     task: TaskInfo, results: Sequence[ResultSpec], ids: Sequence[int], now: float
 ) -> list[Result]:
@@ -309,18 +341,27 @@ def _result_filters(dialect: Dialect, query: QueryResults) -> tuple[list[str], l
 
 Statement = tuple[str, list[Any]]
 
+_MAX_ID = 2**63 - 1  # both stores' ids are signed 64-bit
+
+
+def parse_cursor(cursor: str) -> int:
+    """The result id a cursor (a page's ``next_cursor``) stands for; a cursor no page
+    gave (not a number, or past any id) is :class:`BadRequest`."""
+    if not (cursor.isascii() and cursor.isdigit()) or int(cursor) > _MAX_ID:
+        shown = cursor if len(cursor) <= 40 else cursor[:39] + "…"
+        raise BadRequest(f"invalid cursor {shown!r}: use the next_cursor of a page")
+    return int(cursor)
+
+
 
 def results_queries(dialect: Dialect, query: QueryResults) -> tuple[Statement, Statement]:
     """The statements of :meth:`Store.query_results`: its page (one row more than
     asked, to tell whether another follows) and the summary of every match, by
-    outcome. Run both in one snapshot and hand the rows to :func:`results_page`."""
+    outcome. Run both in one snapshot and feed the page's rows to a :class:`Page`."""
     where, params = _result_filters(dialect, query)
     page_where, page_params = list(where), list(params)
     if query.cursor is not None:
-        try:
-            after = int(query.cursor)
-        except ValueError:
-            raise BadRequest(f"invalid cursor {query.cursor!r}") from None
+        after = parse_cursor(query.cursor)
         page_where.append("id > ?")
         page_params.append(after)
     page = _statement(dialect, f"SELECT {_RESULT_COLUMNS} FROM results", page_where, " ORDER BY id LIMIT ?")
@@ -330,19 +371,70 @@ def results_queries(dialect: Dialect, query: QueryResults) -> tuple[Statement, S
     return (page, [*page_params, query.limit + 1]), (summary, params)
 
 
-def results_page(rows: Sequence[Any], counts: Sequence[Any], limit: int) -> ResultsData:
-    """The answer to a query from the rows of :func:`results_queries`."""
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return ResultsData(
-        results=[_result(row) for row in rows],
-        summary=ResultSummary(
-            total=sum(c for _, c, _ in counts),
-            outcomes={Outcome(o): c for o, c, _ in counts},
-            duration=float(sum(d for _, _, d in counts)),
-        ),
-        next_cursor=str(rows[-1][0]) if more and rows else None,
-    )
+class Page:
+    """A page of results built row by row, within ``limit`` rows and ``max_bytes``
+    bytes of JSON (the reply's budget), so a query over large results stops reading
+    when the page is full instead of building a reply too large to send. Feed it
+    rows of :func:`results_queries`'s page statement with :meth:`add` until it
+    answers False, then take :meth:`reply`."""
+
+    ROW_OVERHEAD = 1024
+    """Bytes a result's JSON spends beyond its text: keys, numbers, timestamps."""
+
+    def __init__(self, limit: int, max_bytes: int | None = None) -> None:
+        self.limit, self.max_bytes = limit, max_bytes
+        self.results: list[Result] = []
+        self.more = False
+        self._size = 0  # an upper bound of the JSON of self.results
+
+    def add(self, row: Sequence[Any]) -> bool:
+        """Add ``row`` if it fits; False when the page is full (then another follows)."""
+        if len(self.results) >= self.limit:
+            self.more = True
+            return False
+        result = _result(row)
+        if self.max_bytes is not None:
+            # Cheap first: JSON of text is at most 6 bytes a character (\u0000); only
+            # near the budget is the result's JSON measured exactly.
+            size = 6 * sum(_text_length(value) for value in row) + self.ROW_OVERHEAD
+            if self._size + size > self.max_bytes:
+                size = len(result.__pydantic_serializer__.to_json(result)) + 1
+            if self._size + size > self.max_bytes:
+                if not self.results:
+                    raise TooLarge(
+                        f"result {result.id} alone is larger than a reply may be "
+                        f"({self.max_bytes} bytes); query with a narrower filter",
+                        details={"result_id": result.id},
+                    )
+                self.more = True
+                return False
+            self._size += size
+        self.results.append(result)
+        return True
+
+    def history(self, name: str, names: Sequence[Any]) -> HistoryData:
+        """The answer to a history query, with the ``(id, name)`` rows of its sessions."""
+        return HistoryData(name=name, results=self.results, session_names=dict(names), truncated=self.more)
+
+    def reply(self, counts: Sequence[Any]) -> ResultsData:
+        """The answer, with the summary from the summary statement's ``counts``."""
+        return ResultsData(
+            results=self.results,
+            summary=ResultSummary(
+                total=sum(c for _, c, _ in counts),
+                outcomes={Outcome(o): c for o, c, _ in counts},
+                duration=float(sum(d for _, _, d in counts)),
+            ),
+            next_cursor=str(self.results[-1].id) if self.more and self.results else None,
+        )
+
+
+def _text_length(value: Any) -> int:
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, dict | list):  # a PostgreSQL JSONB column, already parsed
+        return len(json.dumps(value, ensure_ascii=False))
+    return 0
 
 
 def sessions_query(
@@ -386,9 +478,9 @@ def history_query(dialect: Dialect, name: str, session: str | None, limit: int) 
     return dialect.sql(sql), [*params, limit]
 
 
-def session_names(dialect: Dialect, rows: Sequence[Any]) -> Statement | None:
-    """The statement that names the sessions of history ``rows``; None for none."""
-    ids = sorted({row[2] for row in rows if row[2] is not None})
+def session_names(dialect: Dialect, results: Sequence[Result]) -> Statement | None:
+    """The statement that names the sessions of history ``results``; None for none."""
+    ids = sorted({r.session_id for r in results if r.session_id is not None})
     if not ids:
         return None
     term, params = dialect.one_of("id", ids)

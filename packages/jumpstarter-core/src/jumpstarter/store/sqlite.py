@@ -43,23 +43,26 @@ from jumpstarter.store.sql import (
     DELETE_EMPTY_SESSION,
     DELETE_PENDING_TASK,
     FINISH_TASK,
+    GET_BATCH,
     GET_TASK,
+    INSERT_BATCH,
     INSERT_RESULT,
     INSERT_SESSION,
     INSERT_TASK,
     MARK_RUNNING,
     RUNNING_TASKS,
-    STARTING_TASKS,
     SQLITE,
+    STARTING_TASKS,
     TASK_PID,
-    _result,
+    Page,
     _task,
     finish_params,
     history_query,
+    id_runs,
     no_session,
     no_task,
+    repeated_batch,
     result_rows,
-    results_page,
     results_queries,
     session_check,
     session_counts,
@@ -163,9 +166,23 @@ class SQLiteStore(Store):
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            _enter_wal(db)
+            # Before anything is written (even the switch to WAL, which changes the
+            # file's header): a database of another application is left as it was.
+            # One read transaction: another process migrating a new store meanwhile is
+            # seen whole (its tables with their version) or not at all.
+            with self._Tx(db, immediate=False):
+                unversioned = db.execute("PRAGMA user_version").fetchone()[0] == 0
+                foreign = self._foreign_tables(db) if unversioned else []
+            if not foreign:
+                _enter_wal(db)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"cannot open the store {self.path}: {exc}") from None
+        if foreign:
+            db.close()
+            raise ConfigError(
+                f"the store {self.path} is not a Jumpstarter store: it holds another "
+                f"application's tables ({', '.join(foreign)})"
+            )
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA foreign_keys=ON")
         self._db = db
@@ -183,6 +200,18 @@ class SQLiteStore(Store):
                         db.execute(statement)
                     db.execute(f"PRAGMA user_version={number}")
         self._open_inline()
+
+    @staticmethod
+    def _foreign_tables(db: sqlite3.Connection, shown: int = 3) -> list[str]:
+        names = [
+            row[0]
+            for row in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+                " ORDER BY name LIMIT ?",
+                (shown + 1,),
+            )
+        ]
+        return names if len(names) <= shown else [*names[:shown], "…"]
 
     def _open_inline(self) -> None:
         # Used only from the event loop's thread once open; never waits for a lock
@@ -315,42 +344,57 @@ class SQLiteStore(Store):
 
     # --- results ----------------------------------------------------------------------
 
-    async def add_results(self, task: TaskInfo, results: Sequence[ResultSpec]) -> list[Result]:
-        return await self._run(self._add_results, task, results)
+    async def add_results(
+        self, task: TaskInfo, results: Sequence[ResultSpec], batch_id: str | None = None
+    ) -> list[Result]:
+        return await self._run(self._add_results, task, results, batch_id)
 
-    def _add_results(self, task: TaskInfo, results: Sequence[ResultSpec]) -> list[Result]:
-        first, now = self._insert_results(task, results)
+    def _add_results(self, task: TaskInfo, results: Sequence[ResultSpec], batch_id: str | None) -> list[Result]:
+        first, now = self._insert_results(task, results, batch_id)
         return stored_results(task, results, range(first, first + len(results)), now)
 
-    async def add_result_ids(self, task: TaskInfo, results: Sequence[ResultSpec]) -> list[int]:
-        first, _ = await self._run(self._insert_results, task, results)
+    async def add_result_ids(
+        self, task: TaskInfo, results: Sequence[ResultSpec], batch_id: str | None = None
+    ) -> list[int]:
+        first, _ = await self._run(self._insert_results, task, results, batch_id)
         return list(range(first, first + len(results)))
 
-    def _insert_results(self, task: TaskInfo, results: Sequence[ResultSpec]) -> tuple[int, float]:
-        """Insert ``results`` in one transaction; the first new id (the others
-        follow it: no one else inserts while we hold the write lock) and the time."""
+    def _insert_results(
+        self, task: TaskInfo, results: Sequence[ResultSpec], batch_id: str | None
+    ) -> tuple[int, float]:
+        """Insert ``results`` (and their batch) in one transaction; the first new id
+        (the others follow it: no one else inserts while we hold the write lock) and
+        the time."""
         now = time.time()
         rows = result_rows(task, results, now)
         with self._transaction() as db:
             if db.execute("SELECT 1 FROM tasks WHERE id = ?", (task.id,)).fetchone() is None:
                 raise no_task(task.id)
+            if batch_id is not None and (row := db.execute(GET_BATCH, (batch_id,)).fetchone()):
+                raise repeated_batch(batch_id, task.id, row)
             first = db.execute("SELECT coalesce(max(id), 0) + 1 FROM results").fetchone()[0]
             db.executemany(INSERT_RESULT, rows)
+            if batch_id is not None:
+                ids = id_runs(range(first, first + len(rows)))
+                db.execute(INSERT_BATCH, (batch_id, task.id, ids, now))
         return first, now
 
-    async def query_results(self, query: QueryResults) -> ResultsData:
-        return await self._run(self._query_results, query)
+    async def query_results(self, query: QueryResults, max_bytes: int | None = None) -> ResultsData:
+        return await self._run(self._query_results, query, max_bytes)
 
-    def _query_results(self, query: QueryResults) -> ResultsData:
+    def _query_results(self, query: QueryResults, max_bytes: int | None) -> ResultsData:
         if query.task_id is not None:
             self._get_task(query.task_id)  # NotFound for an unknown id
         if query.session is not None:
             self._require_session(query.session)
-        page, summary = results_queries(SQLITE, query)
+        statement, summary = results_queries(SQLITE, query)
+        page = Page(query.limit, max_bytes)
         with self._transaction(immediate=False) as db:  # one snapshot for page and summary
-            rows = db.execute(*page).fetchall()
             counts = db.execute(*summary).fetchall()
-        return results_page(rows, counts, query.limit)
+            for row in db.execute(*statement):  # row by row: a full page stops reading
+                if not page.add(row):
+                    break
+        return page.reply(counts)
 
     # --- sessions and history -------------------------------------------------------------
 
@@ -367,18 +411,23 @@ class SQLiteStore(Store):
                 counts += db.execute(*statement).fetchall()
         return sessions_with_summaries(rows, counts)
 
-    async def history(self, name: str, *, session: str | None = None, limit: int = 50) -> HistoryData:
-        return await self._run(self._history, name, session, limit)
+    async def history(
+        self, name: str, *, session: str | None = None, limit: int = 50, max_bytes: int | None = None
+    ) -> HistoryData:
+        return await self._run(self._history, name, session, limit, max_bytes)
 
-    def _history(self, name: str, session: str | None, limit: int) -> HistoryData:
+    def _history(self, name: str, session: str | None, limit: int, max_bytes: int | None) -> HistoryData:
+        page = Page(limit, max_bytes)
         with self._transaction(immediate=False) as db:
             if session is not None:
                 self._require_session(session, glob=True)
-            rows = db.execute(*history_query(SQLITE, name, session, limit)).fetchall()
+            for row in db.execute(*history_query(SQLITE, name, session, limit)):
+                if not page.add(row):
+                    break
             names: list[Any] = []
-            if (statement := session_names(SQLITE, rows)) is not None:
+            if (statement := session_names(SQLITE, page.results)) is not None:
                 names = db.execute(*statement).fetchall()
-        return HistoryData(name=name, results=[_result(row) for row in rows], session_names=dict(names))
+        return page.history(name, names)
 
 
 
