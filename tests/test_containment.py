@@ -487,3 +487,33 @@ def test_jmp_run_killed_leaves_nothing_once_a_node_looks(data_dir: Path, mark: s
     assert (listed.returncode, listed.stderr) == (0, "")
     assert "lost" in listed.stdout.split()
     assert wait_until(lambda: marked(mark) == [], timeout=MARGIN)
+
+
+@pytest.mark.anyio
+async def test_a_node_closing_with_a_full_store_does_not_hang(
+    data_dir: Path, tmp_path: Path, small_fs, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The end of a task the full store cannot take is not waited for for ever when
+    the node server stops: the next node server marks the task lost."""
+    from jumpstarter.config import Config
+    from jumpstarter.protocol import JumpStarterProtocol
+
+    full = small_fs(tmp_path / "store", "1m")
+    protocol = JumpStarterProtocol(Config(data_dir=data_dir, store=str(full / "jumpstarter.db")))
+    filler = full / "filler"
+    with anyio.fail_after(MARGIN):
+        async with protocol.create_async_session("full-store") as session:
+            node = await session.connect("local")
+            task = await node.start(["sh", "-c", "sleep 0.3"])
+            with open(filler, "wb") as f, suppress(OSError):
+                while True:
+                    f.write(bytes(65536))
+                    f.flush()
+            while "the store cannot record" not in caplog.text:
+                await anyio.sleep(0.05)
+        # The session closed, its node server with it, while the store was still full.
+    assert "giving up, the next node server marks it lost" in caplog.text
+    filler.unlink()
+    async with protocol.create_async_session("after") as session:
+        node = await session.connect("local")
+        assert (await node.task(task.id).status()).state.value == "lost"

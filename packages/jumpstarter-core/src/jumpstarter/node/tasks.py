@@ -121,6 +121,7 @@ class Tasks:
         self._open: dict[str, str | None] = {}  # tasks opened with OpenTask → their session
         self._agents_checked: dict[str, float] = {}  # task id -> when its agent was last looked at
         self._tg: TaskGroup | None = None
+        self._shutting_down = False
 
     def serve_in(self, tg: TaskGroup) -> None:
         """Where supervisors of started tasks run."""
@@ -135,6 +136,7 @@ class Tasks:
 
     async def shut_down(self) -> None:
         """Stop what runs here and lose what was opened and never closed."""
+        self._shutting_down = True
         await self._stop_all()
         await self._lose_open_tasks()
 
@@ -374,7 +376,8 @@ class Tasks:
     ) -> TaskInfo:
         """Store the final state of ``task``. A store that cannot commit (its disk is
         full) is tried again every :data:`STORE_RETRY` seconds until it can: the
-        final state is written once space is back, and the node serves on meanwhile."""
+        final state is written once space is back, and the node serves on meanwhile;
+        a node server that is shutting down gives up instead (see below)."""
         complained = False
         while True:
             try:
@@ -382,6 +385,12 @@ class Tasks:
             except (OSError, NodeError):
                 raise
             except Exception as exc:  # sqlite3 / psycopg errors: "database or disk is full"
+                if self._shutting_down:
+                    # Not for ever: the row stays running under this agent, and the
+                    # next node server here marks it lost.
+                    log.error("the store cannot record that task %s is %s: %s; giving up, "
+                              "the next node server marks it lost", task.id, state.value, exc)
+                    return task.model_copy(update={"state": state, "exit_code": exit_code, "message": message})
                 if not complained:
                     log.error("the store cannot record that task %s is %s: %s; trying again",
                               task.id, state.value, exc)
