@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 
 import anyio
 import anyio.lowlevel
-from jumpstarter import NodeDriver, RunningProcess
+from jumpstarter import NodeConfig, NodeDriver, RunningProcess
 from jumpstarter.errors import SpawnFailed
 from jumpstarter.plugins import OutputWriter, Stream
 from jumpstarter_protocol import TaskSpec
@@ -28,9 +28,16 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 class LocalNodeDriver(NodeDriver):
     """Runs each task as a subprocess of this machine, in a new session (and so a
-    new process group), with stdin from /dev/null."""
+    new process group), with stdin from /dev/null; files are this machine's
+    (:class:`~jumpstarter_driver_local.files.LocalFiles`)."""
 
-    capabilities = ["exec", "shell", "env", "cwd", "timeout", "process-group"]
+    capabilities = ["exec", "shell", "env", "cwd", "timeout", "process-group", "files"]
+
+    def __init__(self, node: NodeConfig) -> None:
+        super().__init__(node)
+        from .files import LocalFiles
+
+        self.files = LocalFiles()
 
     async def spawn(self, spec: TaskSpec, output: OutputWriter) -> RunningProcess:
         return await self.start_process(spec.command, output, cwd=spec.cwd, env=spec.env)

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from jumpstarter_protocol import (
+    ArtifactInfo,
     HistoryData,
     QueryResults,
     Result,
@@ -30,6 +31,10 @@ from jumpstarter.errors import ConfigError
 from jumpstarter.store import schema
 from jumpstarter.store.base import Store
 from jumpstarter.store.sql import (
+    ADD_ARTIFACT,
+    LIST_ARTIFACTS,
+    artifact_rows,
+    stored_artifacts,
     _TASK_COLUMNS,
     FINISH_TASK,
     GET_TASK,
@@ -232,6 +237,16 @@ class PostgresStore(Store):
         return HistoryData(name=name, results=[_result(row) for row in rows], session_names=dict(names))
 
     @asynccontextmanager
+    # --- files: artifacts -------------------------------------------------------------
+
+    async def add_artifacts(self, task_id: str, artifacts: Sequence[ArtifactInfo]) -> None:
+        async with self._pool.connection() as db, db.transaction():
+            async with db.cursor() as cursor:
+                await cursor.executemany(POSTGRES.sql(ADD_ARTIFACT), artifact_rows(task_id, artifacts, time.time()))
+
+    async def list_artifacts(self, task_id: str) -> list[ArtifactInfo]:
+        return stored_artifacts(await self._fetchall(POSTGRES.sql(LIST_ARTIFACTS), (task_id,)))
+
     async def _snapshot(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """A connection in a transaction whose reads all see one snapshot."""
         async with self._pool.connection() as db, db.transaction():

@@ -126,6 +126,18 @@ _MIGRATIONS = [
     ALTER TABLE results ADD COLUMN file TEXT;
     ALTER TABLE results ADD COLUMN line INTEGER;
     """,
+    # 4: the files a task left on its node, fetched after it (jmp run --get).
+    """
+    CREATE TABLE artifacts (
+        id {serial_key},
+        task_id TEXT NOT NULL REFERENCES tasks (id),
+        path TEXT NOT NULL,
+        size {bigint} NOT NULL,
+        sha256 TEXT NOT NULL,
+        created_at {real} NOT NULL
+    );
+    CREATE INDEX artifacts_task ON artifacts (task_id);
+    """,
 ]
 
 VERSION = len(_MIGRATIONS)
