@@ -1,8 +1,8 @@
 """bytes ⇄ message.
 
 A frame is a 4-byte big-endian header length, the message as JSON without its binary
-field, then that field's bytes raw. Output chunks are the hot path: carrying their
-bytes beside the header instead of base64 inside it keeps the codec near memcpy speed.
+field, then that field's bytes raw. Output and file chunks are the hot path: carrying
+their bytes beside the header instead of base64 inside it keeps the codec near memcpy speed.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import anyio
 from jumpstarter_protocol import (
     Error,
+    ErrorCode,
     FileChunk,
     FileEnd,
     FileInfo,
@@ -127,6 +128,9 @@ async def put_file(node: AsyncNode, source: Path, remote: str, *, mode: int = 0o
                 ready = await node.request(opening)  # how much the node kept
                 continue
             if isinstance(reply, Error):
+                if reply.code == ErrorCode.CONFLICT and "open_upload" in reply.message and attempt < RESUMES:
+                    ready = await node.request(opening)  # the node moved on meanwhile: ask again
+                    continue
                 raise NodeError.from_reply(reply)
             return Transferred(str(source), reply.file.path, reply.file.size, reply.sha256)
     raise AssertionError("unreachable")  # pragma: no cover

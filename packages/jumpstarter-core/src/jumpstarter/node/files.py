@@ -25,6 +25,7 @@ import hashlib
 import os
 import posixpath
 from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -74,6 +75,9 @@ class Files:
         self.root = posixpath.normpath(root) if root else None
         self.max_transfer = max_transfer
         self._real_root: str | None = None
+        # One writer per upload: a resume waits until the stream its client lost has
+        # let go of the temporary file, so the offset it is told is final.
+        self._uploads: dict[str, anyio.Lock] = {}
 
     @property
     def files(self) -> NodeFiles:
@@ -136,15 +140,30 @@ class Files:
 
     async def open_upload(self, request: OpenUpload) -> UploadReady:
         path, part = await self._upload_target(request)
-        held = await self._os(self.files.stat(part), request.path)
+        async with self._upload_lock(part):
+            held = await self._os(self.files.stat(part), request.path)
         return UploadReady(path=path, offset=held.size if held is not None else 0)
 
     async def upload(self, header: PutFile, messages: AsyncIterator[Any]) -> FileWritten:
         """Take the chunks after ``header`` and, once the ``FileEnd`` matched, put the
         file in place. A stream that stops short (the connection dropped) keeps what
         arrived for a resume; every other failure leaves nothing."""
-        files = self.files
         path, part = await self._upload_target(header)
+        async with self._upload_lock(part):
+            return await self._upload(header, messages, path, part)
+
+    @asynccontextmanager
+    async def _upload_lock(self, part: str) -> AsyncIterator[None]:
+        lock = self._uploads.setdefault(part, anyio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._uploads.pop(part, None)
+
+    async def _upload(self, header: PutFile, messages: AsyncIterator[Any], path: str, part: str) -> FileWritten:
+        files = self.files
         held = await self._os(files.stat(part), header.path)
         have = held.size if held is not None else 0
         if header.offset != have:
