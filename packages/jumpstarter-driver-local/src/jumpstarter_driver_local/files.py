@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 import anyio
-from jumpstarter.plugins import FileStat, NodeFiles
+from jumpstarter.plugins import FileStat, NodeFiles, ThreadWorker, read_ahead
 
 READ_SIZE = 4 * 1024 * 1024
 """Bytes per chunk read: large, since each chunk costs a message on the wire."""
@@ -41,21 +42,27 @@ class LocalFiles(NodeFiles):
         try:
             if offset:
                 os.lseek(fd, offset, os.SEEK_SET)
-            while data := await anyio.to_thread.run_sync(os.read, fd, READ_SIZE):
-                yield data
+            # Closed before the file is: its thread must stop reading first.
+            async with aclosing(read_ahead(fd, chunk=READ_SIZE)) as reads:
+                async for data in reads:
+                    yield data
         finally:
             os.close(fd)
 
     async def write(self, path: str, chunks: AsyncIterator[bytes], *, offset: int = 0) -> int:
         fd = await anyio.to_thread.run_sync(lambda: os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        # Written on a thread of its own while the next chunk arrives.
+        writer = ThreadWorker(lambda data: _write_all(fd, data), name="jmp-write")
         try:
             os.ftruncate(fd, offset)
             os.lseek(fd, offset, os.SEEK_SET)
             async for data in chunks:
-                await anyio.to_thread.run_sync(_write_all, fd, data)
+                await writer.put(data)
                 offset += len(data)
+            await writer.finish()
             await anyio.to_thread.run_sync(os.fsync, fd)
         finally:
+            await writer.aclose()
             os.close(fd)
         return offset
 

@@ -16,6 +16,7 @@ import os
 import posixpath
 import secrets
 import stat
+from contextlib import aclosing
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,7 @@ from jumpstarter_protocol import (
 )
 
 from jumpstarter.errors import LocalFileError, NodeError, NotFound, TransportError
+from jumpstarter.plugins.threads import ThreadWorker, read_ahead
 
 if TYPE_CHECKING:
     from jumpstarter.client.session import AsyncNode
@@ -123,10 +125,12 @@ async def put_file(node: AsyncNode, source: Path, remote: str, *, mode: int = 0o
             try:
                 reply = await node.transport.put_file(header, chunks)
             except TransportError:
+                await chunks.aclose()  # its reader must let go of the file before the next
                 if attempt == RESUMES:
                     raise
                 ready = await node.request(opening)  # how much the node kept
                 continue
+            await chunks.aclose()
             if isinstance(reply, Error):
                 if reply.code == ErrorCode.CONFLICT and "open_upload" in reply.message and attempt < RESUMES:
                     ready = await node.request(opening)  # the node moved on meanwhile: ask again
@@ -147,16 +151,20 @@ def _hash_prefix(file: BinaryIO, size: int, digest: Any) -> None:
 
 
 async def _chunks(file: BinaryIO, offset: int, size: int, digest: Any) -> AsyncIterator[FileChunk | FileEnd]:
-    def read() -> bytes:
-        file.seek(position)
-        data = file.read(CHUNK)
-        digest.update(data)
-        return data
-
-    position = offset
-    while data := await anyio.to_thread.run_sync(read):
-        yield FileChunk(offset=position, data=data)
-        position += len(data)
+    # Read ahead and hashed on threads of their own, while the transport sends.
+    file.seek(offset)
+    hasher = ThreadWorker(digest.update, name="jmp-sha256")
+    try:
+        position = offset
+        # Closed here, not when collected: its thread must stop reading the file first.
+        async with aclosing(read_ahead(file.fileno(), chunk=CHUNK)) as reads:
+            async for data in reads:
+                await hasher.put(data)
+                yield FileChunk(offset=position, data=data)
+                position += len(data)
+        await hasher.finish()
+    finally:
+        await hasher.aclose()
     yield FileEnd(size=position, sha256=digest.hexdigest())
 
 
@@ -201,15 +209,18 @@ async def get_file(node: AsyncNode, info: FileInfo, target: Path, *, expect_sha2
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError as exc:
         raise LocalFileError(f"{target}: {_reason(exc)}") from None
+    digest = hashlib.sha256()
+    hasher = ThreadWorker(digest.update, name="jmp-sha256")
+    writer = ThreadWorker(lambda data: _write_all(fd, data), name="jmp-write")
     try:
-        digest = hashlib.sha256()
         size = 0
         end: FileEnd | None = None
         async for message in node.transport.get_file(GetFile(path=info.path)):
             if isinstance(message, FileChunk):
                 if message.offset != size:
                     raise TransportError(f"node {node.name!r} sent bytes at {message.offset}, expected {size}")
-                await anyio.to_thread.run_sync(_write_and_hash, fd, message.data, digest)
+                await hasher.put(message.data)
+                await writer.put(message.data)
                 size += len(message.data)
             elif isinstance(message, FileEnd):
                 end = message
@@ -218,6 +229,11 @@ async def get_file(node: AsyncNode, info: FileInfo, target: Path, *, expect_sha2
                 raise NodeError.from_reply(message)
         if end is None:
             raise TransportError(f"node {node.name!r} ended the download of {info.path} early")
+        await hasher.finish()
+        try:
+            await writer.finish()
+        except OSError as exc:
+            raise LocalFileError(f"{target}: {_reason(exc)}") from None
         got = digest.hexdigest()
         if end.size != size or end.sha256 != got:
             raise TransportError(
@@ -238,20 +254,21 @@ async def get_file(node: AsyncNode, info: FileInfo, target: Path, *, expect_sha2
             raise LocalFileError(f"{target}: {_reason(exc)}") from None
         return Transferred(info.path, str(target), size, got)
     except BaseException:
+        await hasher.aclose()
+        await writer.aclose()
         if fd >= 0:
             os.close(fd)
         part.unlink(missing_ok=True)
         raise
+    finally:
+        await hasher.aclose()
+        await writer.aclose()
 
 
-def _write_and_hash(fd: int, data: bytes, digest: Any) -> None:
-    digest.update(data)
+def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
-    try:
-        while view:
-            view = view[os.write(fd, view) :]
-    except OSError as exc:
-        raise LocalFileError(f"cannot write here: {_reason(exc)}") from None
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _reason(exc: OSError) -> str:

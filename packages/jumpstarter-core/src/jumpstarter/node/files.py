@@ -48,6 +48,7 @@ from jumpstarter_protocol import (
 from jumpstarter.errors import BadRequest, Conflict, NodeError, NotFound, TooLarge, Unavailable
 from jumpstarter.plugins.interfaces import FileStat as DriverStat
 from jumpstarter.plugins.interfaces import NodeFiles
+from jumpstarter.plugins.threads import ThreadWorker
 
 if TYPE_CHECKING:
     from jumpstarter.store.base import Store
@@ -180,6 +181,8 @@ class Files:
                 raise self._os_error(exc, header.path) from None
         end: list[FileEnd] = []
         size = [have]
+        # Hashed on a thread of its own while the driver writes the chunk before.
+        hasher = ThreadWorker(digest.update, name="jmp-sha256")
 
         async def data_of() -> AsyncIterator[bytes]:
             async for message in messages:
@@ -193,17 +196,20 @@ class Files:
                 size[0] += len(message.data)
                 if size[0] > header.size:
                     raise BadRequest(f"{header.path}: more than the {header.size} bytes announced")
-                await anyio.to_thread.run_sync(digest.update, message.data)
+                await hasher.put(message.data)
                 yield message.data
 
         try:
             await files.write(part, data_of(), offset=have)
+            await hasher.finish()
         except OSError as exc:
             await self._discard(part)
             raise self._os_error(exc, header.path) from None
         except NodeError:
             await self._discard(part)
             raise
+        finally:
+            await hasher.aclose()
         if not end:
             # The stream stopped short: keep what came for the same upload to resume.
             raise BadRequest(f"{header.path}: the upload ended at byte {size[0]} of {header.size}")
@@ -236,6 +242,7 @@ class Files:
         if info.size > self.max_transfer:
             raise self._too_large(request.path, info.size)
         digest = hashlib.sha256()
+        hasher = ThreadWorker(digest.update, name="jmp-sha256")
         offset = 0
         chunks = self.files.read(path)
         try:
@@ -246,7 +253,7 @@ class Files:
                     break
                 except OSError as exc:
                     raise self._os_error(exc, request.path) from None
-                await anyio.to_thread.run_sync(digest.update, data)
+                await hasher.put(data)
                 start, offset = offset, offset + len(data)
                 if offset > self.max_transfer:
                     raise self._too_large(request.path, offset)
@@ -255,8 +262,10 @@ class Files:
                 if start < request.offset:
                     data, start = data[request.offset - start :], request.offset
                 yield FileChunk(offset=start, data=data)
+            await hasher.finish()
         finally:
             await chunks.aclose()  # type: ignore[attr-defined]
+            await hasher.aclose()
         yield FileEnd(size=offset, sha256=digest.hexdigest())
 
     # --- helpers ----------------------------------------------------------------------

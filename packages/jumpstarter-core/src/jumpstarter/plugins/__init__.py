@@ -28,6 +28,8 @@ _EXPORTS = {
     "ClientContext": "jumpstarter.plugins.interfaces",
     "NodeFiles": "jumpstarter.plugins.interfaces",
     "FileStat": "jumpstarter.plugins.interfaces",
+    "ThreadWorker": "jumpstarter.plugins.threads",
+    "read_ahead": "jumpstarter.plugins.threads",
     "ENTRY_POINT_GROUP": "jumpstarter.plugins.manager",
     "Plugins": "jumpstarter.plugins.manager",
     "get_plugin_manager": "jumpstarter.plugins.manager",
@@ -48,3 +50,4 @@ if TYPE_CHECKING:
         Transport,
     )
     from jumpstarter.plugins.manager import ENTRY_POINT_GROUP, Plugins, get_plugin_manager
+    from jumpstarter.plugins.threads import ThreadWorker, read_ahead
