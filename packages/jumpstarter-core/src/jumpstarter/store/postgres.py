@@ -236,7 +236,6 @@ class PostgresStore(Store):
                 names = await (await db.execute(*statement)).fetchall()
         return HistoryData(name=name, results=[_result(row) for row in rows], session_names=dict(names))
 
-    @asynccontextmanager
     # --- files: artifacts -------------------------------------------------------------
 
     async def add_artifacts(self, task_id: str, artifacts: Sequence[ArtifactInfo]) -> None:
@@ -247,6 +246,7 @@ class PostgresStore(Store):
     async def list_artifacts(self, task_id: str) -> list[ArtifactInfo]:
         return stored_artifacts(await self._fetchall(POSTGRES.sql(LIST_ARTIFACTS), (task_id,)))
 
+    @asynccontextmanager
     async def _snapshot(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         """A connection in a transaction whose reads all see one snapshot."""
         async with self._pool.connection() as db, db.transaction():
