@@ -148,3 +148,30 @@ def test_run_on_a_remote_node_puts_gets_and_imports_junit_when_the_command_fails
     outcomes = sorted((r["name"], r["outcome"]) for r in json.loads(results.stdout)["results"])
     assert outcomes == [("hw/boot", "passed"), ("hw/flash", "failed")] or outcomes == [
         ("boot", "passed"), ("flash", "failed")]
+
+
+def test_a_node_that_dies_mid_upload_fails_it_cleanly(agents, data_dir, tmp_path, big_file) -> None:
+    import time
+
+    source, _ = big_file
+    agent = agents()
+    (tmp_path / "jumpstarter.toml").write_text(
+        f'[nodes.lab1]\ntransport = "grpc"\nendpoint = "{agent.url}"\noptions = {{ reconnect_timeout = 1 }}\n')
+    node_dir = tmp_path / "agent"
+    process = subprocess.Popen([JMP, "cp", str(source), "lab1:big.bin"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(p.stat().st_size > BIG // 4 for p in node_dir.glob(".big.bin.*.jmp-part")):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        agent.process.kill()
+        out, err = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert (process.returncode, out) == (5, "")
+    assert err.startswith(f"jmp: error: lost connection to node 'lab1' at {agent.url}: ") and err.count("\n") == 1
+    assert err.endswith("(gave up after 1s)\n")
+    assert not (node_dir / "big.bin").exists()  # never a truncated file under the final name
