@@ -350,3 +350,47 @@ def test_uploads_from_many_tasks_at_once(protocol, tmp_path: Path) -> None:
     for path in sources:
         assert sha(Path(f"{path}.copy")) == sha(path)
     assert leftovers(tmp_path) == []
+
+
+# --- the thread helpers drivers may use --------------------------------------------------
+
+
+def test_thread_worker_keeps_order_and_hands_back_errors(tmp_path: Path) -> None:
+    from jumpstarter.plugins import ThreadWorker, read_ahead
+
+    async def main() -> None:
+        seen: list[int] = []
+        worker = ThreadWorker(seen.append, ahead=1)
+        for i in range(100):
+            await worker.put(i)
+        await worker.finish()
+        assert seen == list(range(100))
+
+        def fail(item: int) -> None:
+            raise OSError(28, "No space left on device")
+
+        failing = ThreadWorker(fail)
+        await failing.put(1)
+        with pytest.raises(OSError, match="No space left on device"):
+            for i in range(10):
+                await failing.put(i)
+            await failing.finish()
+        await failing.aclose()
+
+        path = tmp_path / "data"
+        path.write_bytes(os.urandom(1_000_001))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            got = [chunk async for chunk in read_ahead(fd, chunk=65536)]
+        finally:
+            os.close(fd)
+        assert b"".join(got) == path.read_bytes() and {len(c) for c in got[:-1]} == {65536}
+        fd = os.open(tmp_path, os.O_RDONLY)  # a directory: the read fails, and says why
+        try:
+            with pytest.raises(IsADirectoryError):
+                async for _ in read_ahead(fd, chunk=10):
+                    pass
+        finally:
+            os.close(fd)
+
+    anyio.run(main)
