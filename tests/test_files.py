@@ -229,6 +229,10 @@ def test_no_space_left_fails_with_that_reason_and_leaves_nothing(protocol, small
     code, out, err = invoke_jmp("process", ["cp", str(big), f"local:{small_fs}/big.bin"])
     assert (code, err) == (5, f"jmp: error: {small_fs}/big.bin: no space left on device on node 'local'\n")
     assert os.listdir(small_fs) == ["small.bin"]
+    # No room here for a fetched file: the same, one line, nothing left.
+    code, out, err = invoke_jmp("process", ["cp", f"local:{big}", f"{small_fs}/back.bin"])
+    assert (code, err) == (1, f"jmp: error: {small_fs}/back.bin: no space left on device\n")
+    assert os.listdir(small_fs) == ["small.bin"]
 
 
 # --- a node without the capability -----------------------------------------------------------

@@ -220,7 +220,10 @@ async def get_file(node: AsyncNode, info: FileInfo, target: Path, *, expect_sha2
                 if message.offset != size:
                     raise TransportError(f"node {node.name!r} sent bytes at {message.offset}, expected {size}")
                 await hasher.put(message.data)
-                await writer.put(message.data)
+                try:
+                    await writer.put(message.data)
+                except OSError as exc:  # raised by the write of an earlier chunk
+                    raise LocalFileError(f"{target}: {_reason(exc)}") from None
                 size += len(message.data)
             elif isinstance(message, FileEnd):
                 end = message
