@@ -138,6 +138,21 @@ def test_bad_input_is_one_clear_error_and_leaves_nothing(protocol, tmp_path: Pat
         assert reply.type == "file_written" and (node_dir / "f").read_bytes() == b"abc"
 
 
+def test_an_upload_nobody_resumed_goes_with_the_next_one(protocol, tmp_path: Path) -> None:
+    import time
+
+    node_dir = tmp_path / "node"
+    node_dir.mkdir()
+    stale, fresh = node_dir / ".fw.bin.oldupload1.jmp-part", node_dir / ".fw.bin.resuming1.jmp-part"
+    stale.write_bytes(b"left by a client that never came back")
+    fresh.write_bytes(b"a client reconnecting right now")
+    os.utime(stale, (time.time() - 7200,) * 2)
+    (tmp_path / "fw.bin").write_bytes(b"fw")
+    with protocol.create_session("s") as session:
+        session.connect("local").put(tmp_path / "fw.bin", f"{node_dir}/")
+    assert sorted(os.listdir(node_dir)) == [fresh.name, "fw.bin"]
+
+
 def test_a_transfer_over_the_limit_is_refused(data_dir: Path, tmp_path: Path) -> None:
     big = tmp_path / "big"
     big.write_bytes(b"x" * 2000)

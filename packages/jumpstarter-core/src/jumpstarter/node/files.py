@@ -12,7 +12,8 @@
   at the end, then renamed into place: nothing half-written is ever visible under the
   final name, and a failed checksum leaves nothing. A connection that drops leaves the
   temporary file for the same upload to resume from (``OpenUpload`` says its offset);
-  any other failure removes it.
+  any other failure removes it, and one nobody resumed for an hour goes with the next
+  upload to that name.
 - **Checked both ways.** A download ends with the sha256 of the whole file, which the
   client checks against what it got.
 """
@@ -24,6 +25,7 @@ import fnmatch
 import hashlib
 import os
 import posixpath
+import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -56,6 +58,9 @@ if TYPE_CHECKING:
 DEFAULT_MAX_TRANSFER = 16 * 1024**3
 """Bytes one transfer may carry unless the node says otherwise (``max_transfer``)."""
 PART_SUFFIX = ".jmp-part"
+STALE_PART = 3600.0
+"""Seconds after which the temporary file of an upload nobody resumed is removed (by
+the next upload to the same name)."""
 
 
 class Files:
@@ -143,7 +148,26 @@ class Files:
         path, part = await self._upload_target(request)
         async with self._upload_lock(part):
             held = await self._os(self.files.stat(part), request.path)
+        if held is None:
+            await self._forget_stale_parts(path, part)
         return UploadReady(path=path, offset=held.size if held is not None else 0)
+
+    async def _forget_stale_parts(self, path: str, part: str) -> None:
+        """Remove what uploads to ``path`` left that no client came back for (a client
+        resumes within its reconnect timeout, a minute; these are older than an hour)."""
+        parent, name = posixpath.split(path)
+        prefix = f".{name}."
+        try:
+            names = await self.files.list_dir(parent)
+            for other in names:
+                here = posixpath.join(parent, other)
+                if not (other.startswith(prefix) and other.endswith(PART_SUFFIX)) or here == part:
+                    continue
+                stat = await self.files.stat(here)
+                if stat is not None and stat.kind == "file" and time.time() - stat.mtime > STALE_PART:
+                    await self.files.remove(here)
+        except OSError:
+            pass  # tidying up is no reason to refuse the upload
 
     async def upload(self, header: PutFile, messages: AsyncIterator[Any]) -> FileWritten:
         """Take the chunks after ``header`` and, once the ``FileEnd`` matched, put the
