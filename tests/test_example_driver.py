@@ -464,3 +464,32 @@ def test_the_tutorials_are_linked_from_the_readme() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "(docs/writing-a-node-driver.md)" in readme
     assert "(docs/writing-a-transport.md)" in readme
+
+
+# --- files ---------------------------------------------------------------------------
+
+
+def test_sandbox_files_go_into_the_workspace_and_stay_in_it(
+    data_dir: Path, tmp_path: Path, sandbox_plugin: ModuleType, workspace: Path
+) -> None:
+    from jumpstarter.errors import BadRequest
+
+    protocol = sandbox_protocol(data_dir, sandbox_plugin, workspace=str(workspace), root=str(tmp_path / "boxes"))
+    (tmp_path / "fw.bin").write_bytes(b"firmware")
+    with protocol.create_session("sandbox") as session:
+        node = session.connect("box")
+        assert "files" in node.info.capabilities
+        (put,) = node.put(tmp_path / "fw.bin", "fw.bin")
+        assert put.target == str(workspace / "fw.bin")
+        task = node.start(["cat", "fw.bin"])  # a fresh sandbox, a copy of the workspace
+        assert b"".join(c.data for c in task.output()) == b"firmware"
+        node.get("sub/deep.txt", tmp_path / "deep.txt")
+        assert (tmp_path / "deep.txt").read_text() == "deep\n"
+        with pytest.raises(BadRequest, match=f"^../fw.bin: outside the files root {workspace} of node 'box'$"):
+            node.get("../fw.bin", tmp_path / "x")
+    bare = sandbox_protocol(data_dir, sandbox_plugin, root=str(tmp_path / "boxes"))
+    with bare.create_session("sandbox") as session:
+        node = session.connect("box")
+        assert "files" not in node.info.capabilities
+        with pytest.raises(BadRequest, match="^node 'box' has no 'files' capability"):
+            node.put(tmp_path / "fw.bin", "fw.bin")

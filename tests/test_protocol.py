@@ -71,6 +71,23 @@ from jumpstarter_protocol import (
     encode,
     json_schema,
     negotiate_version,
+    # files
+    AddArtifacts,
+    ArtifactInfo,
+    ArtifactList,
+    FileChunk,
+    FileEnd,
+    FileList,
+    FileStat,
+    FileWritten,
+    GetFile,
+    ListArtifacts,
+    ListFiles,
+    MakeDir,
+    OpenUpload,
+    PutFile,
+    StatFile,
+    UploadReady,
 )
 from pydantic import BaseModel, ValidationError
 from pydantic.fields import FieldInfo
@@ -234,9 +251,14 @@ start_requests = st.one_of(
     derived(StartRequest, task_id=st.text(min_size=1, max_size=40), spec=st.none()),
     derived(StartRequest, task_id=st.none(), spec=task_specs),
 )
+# --- files: fields with a pattern get strategies of their own
+sha256s = st.from_regex(r"[0-9a-f]{64}", fullmatch=True)
+upload_ids = st.from_regex(r"[0-9A-Za-z_-]{8,64}", fullmatch=True)
+artifacts = derived(ArtifactInfo, sha256=sha256s)
 MODEL_OVERRIDES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
     TaskSpec: task_specs,
     StartRequest: start_requests,
+    ArtifactInfo: artifacts,
 }
 
 
@@ -266,6 +288,20 @@ MESSAGE_STRATEGIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
     CloseTask: derived(CloseTask, state=st.sampled_from([s for s in TaskState if s.finished])),
     ListSessions: derived(ListSessions),
     QueryHistory: derived(QueryHistory),
+    # files
+    StatFile: derived(StatFile),
+    ListFiles: st.one_of(
+        derived(ListFiles, path=st.text(min_size=1, max_size=40), pattern=st.none()),
+        derived(ListFiles, path=st.none(), pattern=st.text(min_size=1, max_size=40)),
+    ),
+    MakeDir: derived(MakeDir),
+    OpenUpload: derived(OpenUpload, upload_id=upload_ids),
+    PutFile: derived(PutFile, upload_id=upload_ids),
+    FileChunk: derived(FileChunk),
+    FileEnd: derived(FileEnd, sha256=sha256s),
+    GetFile: derived(GetFile),
+    AddArtifacts: derived(AddArtifacts),
+    ListArtifacts: derived(ListArtifacts),
     # replies
     ConfigData: derived(ConfigData),
     ConnectionInfo: derived(ConnectionInfo),
@@ -283,6 +319,12 @@ MESSAGE_STRATEGIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
     NodeReleased: derived(NodeReleased),
     SessionList: derived(SessionList),
     HistoryData: derived(HistoryData),
+    # files
+    FileStat: derived(FileStat),
+    FileList: derived(FileList),
+    UploadReady: derived(UploadReady),
+    FileWritten: derived(FileWritten, sha256=sha256s),
+    ArtifactList: derived(ArtifactList),
     Error: derived(Error),
 }
 any_message = st.one_of(*MESSAGE_STRATEGIES.values())
@@ -293,7 +335,7 @@ by_name = pytest.mark.parametrize("cls", list(MESSAGE_STRATEGIES), ids=lambda cl
 
 
 def test_every_message_type_has_a_strategy() -> None:
-    assert len(MESSAGE_TYPES) == len(set(MESSAGE_TYPES)) == 35
+    assert len(MESSAGE_TYPES) == len(set(MESSAGE_TYPES)) == 50
     assert set(MESSAGE_STRATEGIES) == set(MESSAGE_TYPES)
 
 
@@ -744,6 +786,7 @@ def test_json_schema_covers_every_message() -> None:
         assert definition["additionalProperties"] is False
     # the payload is not part of the JSON header, so not part of its schema
     assert "data" not in schema["$defs"]["OutputChunk"]["properties"]
+    assert "data" not in schema["$defs"]["FileChunk"]["properties"]
     assert json_schema() == schema  # a fresh copy each time, not a shared dict
 
 

@@ -260,3 +260,22 @@ async def test_history_leaves_out_older_runs_that_would_not_fit(store: Store) ->
     assert cut.truncated and 1 <= len(cut.results) < 6
     assert [r.message[0] for r in cut.results] == ["5", "4", "3"][: len(cut.results)]  # the newest
     assert not (await store.history("boot", limit=2, max_bytes=10**6)).truncated
+# --- files: artifacts ------------------------------------------------------------------
+
+
+async def test_artifacts_are_kept_per_task_in_order(store: Store) -> None:
+    from jumpstarter_protocol import ArtifactInfo
+
+    await store.add_session("s1", "x", "test")
+    await store.create_task(_task("t1"))
+    await store.create_task(_task("t2"))
+    assert await store.list_artifacts("t1") == []
+    first = [ArtifactInfo(path="/w/junit.xml", size=3 * 1024**3, sha256="a" * 64),
+             ArtifactInfo(path="/w/logs/a.txt", size=0, sha256="b" * 64)]
+    await store.add_artifacts("t1", first)
+    await store.add_artifacts("t2", [ArtifactInfo(path="/w/other", size=1, sha256="c" * 64)])
+    await store.add_artifacts("t1", [ArtifactInfo(path="/w/late", size=2, sha256="d" * 64)])
+    kept = await store.list_artifacts("t1")
+    assert [(a.path, a.size, a.sha256) for a in kept] == [
+        ("/w/junit.xml", 3 * 1024**3, "a" * 64), ("/w/logs/a.txt", 0, "b" * 64), ("/w/late", 2, "d" * 64)]
+    assert all(a.created_at is not None for a in kept)

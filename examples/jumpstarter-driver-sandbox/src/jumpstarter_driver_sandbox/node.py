@@ -18,6 +18,7 @@ the local node reports it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -30,6 +31,7 @@ import anyio
 from jumpstarter import NodeConfig, RunningProcess
 from jumpstarter.errors import BadRequest, ConfigError, InternalError, SpawnFailed
 from jumpstarter.plugins import OutputWriter
+from jumpstarter_driver_local.files import LocalFiles
 from jumpstarter_driver_local.node import LocalNodeDriver, LocalProcess, spawn_failed
 from jumpstarter_protocol import TaskSpec
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError
@@ -116,13 +118,26 @@ class SandboxNodeDriver(LocalNodeDriver):
     """Runs each task like the local node does, but in a sandbox of its own.
 
     The task starts in the sandbox (a relative ``cwd`` is taken inside it; an
-    absolute one is refused) with ``JMP_SANDBOX`` set to the sandbox's path."""
+    absolute one is refused) with ``JMP_SANDBOX`` set to the sandbox's path.
+
+    Files put on the node go into the workspace (so every later sandbox has them)
+    and are fetched from it: the workspace is the node's files root, and a node
+    without a workspace has no ``files`` capability."""
 
     capabilities = [*LocalNodeDriver.capabilities, "sandbox", "limits"]
 
     def __init__(self, node: NodeConfig) -> None:
         super().__init__(node)
         self.options = sandbox_options(node)
+        workspace = self.options.workspace
+        if workspace is None:
+            self.files = None
+        else:
+            self.files = WorkspaceFiles(workspace)
+            # The node server confines transfers to its files root and resolves
+            # relative paths there: the workspace, unless the node names another in it.
+            if node.files_root is None or not node.files_root.resolve().is_relative_to(workspace):
+                node.files_root = workspace
 
     async def spawn(self, spec: TaskSpec, output: OutputWriter) -> RunningProcess:
         if spec.cwd is not None and os.path.isabs(spec.cwd):
@@ -274,3 +289,42 @@ def _why(exc: OSError | shutil.Error) -> str:
         first = exc.args[0][0] if exc.args and exc.args[0] else None
         return f"{first[2]} ({first[0]})" if first else str(exc)
     return f"{exc.strerror}: {exc.filename}" if exc.filename else str(exc.strerror or exc)
+
+
+class WorkspaceFiles(LocalFiles):
+    """The local node's files, refusing any path outside the workspace (the node
+    server refuses them first, with a clearer message; this is the driver's own
+    guarantee)."""
+
+    def __init__(self, workspace: Path) -> None:
+        self.workspace = workspace
+
+    def _inside(self, path: str) -> str:
+        real = os.path.realpath(path)
+        if not Path(real).is_relative_to(self.workspace):
+            raise PermissionError(errno.EACCES, f"outside the sandbox workspace {self.workspace}", path)
+        return path
+
+    async def stat(self, path: str):  # type: ignore[no-untyped-def]
+        return await super().stat(self._inside(path))
+
+    async def list_dir(self, path: str) -> list[str]:
+        return await super().list_dir(self._inside(path))
+
+    def read(self, path: str, offset: int = 0):  # type: ignore[no-untyped-def]
+        return super().read(self._inside(path), offset)
+
+    async def write(self, path, chunks, *, offset: int = 0) -> int:  # type: ignore[no-untyped-def]
+        return await super().write(self._inside(path), chunks, offset=offset)
+
+    async def rename(self, source: str, target: str) -> None:
+        await super().rename(self._inside(source), self._inside(target))
+
+    async def remove(self, path: str) -> None:
+        await super().remove(self._inside(path))
+
+    async def make_dir(self, path: str, mode: int = 0o755) -> None:
+        await super().make_dir(self._inside(path), mode)
+
+    async def chmod(self, path: str, mode: int) -> None:
+        await super().chmod(self._inside(path), mode)

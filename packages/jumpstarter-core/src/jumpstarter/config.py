@@ -46,6 +46,10 @@ class NodeConfig(BaseModel):
     tls_ca: Path | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     options: dict[str, Any] = Field(default_factory=dict, description="passed to the driver")
+    files_root: Path | None = Field(
+        default=None, description="where this node may put and fetch files; default: anywhere its user may"
+    )
+    max_transfer: int | None = Field(default=None, gt=0, description="bytes one file transfer may carry")
 
 
 class RegistryConfig(BaseModel):

@@ -5,6 +5,7 @@
     ├── ConfigError          a config file or value is wrong; names the file and key
     ├── PluginError          a plugin failed to load, or a transport/driver is unknown
     ├── TransportError       a node could not be reached, or the connection broke
+    ├── LocalFileError       a file to send is missing, or a fetched one cannot be written here
     └── NodeError            a node answered with an Error reply; ``code`` says which
         ├── BadRequest
         ├── NotFound
@@ -33,6 +34,7 @@ __all__ = [
     "ConfigError",
     "PluginError",
     "TransportError",
+    "LocalFileError",
     "NodeError",
     "BadRequest",
     "NotFound",
@@ -58,6 +60,11 @@ class PluginError(JumpstarterError):
 
 class TransportError(JumpstarterError):
     """Raised when a node cannot be reached or the connection to it breaks."""
+
+
+class LocalFileError(JumpstarterError):
+    """Raised when a local file to put on a node is missing or unreadable (or a
+    directory without ``recursive``), or a fetched file cannot be written here."""
 
 
 class NodeError(JumpstarterError):

@@ -28,6 +28,7 @@ from jumpstarter_protocol import (
     ConnectionInfo,
     Error,
     ErrorCode,
+    GetFile,
     InitializeConnection,
     OutputChunk,
     ProtocolError,
@@ -40,7 +41,9 @@ from ._wire import (
     CONNECTION_KEY,
     DEFAULT_KEEPALIVE,
     DEFAULT_PORT,
+    GET_FILE_METHOD,
     KEEPALIVE_KEY,
+    PUT_FILE_METHOD,
     READ_OUTPUT_METHOD,
     REQUEST_METHOD,
     SERVICE,
@@ -92,6 +95,8 @@ class NodeService:
             {
                 REQUEST_METHOD: grpc.unary_unary_rpc_method_handler(self.request),
                 READ_OUTPUT_METHOD: grpc.unary_stream_rpc_method_handler(self.read_output),
+                PUT_FILE_METHOD: grpc.stream_unary_rpc_method_handler(self.put_file),
+                GET_FILE_METHOD: grpc.unary_stream_rpc_method_handler(self.get_file),
             },
         )
 
@@ -133,6 +138,50 @@ class NodeService:
         with self._in_call(client):
             async for frame in self._frames(client.connection.read_output(request)):
                 yield frame
+
+    # --- files ----------------------------------------------------------------------------
+
+    async def put_file(self, frames: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        """A ``PutFile`` frame, chunks and a ``FileEnd`` in; ``FileWritten`` or ``Error`` out.
+        A client that goes away mid-stream leaves what arrived for its resume."""
+        if not self._authorized(context):
+            return self._refused
+        max_size = self.server.max_message_size
+        stream = frames.__aiter__()
+        try:
+            header = decode(await stream.__anext__(), max_size=max_size)
+        except StopAsyncIteration:
+            return encode(Error(code=ErrorCode.BAD_REQUEST, message="an empty upload stream"))
+        except ProtocolError as exc:
+            return encode(Error(code=ErrorCode(exc.code), message=str(exc)))
+
+        async def messages() -> AsyncIterator[Any]:
+            async for data in stream:
+                yield decode(data, max_size=max_size)
+
+        client = await self._client(context)
+        with self._in_call(client):
+            reply = await client.connection.put_file(header, messages())
+        return self._encode(reply)
+
+    async def get_file(self, data: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        """One ``GetFile`` frame in; file chunks, then ``FileEnd`` or ``Error``."""
+        if not self._authorized(context):
+            yield self._refused
+            return
+        try:
+            request = decode(data, max_size=self.server.max_message_size)
+        except ProtocolError as exc:
+            yield encode(Error(code=ErrorCode(exc.code), message=str(exc)))
+            return
+        if not isinstance(request, GetFile):
+            yield encode(Error(code=ErrorCode.BAD_REQUEST, message=f"{request.type} is not get_file"))
+            return
+        client = await self._client(context)
+        with self._in_call(client):
+            async with aclosing(client.connection.get_file(request)) as messages:
+                async for message in messages:
+                    yield self._encode(message)
 
     async def _frames(self, messages: AsyncGenerator[Any, None]) -> AsyncIterator[bytes]:
         """``messages`` as frames, small output chunks merged into larger ones.

@@ -9,6 +9,12 @@ Service ``jumpstarter.v1.Node``:
 ``ReadOutput`` (server streaming)
     one ``ReadOutput`` frame in, ``OutputChunk`` frames out, then one ``OutputEnd``
     (or ``Error``) frame.
+``PutFile`` (client streaming)
+    one ``PutFile`` frame, ``FileChunk`` frames, one ``FileEnd`` frame in; one
+    ``FileWritten`` (or ``Error``) frame out.
+``GetFile`` (server streaming)
+    one ``GetFile`` frame in; ``FileChunk`` frames, then one ``FileEnd`` (or
+    ``Error``) frame out.
 
 Metadata on every call:
 
@@ -80,6 +86,11 @@ REQUEST_METHOD = "Request"
 READ_OUTPUT_METHOD = "ReadOutput"
 REQUEST_PATH = f"/{SERVICE}/{REQUEST_METHOD}"
 READ_OUTPUT_PATH = f"/{SERVICE}/{READ_OUTPUT_METHOD}"
+# --- files
+PUT_FILE_METHOD = "PutFile"
+GET_FILE_METHOD = "GetFile"
+PUT_FILE_PATH = f"/{SERVICE}/{PUT_FILE_METHOD}"
+GET_FILE_PATH = f"/{SERVICE}/{GET_FILE_METHOD}"
 
 TOKEN_KEY = "authorization"
 CONNECTION_KEY = "jmp-connection"

@@ -44,16 +44,23 @@ from jumpstarter_protocol import (
     Error,
     ErrorCode,
     FetchConfig,
+    FileChunk,
+    GetFile,
     GetTaskStatus,
     InitializeConnection,
     ListTasks,
     NodeReleased,
     OutputChunk,
+    ListArtifacts,
+    ListFiles,
+    OpenUpload,
     Ping,
     ProtocolError,
+    PutFile,
     QueryResults,
     ReadOutput,
     ReleaseNode,
+    StatFile,
     StopTask,
     TaskStatus,
     WaitTask,
@@ -65,7 +72,9 @@ from ._server import TOKEN_REFUSED, join_address
 from ._wire import (
     CONNECTION_KEY,
     DEFAULT_PORT,
+    GET_FILE_PATH,
     KEEPALIVE_KEY,
+    PUT_FILE_PATH,
     READ_OUTPUT_PATH,
     REQUEST_PATH,
     SERVICE,
@@ -97,6 +106,11 @@ _REPEATABLE = (
     Ping,
     ReleaseNode,
     StopTask,
+    # files: an upload's offset is asked again, never assumed
+    OpenUpload,
+    StatFile,
+    ListFiles,
+    ListArtifacts,
 )
 
 
@@ -246,6 +260,8 @@ class GrpcTransport(Transport):
         self._token = token
         self._unary = channel.unary_unary(REQUEST_PATH)
         self._stream = channel.unary_stream(READ_OUTPUT_PATH)
+        self._put_file = channel.stream_unary(PUT_FILE_PATH)
+        self._get_file = channel.unary_stream(GET_FILE_PATH)
         self._reached = False  # once true, a broken connection is retried, not fatal
         self._connection_id: str | None = None
         self._handshake: InitializeConnection | None = None
@@ -303,7 +319,37 @@ class GrpcTransport(Transport):
             self._lease = None
         return reply
 
-    async def read_output(self, request: ReadOutput) -> AsyncIterator[Any]:  # type: ignore[override]
+    def read_output(self, request: ReadOutput) -> AsyncIterator[Any]:  # type: ignore[override]
+        return self._resumed(self._stream, request)
+
+    # --- files
+
+    async def put_file(self, header: PutFile, chunks: AsyncIterator[Any]) -> Any:
+        """One upload stream. A broken connection is a :class:`TransportError`: the
+        client asks the node where to resume (``OpenUpload``, retried as any request)."""
+
+        async def frames() -> AsyncIterator[bytes]:
+            yield encode(header)
+            async for message in chunks:
+                yield encode(message)
+
+        call = self._put_file(frames(), metadata=self._metadata())
+        try:
+            data = await call
+        except grpc.aio.AioRpcError as exc:
+            raise self._error(exc) from None
+        finally:
+            call.cancel()
+        return self._explain(self._decode(data))
+
+    def get_file(self, request: GetFile) -> AsyncIterator[Any]:  # type: ignore[override]
+        """A download, resumed from the offset reached after a broken connection."""
+        return self._resumed(self._get_file, request)
+
+    async def _resumed(self, stub: Any, request: Any) -> AsyncIterator[Any]:
+        """The stream ``stub`` answers ``request`` with (output or file chunks, then
+        one end message), reopened from the offset reached when the connection breaks:
+        nothing lost, nothing doubled."""
         offset = request.offset
         retry = _Retry(self.settings.reconnect_timeout)
         handshaken = False
@@ -312,11 +358,11 @@ class GrpcTransport(Transport):
             stale = self._connection_id
             # Fail fast: a stream has no deadline, so waiting for the node to come
             # back is done below, within reconnect_timeout.
-            call = self._stream(frame, metadata=self._metadata())
+            call = stub(frame, metadata=self._metadata())
             try:
                 async for data in call:
                     message = self._decode(data)
-                    if isinstance(message, OutputChunk):
+                    if isinstance(message, OutputChunk | FileChunk):
                         if message.offset < offset:  # never hand a byte out twice
                             message.data = message.data[offset - message.offset :]
                             message.offset = offset
@@ -328,7 +374,7 @@ class GrpcTransport(Transport):
                         continue
                     yield self._explain(message)
                     return
-                raise TransportError(f"{self.where} ended the output stream early")
+                raise TransportError(f"{self.where} ended the {request.type} stream early")
             except grpc.aio.AioRpcError as exc:
                 if self._unknown_connection(exc) and not handshaken:
                     handshaken = True

@@ -12,17 +12,13 @@ import fcntl
 import os
 import subprocess
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
-from jumpstarter import NodeDriver, RunningProcess
+from jumpstarter import NodeConfig, NodeDriver, RunningProcess
 from jumpstarter.errors import SpawnFailed
 from jumpstarter.plugins import Containment, OutputWriter, Stream, TaskProcesses
 from jumpstarter_protocol import TaskSpec
-
-if TYPE_CHECKING:
-    from jumpstarter.config import NodeConfig
 
 READ_SIZE = 1024 * 1024
 _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
@@ -33,12 +29,16 @@ class LocalNodeDriver(NodeDriver):
     new process group), with stdin from /dev/null, contained (see
     :class:`~jumpstarter.plugins.Containment`: a cgroup per task where the node may
     make one, the node as child subreaper) so that stop, timeout and crash recovery
-    reach every process the task starts."""
+    reach every process the task starts. Files are this machine's
+    (:class:`~jumpstarter_driver_local.files.LocalFiles`)."""
 
-    capabilities = ["exec", "shell", "env", "cwd", "timeout", "process-group"]
+    capabilities = ["exec", "shell", "env", "cwd", "timeout", "process-group", "files"]
 
     def __init__(self, node: NodeConfig) -> None:
         super().__init__(node)
+        from .files import LocalFiles
+
+        self.files = LocalFiles()
         self.containment = Containment()
 
     async def spawn(self, spec: TaskSpec, output: OutputWriter) -> RunningProcess:

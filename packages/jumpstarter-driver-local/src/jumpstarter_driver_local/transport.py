@@ -6,13 +6,13 @@ built them through pydantic, so they are valid already, and nothing is encoded.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from jumpstarter import NodeConfig, Transport
 from jumpstarter.node import NodeConnection
 from jumpstarter.plugins import ClientContext
-from jumpstarter_protocol import ReadOutput
+from jumpstarter_protocol import GetFile, PutFile, ReadOutput
 
 
 class LocalTransport(Transport):
@@ -31,6 +31,13 @@ class LocalTransport(Transport):
 
     def read_output(self, request: ReadOutput) -> AsyncGenerator[Any, None]:
         return self.connection.read_output(request)
+
+    # --- files
+    async def put_file(self, header: PutFile, chunks: AsyncIterator[Any]) -> Any:
+        return await self.connection.put_file(header, chunks)
+
+    def get_file(self, request: GetFile) -> AsyncGenerator[Any, None]:
+        return self.connection.get_file(request)
 
     async def aclose(self) -> None:
         self.connection.close()

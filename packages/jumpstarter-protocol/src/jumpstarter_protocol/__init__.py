@@ -61,6 +61,24 @@ from ._messages import (
     TaskStopped,
     TerminalSize,
     WaitTask,
+    # files
+    AddArtifacts,
+    ArtifactInfo,
+    ArtifactList,
+    FileChunk,
+    FileEnd,
+    FileInfo,
+    FileList,
+    FileStat,
+    FileWritten,
+    GetFile,
+    ListArtifacts,
+    ListFiles,
+    MakeDir,
+    OpenUpload,
+    PutFile,
+    StatFile,
+    UploadReady,
 )
 from ._schema import json_schema
 

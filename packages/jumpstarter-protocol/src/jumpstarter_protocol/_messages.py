@@ -430,6 +430,103 @@ class QueryHistory(_Model):
     limit: int = Field(default=50, ge=1, le=10_000)
 
 
+# --- files: requests ---------------------------------------------------------------
+# A path is the node's: absolute, or relative to the task's working directory
+# (``task_id``) or else the node's. A node with a files root refuses any path that
+# leaves it.
+
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+Mode = Annotated[int, Field(ge=0, le=0o7777)]
+FilePath = Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class StatFile(_Model):
+    """What is at ``path`` (a ``FileStat`` reply; not found is an error)."""
+
+    type: Literal["stat_file"] = "stat_file"
+    path: FilePath
+    task_id: Id | None = None
+
+
+class ListFiles(_Model):
+    """The entries of directory ``path``, or the files matching ``pattern`` (a glob
+    of ``*``, ``?`` and ``[...]`` per path segment)."""
+
+    type: Literal["list_files"] = "list_files"
+    path: FilePath | None = None
+    pattern: FilePath | None = None
+    task_id: Id | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ListFiles:
+        if (self.path is None) == (self.pattern is None):
+            raise ValueError("give exactly one of path and pattern")
+        return self
+
+
+class MakeDir(_Model):
+    """Create directory ``path`` (and its parents) with ``mode``."""
+
+    type: Literal["make_dir"] = "make_dir"
+    path: FilePath
+    mode: Mode = 0o755
+    task_id: Id | None = None
+
+
+class OpenUpload(_Model):
+    """Before an upload, and again to resume one: the node checks the path, the size
+    against its limit, and answers ``UploadReady`` with the offset it already holds
+    for ``upload_id`` (0 for a new upload)."""
+
+    type: Literal["open_upload"] = "open_upload"
+    path: FilePath
+    size: int = Field(ge=0)
+    mode: Mode = 0o644
+    upload_id: Annotated[str, Field(pattern=r"^[0-9A-Za-z_-]{8,64}$")]
+    task_id: Id | None = None
+
+
+class PutFile(OpenUpload):
+    """The first message of an upload stream: ``FileChunk`` messages follow from
+    ``offset`` (the ``UploadReady`` offset), then one ``FileEnd``. Nothing is visible
+    under ``path`` until the whole file arrived and its sha256 matched."""
+
+    type: Literal["put_file"] = "put_file"  # type: ignore[assignment]
+    offset: int = Field(default=0, ge=0)
+
+
+class GetFile(_Model):
+    """Download file ``path`` from byte ``offset``: ``FileChunk`` messages, then one
+    ``FileEnd`` with the sha256 of the whole file."""
+
+    type: Literal["get_file"] = "get_file"
+    path: FilePath
+    offset: int = Field(default=0, ge=0)
+    task_id: Id | None = None
+
+
+class ArtifactInfo(_Model):
+    """A file a task left on its node, as the task recorded it."""
+
+    path: str
+    size: int = Field(ge=0)
+    sha256: Sha256
+    created_at: Timestamp | None = None
+
+
+class AddArtifacts(_Model):
+    """Record files fetched after a task as its artifacts."""
+
+    type: Literal["add_artifacts"] = "add_artifacts"
+    task_id: Id
+    artifacts: list[ArtifactInfo] = Field(min_length=1)
+
+
+class ListArtifacts(_Model):
+    type: Literal["list_artifacts"] = "list_artifacts"
+    task_id: Id
+
+
 # --- replies -----------------------------------------------------------------------
 
 
@@ -536,6 +633,71 @@ class HistoryData(_Model):
     reply (the message limit)."""
 
 
+# --- files: replies and stream messages --------------------------------------------
+
+
+class FileInfo(_Model):
+    """One path on the node."""
+
+    path: str
+    kind: Literal["file", "dir", "link", "other"]
+    size: int = Field(ge=0)
+    mode: Mode
+    mtime: float
+
+
+class FileStat(_Model):
+    type: Literal["file_stat"] = "file_stat"
+    file: FileInfo
+
+
+class FileList(_Model):
+    """Directory entries (or glob matches), sorted by path."""
+
+    type: Literal["file_list"] = "file_list"
+    files: list[FileInfo]
+
+
+class UploadReady(_Model):
+    """The node takes the upload to ``path`` (resolved) from byte ``offset``."""
+
+    type: Literal["upload_ready"] = "upload_ready"
+    path: str
+    offset: int = Field(ge=0)
+
+
+class FileChunk(_Model):
+    """Bytes of a file from ``offset``, either way. ``data`` travels raw beside the
+    JSON header, never inside it (see the codec)."""
+
+    type: Literal["file_chunk"] = "file_chunk"
+    offset: int = Field(ge=0)
+    data: bytes = b""
+
+
+class FileEnd(_Model):
+    """The last message of a file stream: the file's size and sha256 (hex), checked
+    by the receiving side against what it got."""
+
+    type: Literal["file_end"] = "file_end"
+    size: int = Field(ge=0)
+    sha256: Sha256
+
+
+class FileWritten(_Model):
+    """An upload arrived whole and is in place under its final name."""
+
+    type: Literal["file_written"] = "file_written"
+    file: FileInfo
+    sha256: Sha256
+
+
+class ArtifactList(_Model):
+    type: Literal["artifact_list"] = "artifact_list"
+    task_id: Id
+    artifacts: list[ArtifactInfo]
+
+
 class Error(_Model):
     """The one error reply. ``code`` is stable; ``message`` is for a person."""
 
@@ -565,6 +727,17 @@ Request = Annotated[
         CloseTask,
         ListSessions,
         QueryHistory,
+        # files (FileChunk and FileEnd also end a download, node to client)
+        StatFile,
+        ListFiles,
+        MakeDir,
+        OpenUpload,
+        PutFile,
+        FileChunk,
+        FileEnd,
+        GetFile,
+        AddArtifacts,
+        ListArtifacts,
     ],
     Field(discriminator="type"),
 ]
@@ -588,6 +761,12 @@ Reply = Annotated[
         NodeReleased,
         SessionList,
         HistoryData,
+        # files
+        FileStat,
+        FileList,
+        UploadReady,
+        FileWritten,
+        ArtifactList,
         Error,
     ],
     Field(discriminator="type"),

@@ -63,6 +63,20 @@ DEFAULT_LISTEN = "127.0.0.1:7100"
     help="Allow a non-loopback address without TLS or without a token (anyone who can "
     "reach the port can then run commands here).",
 )
+@click.option(
+    "--files-root",
+    type=click.Path(file_okay=False),
+    metavar="DIR",
+    help="Confine every file put on or fetched from this node to DIR (symlinks and '..' "
+    "that leave it are refused); relative paths start there. Without it, the node "
+    "user's permissions are the only limit.",
+)
+@click.option(
+    "--max-transfer",
+    type=click.IntRange(min=1),
+    metavar="BYTES",
+    help="Largest file one transfer may carry (default: 16 GiB, or the node config's max_transfer).",
+)
 @click.pass_obj
 @handle_errors
 def serve(
@@ -79,6 +93,8 @@ def serve(
     store,
     advertise,
     insecure,
+    files_root,
+    max_transfer,
 ) -> None:
     """Serve this machine as a node: clients elsewhere connect to it and run tasks here.
 
@@ -125,6 +141,13 @@ def serve(
     node.labels.update(labels)
     if driver is not None:
         node.driver = driver
+    # --- files
+    if files_root is not None:
+        node.files_root = Path(files_root)
+    if max_transfer is not None:
+        node.max_transfer = max_transfer
+    if node.files_root is not None and not node.files_root.expanduser().is_dir():
+        fail(f"files root {node.files_root} is not a directory", EXIT_USAGE)
     transport_cls = protocol.plugins.transport(transport)
     if getattr(transport_cls.serve, "__func__", None) is Transport.serve.__func__:
         fail(f"transport {transport!r} cannot serve a node (it only reaches them)", EXIT_USAGE)

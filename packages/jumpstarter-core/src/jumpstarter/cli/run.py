@@ -35,11 +35,22 @@ WAIT_FOREVER = 10 * 365 * 86400.0
 @click.option("--shell", is_flag=True, help="Run CMD as one string through /bin/sh -c.")
 @click.option("--grace", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="Seconds between SIGTERM and SIGKILL when stopping (Ctrl-C or --timeout).")
+@click.option("--put", "puts", multiple=True, metavar="LOCAL[:REMOTE]",
+              help="Put a local file (or directory) on the node before the task; REMOTE is relative to the "
+              "task's --cwd (default: the file's name there). Repeatable.")
+@click.option("--get", "gets", multiple=True, metavar="PATTERN",
+              help="After the task, whatever its outcome, fetch the node's files matching PATTERN (a glob, "
+              "relative to the task's --cwd) into ./artifacts/TASK_ID/ and record them as its artifacts. "
+              "Repeatable.")
+@click.option("--get-to", type=click.Path(file_okay=False), metavar="DIR",
+              help="Put what --get and --junit fetch in DIR instead of ./artifacts/TASK_ID/.")
+@click.option("--junit", metavar="PATH",
+              help="After the task, fetch the JUnit XML file PATH from the node and import it as the task's results.")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_obj
 @handle_errors
 def run(state, node, session, endpoint, token_file, tls_ca, select, duration, wait, timeout, env, cwd, name, label,
-        shell, grace, command) -> None:
+        shell, grace, puts, gets, get_to, junit, command) -> None:
     """Run COMMAND on a node and stream its output.
 
     stdout and stderr of the task go to jmp's stdout and stderr as they come. jmp
@@ -54,6 +65,12 @@ def run(state, node, session, endpoint, token_file, tls_ca, select, duration, wa
       jmp run --shell -- 'make -j2 && ./run-tests'
       jmp run --endpoint grpcs://lab1.example:7100 --token-file lab1.token -- ./flash.sh
       jmp run --select board=rpi4,site=lab2 --wait 600 -- ./flash.sh
+      jmp run --node lab1 --put fw.bin --get 'logs/*.txt' --junit junit.xml -- ./flash-and-test.sh
+
+    Files: --put copies before the task starts (a missing local file fails before
+    anything runs); --get and --junit fetch after it ends, also when it failed, into
+    ./artifacts/TASK_ID/ (or --get-to DIR). 'jmp task artifacts TASK_ID' lists them
+    later and 'jmp task get TASK_ID PATH' fetches one again.
     """
     selector = None
     if select is not None:
@@ -67,10 +84,11 @@ def run(state, node, session, endpoint, token_file, tls_ca, select, duration, wa
     elif token_file is not None or tls_ca is not None:
         raise click.UsageError("--token-file and --tls-ca go with --endpoint (a configured node has them in its config)")
     argv, spec = make_spec(command, env, cwd, timeout, name, label, shell, grace)
+    files = TaskFiles.from_options(puts, gets, get_to, junit, cwd)
     import anyio
 
     connect = {"wait": wait, "duration": duration, "select": selector}
-    code = anyio.run(_run, state.protocol, node, session, argv, spec, grace, connect)
+    code = anyio.run(_run, state.protocol, node, session, argv, spec, grace, connect, files)
     sys.exit(code)
 
 
@@ -94,11 +112,12 @@ def endpoint_node(protocol, endpoint: str, name: str | None, token_file: str | N
     return name
 
 
-async def _run(protocol, node_name, session_name, argv, spec, grace, connect) -> int:
+async def _run(protocol, node_name, session_name, argv, spec, grace, connect, files) -> int:
     import anyio
 
     async with protocol.create_async_session(session_name) as session:
         node = await session.connect(node_name, **connect)
+        await files.put(node)
         task = await node.start(argv, **spec)
         interrupted = 0
         async with anyio.create_task_group() as tg:
@@ -121,6 +140,8 @@ async def _run(protocol, node_name, session_name, argv, spec, grace, connect) ->
             tg.cancel_scope.cancel()
         end = task.end
         assert end is not None
+        # Fetched whatever the outcome: a failed run's logs matter most.
+        fetched = await files.fetch(task)
         if interrupted:
             return 128 + interrupted
         if end.state.value == "timed_out":
@@ -132,4 +153,102 @@ async def _run(protocol, node_name, session_name, argv, spec, grace, connect) ->
             info = await task.status()
             if info.message:
                 click.echo(f"jmp: task {task.id} failed: {info.message}", err=True)
-        return task_exit_code(end.state.value, end.exit_code)
+        code = task_exit_code(end.state.value, end.exit_code)
+        return code if fetched or code else 1
+
+
+# --- files ---------------------------------------------------------------------------
+
+
+class TaskFiles:
+    """What ``--put``, ``--get`` and ``--junit`` ask for."""
+
+    def __init__(self, puts, gets, get_to, junit, cwd) -> None:
+        self.puts, self.gets, self.get_to, self.junit, self.cwd = puts, gets, get_to, junit, cwd
+
+    @classmethod
+    def from_options(cls, puts, gets, get_to, junit, cwd) -> TaskFiles:
+        """The options checked before anything runs: every local file to put exists."""
+        import os
+        import posixpath
+
+        pairs = []
+        for value in puts:
+            local, sep, remote = value.partition(":")
+            if not local:
+                raise click.BadParameter(f"expected LOCAL[:REMOTE], got {value!r}", param_hint="--put")
+            if not os.path.exists(local):
+                raise click.BadParameter(f"{local}: no such file or directory", param_hint="--put")
+            remote = remote or os.path.basename(os.path.normpath(local))
+            if cwd and not posixpath.isabs(remote):
+                remote = posixpath.join(cwd, remote)  # as the task sees it
+            pairs.append((local, remote))
+        if get_to is not None and not (gets or junit):
+            raise click.UsageError("--get-to goes with --get or --junit")
+        return cls(pairs, gets, get_to, junit, cwd)
+
+    async def put(self, node) -> None:
+        import os
+
+        for local, remote in self.puts:
+            await node.put(local, remote, recursive=os.path.isdir(local))
+
+    async def fetch(self, task) -> bool:
+        """Fetch and record the task's files; False when --junit found no results."""
+        from pathlib import Path
+
+        from jumpstarter.errors import JumpstarterError
+
+        if not (self.gets or self.junit):
+            return True
+        where = Path(self.get_to) if self.get_to else Path("artifacts") / task.id
+        node = task.node
+        base = (await node.stat(".", task_id=task.id)).path
+        done = []
+        for pattern in [*self.gets, *([self.junit] if self.junit else [])]:
+            matches = await node.glob(pattern, task_id=task.id)
+            if not matches:
+                click.echo(f"jmp: warning: {pattern!r} matched no file on node {node.name!r}", err=True)
+            for info in matches:
+                if info.kind != "file":
+                    continue
+                local = where / _relative(info.path, base)
+                local.parent.mkdir(parents=True, exist_ok=True)
+                done.append((pattern, await _get_one(node, info, local)))
+        if done:
+            await task.add_artifacts([item for _, item in done])
+            click.echo(f"jmp: {len(done)} artifact(s) of task {task.id} in {where}", err=True)
+        if not self.junit:
+            return True
+        reports = [item for pattern, item in done if pattern == self.junit]
+        if not reports:
+            return False
+        from jumpstarter.results.junit import parse_junit
+
+        results = []
+        try:
+            for item in reports:
+                results += parse_junit(Path(item.target).read_bytes(), source=item.target)
+        except JumpstarterError as exc:
+            click.echo(f"jmp: error: {exc}", err=True)
+            return False
+        if results:
+            await task.node.add_results(task.id, results)
+        click.echo(f"jmp: {len(results)} result(s) imported from {self.junit}", err=True)
+        return True
+
+
+async def _get_one(node, info, local):
+    from jumpstarter.client.files import get_file
+
+    return await get_file(node, info, local)
+
+
+def _relative(path: str, base: str) -> str:
+    """Where a fetched file goes under the artifacts directory: its path below the
+    task's directory, or its name when it is elsewhere."""
+    import posixpath
+
+    if path.startswith(base.rstrip("/") + "/"):
+        return posixpath.relpath(path, base)
+    return posixpath.basename(path)

@@ -297,3 +297,58 @@ def list_(state, node, session, states, limit, fmt) -> None:
     ]
     if rows:  # nothing at all when there are no tasks, as ls prints nothing for an empty directory
         print_table(["ID", "NODE", "STATE", "EXIT", "CREATED", "NAME", "COMMAND"], rows)
+
+
+# --- files ---------------------------------------------------------------------------
+
+
+@task.command(short_help="List the files a task recorded as its artifacts.")
+@node_option
+@format_option("table", "json", help="table for people; json: {\"artifacts\": [...]}.")
+@task_id_argument
+@click.pass_obj
+@handle_errors
+def artifacts(state, node, fmt, task_id) -> None:
+    """List the artifacts of a task: the files 'jmp run --get/--junit' fetched after
+    it, each with its path on the node, size and sha256."""
+    items = call_node(state, lambda n: n.task(task_id).artifacts(), node=node)
+    if fmt == "json":
+        print_json({"task_id": task_id, "artifacts": [dump(a) for a in items]})
+        return
+    if items:
+        print_table(["PATH", "SIZE", "SHA256", "RECORDED"], [[a.path, str(a.size), a.sha256, when(a.created_at)]
+                                                             for a in items])
+
+
+@task.command(name="get", short_help="Fetch one of a task's artifacts again.")
+@node_option
+@click.option("--to", "target", default=".", show_default=True, type=click.Path(),
+              help="Local file or directory to write it to.")
+@task_id_argument
+@click.argument("path")
+@click.pass_obj
+@handle_errors
+def get_(state, node, target, task_id, path) -> None:
+    """Fetch artifact PATH of a task from its node again (PATH as 'jmp task artifacts'
+    lists it, or its name). It must still be what the task recorded: a file that
+    changed since (another sha256) is refused and nothing is written."""
+    from pathlib import Path
+
+    from jumpstarter.errors import NotFound
+
+    async def fetch(n: Any) -> Any:
+        from jumpstarter.client.files import get_file
+
+        items = await n.task(task_id).artifacts()
+        found = [a for a in items if a.path == path] or [a for a in items if a.path.rsplit("/", 1)[-1] == path]
+        if not found:
+            raise NotFound(f"task {task_id} has no artifact {path!r} (see 'jmp task artifacts {task_id}')")
+        artifact = found[-1]
+        info = await n.stat(artifact.path)
+        local = Path(target)
+        if local.is_dir():
+            local = local / artifact.path.rsplit("/", 1)[-1]
+        return await get_file(n, info, local, expect_sha256=artifact.sha256)
+
+    done = call_node(state, fetch, node=node)
+    click.echo(done.target)

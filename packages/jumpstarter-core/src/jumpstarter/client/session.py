@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from collections.abc import (
     AsyncIterator,
@@ -55,6 +56,13 @@ from jumpstarter_protocol import (
     TaskSpec,
     TaskState,
     WaitTask,
+    # files
+    AddArtifacts,
+    ArtifactInfo,
+    FileInfo,
+    ListArtifacts,
+    ListFiles,
+    StatFile,
 )
 from pydantic import ValidationError
 
@@ -63,6 +71,7 @@ from jumpstarter.errors import BadRequest, NodeError, TransportError
 from jumpstarter.plugins.interfaces import Transport
 
 if TYPE_CHECKING:
+    from jumpstarter.client.files import Transferred
     from jumpstarter.node.server import NodeServer
     from jumpstarter.protocol import JumpStarterProtocol
 
@@ -349,6 +358,41 @@ class AsyncNode:
             request = QueryResults(**filters)
         return await self.request(request)
 
+    # --- files ----------------------------------------------------------------------------
+
+    async def put(self, local: str | os.PathLike[str], remote: str, *, recursive: bool = False,
+                  task_id: str | None = None) -> list[Transferred]:
+        """Put local file ``local`` on the node as ``remote`` (into it, when it is a
+        directory there or ends in ``/``); ``recursive`` copies a directory, modes
+        kept. A relative ``remote`` is relative to task ``task_id``'s working
+        directory, else the node's. The sha256 is checked on the node; a dropped
+        connection resumes from what the node holds. Raises
+        :class:`~jumpstarter.errors.LocalFileError` for a missing local file, and the
+        node's refusals (outside its files root, no space, over its limit, no
+        ``files`` capability) as :class:`~jumpstarter.errors.NodeError`."""
+        from jumpstarter.client import files
+
+        return await files.put(self, local, remote, recursive=recursive, task_id=task_id)
+
+    async def get(self, remote: str, local: str | os.PathLike[str] = ".", *, recursive: bool = False,
+                  task_id: str | None = None) -> list[Transferred]:
+        """Fetch the node's file ``remote`` to ``local`` (into it, when it is a
+        directory); ``recursive`` copies a directory. Nothing appears under the local
+        name until the whole file arrived with a matching sha256."""
+        from jumpstarter.client import files
+
+        return await files.get(self, remote, local, recursive=recursive, task_id=task_id)
+
+    async def stat(self, path: str, *, task_id: str | None = None) -> FileInfo:
+        """What is at ``path`` on the node (:class:`~jumpstarter.errors.NotFound` if nothing)."""
+        return (await self.request(StatFile(path=path, task_id=task_id))).file
+
+    async def glob(self, pattern: str, *, task_id: str | None = None) -> list[FileInfo]:
+        """The node's files matching ``pattern`` (``*``, ``?``, ``[...]`` per segment)."""
+        with _valid_request():
+            request = ListFiles(pattern=pattern, task_id=task_id)
+        return (await self.request(request)).files
+
     async def release(self) -> None:
         """Give the node's lease back; tasks go on running."""
         await self.request(ReleaseNode())
@@ -428,6 +472,19 @@ class AsyncTask:
 
     async def add_result(self, **result: Any) -> int:
         return await self.node.session.add_result(self.id, **result)
+
+    async def add_artifacts(self, artifacts: Iterable[ArtifactInfo | Transferred]) -> list[ArtifactInfo]:
+        """Record files fetched after the task as its artifacts (path, size, sha256);
+        every artifact the task has."""
+        items = [
+            a if isinstance(a, ArtifactInfo) else ArtifactInfo(path=a.source, size=a.size, sha256=a.sha256)
+            for a in artifacts
+        ]
+        return (await self.node.request(AddArtifacts(task_id=self.id, artifacts=items))).artifacts
+
+    async def artifacts(self) -> list[ArtifactInfo]:
+        """The files the task recorded as its artifacts, oldest first."""
+        return (await self.node.request(ListArtifacts(task_id=self.id))).artifacts
 
 
 @contextmanager

@@ -123,6 +123,20 @@ class Node:
         """Send one protocol request; see ``AsyncNode.request``."""
         return self.session._call(self.aio.request, message)
 
+    def put(self, local: Any, remote: str, **kwargs: Any) -> list[Any]:
+        """Put a local file on the node; see ``AsyncNode.put``."""
+        return self.session._call(self.aio.put, local, remote, **kwargs)
+
+    def get(self, remote: str, local: Any = ".", **kwargs: Any) -> list[Any]:
+        """Fetch a file from the node; see ``AsyncNode.get``."""
+        return self.session._call(self.aio.get, remote, local, **kwargs)
+
+    def stat(self, path: str, **kwargs: Any) -> Any:
+        return self.session._call(self.aio.stat, path, **kwargs)
+
+    def glob(self, pattern: str, **kwargs: Any) -> list[Any]:
+        return self.session._call(self.aio.glob, pattern, **kwargs)
+
     def release(self) -> None:
         self.session._call(self.aio.release)
 
@@ -177,3 +191,9 @@ class Task:
 
     def add_result(self, **result: Any) -> int:
         return self.node.session.add_result(self.id, **result)
+
+    def add_artifacts(self, artifacts: Iterable[Any]) -> list[Any]:
+        return self.node.session._call(self.aio.add_artifacts, list(artifacts))
+
+    def artifacts(self) -> list[Any]:
+        return self.node.session._call(self.aio.artifacts)

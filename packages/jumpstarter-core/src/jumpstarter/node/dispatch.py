@@ -13,7 +13,7 @@ from __future__ import annotations
 import hmac
 import logging
 import secrets
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -54,6 +54,16 @@ from jumpstarter_protocol import (
     TaskStopped,
     WaitTask,
     decode,
+    # files
+    AddArtifacts,
+    ArtifactList,
+    GetFile,
+    ListArtifacts,
+    ListFiles,
+    MakeDir,
+    OpenUpload,
+    PutFile,
+    StatFile,
     encode,
     negotiate_version,
 )
@@ -100,14 +110,25 @@ class NodeConnection:
             CloseTask: self._close_task,
             ListSessions: self._list_sessions,
             QueryHistory: self._history,
+            # files
+            StatFile: self._stat_file,
+            ListFiles: self._list_files,
+            MakeDir: self._make_dir,
+            OpenUpload: self._open_upload,
+            AddArtifacts: self._add_artifacts,
+            ListArtifacts: self._list_artifacts,
         }
 
     async def handle(self, request: Any) -> Any:
         """Answer one request. Never raises: failures become ``Error`` replies."""
+        handler = self._handlers.get(type(request))
+        if handler is None:
+            kind = getattr(request, "type", type(request).__name__)
+            return BadRequest(f"{kind} is not a request").to_reply()
+        return await self._answer(handler, request)
+
+    async def _answer(self, handler: Callable[[Any], Any], request: Any) -> Any:
         try:
-            handler = self._handlers.get(type(request))
-            if handler is None:
-                raise BadRequest(f"{getattr(request, 'type', type(request).__name__)} is not a request")
             return await handler(request)
         except NodeError as exc:
             return exc.to_reply()
@@ -140,6 +161,34 @@ class NodeConnection:
                     yield message
         except NodeError as exc:
             yield exc.to_reply()
+
+    # --- files: the two streams ---------------------------------------------------------
+
+    async def put_file(self, header: Any, messages: AsyncIterator[Any]) -> Any:
+        """Answer one upload stream: ``header`` (a ``PutFile``), then the chunks and
+        ``FileEnd`` in ``messages``. Never raises: failures become ``Error`` replies."""
+        if not isinstance(header, PutFile):
+            kind = getattr(header, "type", type(header).__name__)
+            return Error(code=ErrorCode.BAD_REQUEST, message=f"an upload starts with put_file, not {kind}")
+
+        async def upload(request: PutFile) -> Any:
+            self._require_lease()
+            return await self.server.files.upload(request, messages)
+
+        return await self._answer(upload, header)
+
+    async def get_file(self, request: GetFile) -> AsyncGenerator[Any, None]:
+        """The download stream answering ``request``; an ``Error`` ends it early."""
+        try:
+            self._require_init()
+            async with aclosing(self.server.files.download(request)) as messages:
+                async for message in messages:
+                    yield message
+        except NodeError as exc:
+            yield exc.to_reply()
+        except Exception as exc:
+            log.exception("download %r failed", request)
+            yield Error(code=ErrorCode.INTERNAL, message=f"internal error: {type(exc).__name__}: {exc}")
 
     def forget_session_record(self) -> None:
         """The session's row went from the store (its only task was discarded): it
@@ -301,3 +350,32 @@ class NodeConnection:
 
     async def _ping(self, request: Ping) -> Pong:
         return Pong()
+
+    # --- files ----------------------------------------------------------------------------
+
+    async def _stat_file(self, request: StatFile) -> Any:
+        self._require_init()
+        return await self.server.files.stat(request)
+
+    async def _list_files(self, request: ListFiles) -> Any:
+        self._require_init()
+        return await self.server.files.list(request)
+
+    async def _make_dir(self, request: MakeDir) -> Any:
+        self._require_lease()
+        return await self.server.files.make_dir(request)
+
+    async def _open_upload(self, request: OpenUpload) -> Any:
+        self._require_lease()
+        return await self.server.files.open_upload(request)
+
+    async def _add_artifacts(self, request: AddArtifacts) -> ArtifactList:
+        self._require_init()
+        await self._own_task(request.task_id)
+        await self.server.store.add_artifacts(request.task_id, request.artifacts)
+        return ArtifactList(task_id=request.task_id, artifacts=await self.server.store.list_artifacts(request.task_id))
+
+    async def _list_artifacts(self, request: ListArtifacts) -> ArtifactList:
+        self._require_init()
+        await self.server.store.get_task(request.task_id)
+        return ArtifactList(task_id=request.task_id, artifacts=await self.server.store.list_artifacts(request.task_id))

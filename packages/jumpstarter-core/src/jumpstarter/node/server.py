@@ -23,6 +23,7 @@ from jumpstarter_protocol import MAX_MESSAGE_SIZE, NodeInfo
 from jumpstarter._version import __version__
 from jumpstarter.config import NodeConfig
 from jumpstarter.node.dispatch import NodeConnection
+from jumpstarter.node.files import DEFAULT_MAX_TRANSFER, Files
 from jumpstarter.node.leases import Leases
 from jumpstarter.node.tasks import OUTPUT_CHUNK, Detacher, Tasks
 from jumpstarter.plugins.interfaces import NodeDriver
@@ -61,12 +62,23 @@ class NodeServer:
         self.data_dir = data_dir
         self.token = token
         self.max_message_size = max_message_size
+        capabilities = list(driver.capabilities)
+        limits = {"max_message_size": max_message_size, "output_chunk": OUTPUT_CHUNK}
+        # --- files
+        max_transfer = node.max_transfer or DEFAULT_MAX_TRANSFER
+        root = str(node.files_root.expanduser().absolute()) if node.files_root else None
+        self.files = Files(node.name, driver.files, store, root=root, max_transfer=max_transfer)
+        if driver.files is not None:
+            capabilities += [] if "files" in capabilities else ["files"]
+            limits["max_transfer"] = max_transfer
+        elif "files" in capabilities:
+            capabilities.remove("files")  # announced, but the driver gives no NodeFiles
         self.info = NodeInfo(
             name=node.name,
             labels=node.labels,
             driver=driver_name or node.driver,
-            capabilities=list(driver.capabilities),
-            limits={"max_message_size": max_message_size, "output_chunk": OUTPUT_CHUNK},
+            capabilities=capabilities,
+            limits=limits,
             jumpstarter_version=__version__,
         )
         self.agent = f"{socket.gethostname()}:{os.getpid()}"

@@ -32,6 +32,8 @@ _EXPORTS = {
     "FileStat": "jumpstarter.plugins.interfaces",
     "Containment": "jumpstarter.plugins.containment",
     "TaskProcesses": "jumpstarter.plugins.containment",
+    "ThreadWorker": "jumpstarter.plugins.threads",
+    "read_ahead": "jumpstarter.plugins.threads",
     "ENTRY_POINT_GROUP": "jumpstarter.plugins.manager",
     "Plugins": "jumpstarter.plugins.manager",
     "get_plugin_manager": "jumpstarter.plugins.manager",
@@ -53,3 +55,4 @@ if TYPE_CHECKING:
         Transport,
     )
     from jumpstarter.plugins.manager import ENTRY_POINT_GROUP, Plugins, get_plugin_manager
+    from jumpstarter.plugins.threads import ThreadWorker, read_ahead

@@ -18,7 +18,8 @@ for anything not announced, naming the node and the capability:
 
 A **transport** carries protocol messages between a client and a node server:
 :meth:`Transport.request` for one request and its reply, :meth:`Transport.read_output`
-for a task's output stream, and :meth:`Transport.aclose`.
+for a task's output stream, :meth:`Transport.put_file` and :meth:`Transport.get_file`
+for file transfers (a node with the ``files`` capability), and :meth:`Transport.aclose`.
 
 Both are registered from a plugin's ``jmp_register_node_drivers`` and
 ``jmp_register_transports`` hooks (see :mod:`jumpstarter.hookspecs`).
@@ -31,7 +32,16 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
-from jumpstarter_protocol import OutputChunk, OutputEnd, ReadOutput, TaskSpec
+from jumpstarter_protocol import (
+    FileChunk,
+    FileEnd,
+    GetFile,
+    OutputChunk,
+    OutputEnd,
+    PutFile,
+    ReadOutput,
+    TaskSpec,
+)
 
 if TYPE_CHECKING:
     from jumpstarter.config import NodeConfig
@@ -211,6 +221,25 @@ class Transport(ABC):
     @abstractmethod
     async def aclose(self) -> None:
         """Close the connection. Tasks on the node go on running."""
+
+    # --- files (optional: a transport that cannot carry files keeps these) -----------
+
+    async def put_file(self, header: PutFile, chunks: AsyncIterator[FileChunk | FileEnd]) -> object:
+        """Send one upload: ``header``, then ``chunks`` (``FileChunk`` messages and one
+        ``FileEnd``); return the node's reply (``FileWritten`` or an ``Error``). Raise
+        :class:`~jumpstarter.errors.TransportError` when the connection breaks: the
+        client then asks the node where to resume (``OpenUpload``)."""
+        from jumpstarter.errors import TransportError
+
+        raise TransportError(f"transport {type(self).__name__} cannot carry files")
+
+    def get_file(self, request: GetFile) -> AsyncGenerator[FileChunk | FileEnd | object, None]:
+        """Yield the ``FileChunk`` messages answering ``request``, then one
+        ``FileEnd`` (or an ``Error``). A transport that reconnects resumes from the
+        offset it reached, as :meth:`read_output` does."""
+        from jumpstarter.errors import TransportError
+
+        raise TransportError(f"transport {type(self).__name__} cannot carry files")
 
     @classmethod
     async def serve(cls, server: NodeServer, options: dict[str, object]) -> None:

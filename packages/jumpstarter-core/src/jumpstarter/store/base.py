@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jumpstarter_protocol import (
+    ArtifactInfo,
     HistoryData,
     QueryResults,
     Result,
@@ -143,6 +144,15 @@ class Store(ABC):
         ``max_bytes``, as :meth:`query_results`: older runs that would not fit are left
         out and the reply says ``truncated``."""
 
+    # --- files
+
+    @abstractmethod
+    async def add_artifacts(self, task_id: str, artifacts: Sequence[ArtifactInfo]) -> None:
+        """Record files fetched after task ``task_id`` as its artifacts."""
+
+    @abstractmethod
+    async def list_artifacts(self, task_id: str) -> list[ArtifactInfo]:
+        """The artifacts of task ``task_id``, in the order they were recorded."""
 
 
 def open_store(url: str) -> Store:

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from jumpstarter_protocol import (
+    ArtifactInfo,
     HistoryData,
     QueryResults,
     Result,
@@ -30,6 +31,10 @@ from jumpstarter.errors import ConfigError
 from jumpstarter.store import schema
 from jumpstarter.store.base import Store
 from jumpstarter.store.sql import (
+    ADD_ARTIFACT,
+    LIST_ARTIFACTS,
+    artifact_rows,
+    stored_artifacts,
     _TASK_COLUMNS,
     DELETE_EMPTY_SESSION,
     DELETE_PENDING_TASK,
@@ -287,6 +292,16 @@ class PostgresStore(Store):
             full = False
             while not full and (rows := await cur.fetchmany(PAGE_FETCH)):
                 full = not all(page.add(row) for row in rows)
+
+    # --- files: artifacts -------------------------------------------------------------
+
+    async def add_artifacts(self, task_id: str, artifacts: Sequence[ArtifactInfo]) -> None:
+        async with self._pool.connection() as db, db.transaction():
+            async with db.cursor() as cursor:
+                await cursor.executemany(POSTGRES.sql(ADD_ARTIFACT), artifact_rows(task_id, artifacts, time.time()))
+
+    async def list_artifacts(self, task_id: str) -> list[ArtifactInfo]:
+        return stored_artifacts(await self._fetchall(POSTGRES.sql(LIST_ARTIFACTS), (task_id,)))
 
     @asynccontextmanager
     async def _snapshot(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:

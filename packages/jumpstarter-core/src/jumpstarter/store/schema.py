@@ -138,6 +138,18 @@ _MIGRATIONS = [
         created_at {real} NOT NULL
     );
     """,
+    # 5: the files a task left on its node, fetched after it (jmp run --get).
+    """
+    CREATE TABLE artifacts (
+        id {serial_key},
+        task_id TEXT NOT NULL REFERENCES tasks (id),
+        path TEXT NOT NULL,
+        size {bigint} NOT NULL,
+        sha256 TEXT NOT NULL,
+        created_at {real} NOT NULL
+    );
+    CREATE INDEX artifacts_task ON artifacts (task_id);
+    """,
 ]
 
 VERSION = len(_MIGRATIONS)

@@ -13,6 +13,7 @@ from typing import Any
 
 from jumpstarter_protocol import (
     HistoryData,
+    ArtifactInfo,
     Outcome,
     QueryResults,
     Result,
@@ -530,3 +531,17 @@ def _json_object(value: Any) -> dict[str, Any]:
     if not value:
         return {}
     return json.loads(value) if isinstance(value, str) else value
+
+
+# --- files: artifacts ---------------------------------------------------------------
+
+ADD_ARTIFACT = "INSERT INTO artifacts (task_id, path, size, sha256, created_at) VALUES (?, ?, ?, ?, ?)"
+LIST_ARTIFACTS = "SELECT path, size, sha256, created_at FROM artifacts WHERE task_id = ? ORDER BY id"
+
+
+def artifact_rows(task_id: str, artifacts: Sequence[ArtifactInfo], now: float) -> list[tuple[Any, ...]]:
+    return [(task_id, a.path, a.size, a.sha256, now) for a in artifacts]
+
+
+def stored_artifacts(rows: Sequence[Any]) -> list[ArtifactInfo]:
+    return [ArtifactInfo(path=r[0], size=r[1], sha256=r[2], created_at=to_datetime(r[3])) for r in rows]

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import anyio
 import anyio.to_thread
 from jumpstarter_protocol import (
+    ArtifactInfo,
     HistoryData,
     QueryResults,
     Result,
@@ -42,6 +43,10 @@ from jumpstarter.store.base import Store
 from jumpstarter.store.sql import (
     DELETE_EMPTY_SESSION,
     DELETE_PENDING_TASK,
+    ADD_ARTIFACT,
+    LIST_ARTIFACTS,
+    artifact_rows,
+    stored_artifacts,
     FINISH_TASK,
     GET_BATCH,
     GET_TASK,
@@ -429,11 +434,20 @@ class SQLiteStore(Store):
                 names = db.execute(*statement).fetchall()
         return page.history(name, names)
 
+    # --- files: artifacts -------------------------------------------------------------
 
+    async def add_artifacts(self, task_id: str, artifacts: Sequence[ArtifactInfo]) -> None:
+        await self._run(self._add_artifacts, task_id, artifacts)
+
+    def _add_artifacts(self, task_id: str, artifacts: Sequence[ArtifactInfo]) -> None:
+        with self._transaction() as db:
+            db.executemany(ADD_ARTIFACT, artifact_rows(task_id, artifacts, time.time()))
+
+    async def list_artifacts(self, task_id: str) -> list[ArtifactInfo]:
+        return stored_artifacts(await self._run(self._fetchall, LIST_ARTIFACTS, (task_id,)))
 
 
 class _CurrentConnection(threading.local):
     """Per thread: the connection :meth:`SQLiteStore._quick` lent to the running call."""
 
     db: sqlite3.Connection | None = None
-
