@@ -19,7 +19,12 @@ How a test case maps onto a result (the same rules for every producer):
   or ``junit.result`` (GoogleTest and CTest ``status="notrun"|"disabled"``,
   GoogleTest ``result="skipped"|"suppressed"``); else ``passed``. A ``jmp.outcome``
   property overrides this (an export writes one for ``xpass``);
-- **reruns** (Surefire, cargo-nextest): ``<flakyFailure>``/``<flakyError>`` are
+- **reruns**: a case written again in the same suite (pytest-rerunfailures, also
+  under xdist, where runs of other tests come between; Gradle's test-retry) is one
+  result whose runs are its ``attempts`` (an empty case
+  of pytest before a rerun was a failed run); the final run is its outcome, its
+  duration is the time of all runs, and it is ``flaky`` when a run failed and the
+  final one did not. Surefire and cargo-nextest: ``<flakyFailure>``/``<flakyError>`` are
   failed runs of a test that then passed: they become ``attempts``, followed by the
   passing one, and the result is ``flaky``. ``<rerunFailure>``/``<rerunError>`` are
   reruns of a test that failed every time: the first run (the ``<failure>``) and
@@ -112,6 +117,7 @@ class _Suite:
     cases: int = 0  # cases read in this suite and the suites inside it
     extras: dict[int, dict[str, str]] = field(default_factory=dict)  # jmp.case.N.KEY
     problem: Any = None  # a suite-level <error> or <failure>
+    seen: dict[str, int] = field(default_factory=dict)  # name → index of its result
 
 
 class _Capped:
@@ -261,8 +267,14 @@ class _Reader:
         suite.position += 1
         suite.cases += 1
         result = _case_result(case, suite, self, suite.extras.pop(suite.position, {}))
-        self.results.append(result)
         suite.offset += result.duration or 0.0
+        earlier = suite.seen.get(result.name)
+        if earlier is not None and not result.attempts:
+            before = self.results[earlier]
+            self.results[earlier] = _rerun(before, result, pytest=suite.name == PYTEST_SUITE)
+        else:
+            suite.seen[result.name] = len(self.results)
+            self.results.append(result)
         case.clear()
         if self.open and len(self.open[-1]) and self.open[-1][-1] is case:
             del self.open[-1][-1]
@@ -276,8 +288,9 @@ class _Reader:
         else:
             message = (
                 f"the suite reports {suite.errors} error{'s' if suite.errors != 1 else ''} "
-                "or failure(s) but holds no test case"
+                "but holds no test case"
             )
+        suite.cases += 1  # the outer suites' errors are this one's
         labels = {SUITE_LABEL: suite.name} if suite.name else {}
         if suite.hostname:
             labels[HOSTNAME_LABEL] = suite.hostname
@@ -442,6 +455,35 @@ def _case_result(case: Any, suite: _Suite, reader: _Reader, extras: dict[str, st
 _EXTRA_KEYS = ("jmp.file", "jmp.line", "jmp.started_at", "jmp.finished_at", "jmp.attempts", "jmp.flaky")
 
 
+def _rerun(before: ResultSpec, again: ResultSpec, *, pytest: bool) -> ResultSpec:
+    """``again``, the next run of the test of ``before`` (the same name in the same
+    suite), as one result with both as attempts."""
+    attempts = before.attempts or [_as_attempt(before)]
+    if pytest and attempts[-1].outcome is Outcome.PASSED:
+        # pytest-rerunfailures runs a test again only after it failed; pytest's JUnit
+        # report writes that run as an empty case.
+        attempts[-1] = attempts[-1].model_copy(update={"outcome": Outcome.FAILED})
+    attempts = [*attempts, _as_attempt(again)]
+    failed = {Outcome.FAILED, Outcome.ERROR}
+    return again.model_copy(
+        update={
+            "attempts": attempts,
+            "flaky": again.outcome not in failed and any(a.outcome in failed for a in attempts),
+            "duration": sum(a.duration or 0.0 for a in attempts) if again.duration is not None else None,
+            "started_at": before.started_at or again.started_at,
+        }
+    )
+
+
+def _as_attempt(result: ResultSpec) -> Attempt:
+    return Attempt(
+        outcome=result.outcome,
+        duration=result.duration,
+        message=result.message,
+        started_at=result.started_at,
+    )
+
+
 def _json_list(text: str) -> list[Any]:
     try:
         value = json.loads(text)
@@ -567,9 +609,12 @@ def export_junit(results: list[Result]) -> str:
     root = ET.Element("testsuites", {"name": "jumpstarter", **counts})
     for suite_name, members in suites.items():
         suite = ET.SubElement(root, "testsuite", {"name": _xml_text(suite_name), **_counts(members)})
+        # The suite starts with its first case; results that never said when they
+        # ran get no time on the way back either.
         started = [r.started_at for r in members if r.started_at is not None]
-        first = min(started) if started else min(r.created_at for r in members)
-        suite.set("timestamp", first.isoformat())
+        first = min(started) if started else None
+        if first is not None:
+            suite.set("timestamp", first.isoformat())
         hostname = members[0].labels.get(HOSTNAME_LABEL)
         if hostname:
             suite.set("hostname", _xml_text(hostname))
@@ -578,7 +623,7 @@ def export_junit(results: list[Result]) -> str:
         for position, result in enumerate(members, start=1):
             # A case's times go along only where the suite's start plus the times
             # before it would not give them back.
-            expected = first + timedelta(seconds=offset)
+            expected = first + timedelta(seconds=offset) if first else None
             offset += result.duration or 0.0
             for key, value in _case(suite, result, suite_name, expected).items():
                 ET.SubElement(
@@ -613,13 +658,17 @@ _TAGS = {
 }
 
 
-def _case(suite: ET.Element, result: Result, suite_name: str, expected: datetime) -> dict[str, str]:
+def _case(
+    suite: ET.Element, result: Result, suite_name: str, expected: datetime | None
+) -> dict[str, str]:
     """Write ``result`` as a ``<testcase>`` of ``suite``; return what JUnit cannot
     say of it, as properties for the suite."""
     if SUITE_LABEL in result.labels:  # it came from JUnit: its classname as it was
         classname = result.labels.get(CLASSNAME_LABEL)
         if classname and result.name.startswith(classname + "/"):
             name = result.name[len(classname) + 1 :]
+        elif classname is None and suite_name != PYTEST_SUITE:
+            name = result.name  # it had no classname: a "/" in its name is its own
         else:
             classname, name = split_name(result.name, classname)
     else:
@@ -648,7 +697,7 @@ def _case(suite: ET.Element, result: Result, suite_name: str, expected: datetime
     if result.line is not None:
         extras["jmp.line"] = str(result.line)
     started, finished = result.started_at, result.finished_at
-    if started is not None and not _close(started, expected):
+    if started is not None and (expected is None or not _close(started, expected)):
         extras["jmp.started_at"] = started.isoformat()
     if started is None or result.duration is None:
         expected_end = None
