@@ -42,8 +42,10 @@ Cell = str | tuple[str, str]
 
 
 def format_option(*choices: str, help: str | None = None) -> Callable[[F], F]:
-    """``--format`` with ``choices``; the first is the default."""
+    """``-o``/``--format`` with ``choices``; the first is the default (``-o`` as
+    kubectl spells it)."""
     return click.option(
+        "-o",
         "--format",
         "fmt",
         type=click.Choice(choices),

@@ -269,7 +269,13 @@ class _Reader:
         result = _case_result(case, suite, self, suite.extras.pop(suite.position, {}))
         suite.offset += result.duration or 0.0
         earlier = suite.seen.get(result.name)
-        if earlier is not None and not result.attempts:
+        if earlier is not None and _teardown_error(result, suite):
+            # pytest writes a test that failed and then errored in teardown twice: one
+            # test, failed, as the pytest plugin records it.
+            before = self.results[earlier]
+            message = "\n\n".join(m for m in (before.message, result.message) if m)
+            self.results[earlier] = before.model_copy(update={"message": trim_message(message)})
+        elif earlier is not None and not result.attempts:
             before = self.results[earlier]
             self.results[earlier] = _rerun(before, result, pytest=suite.name == PYTEST_SUITE)
         else:
@@ -453,6 +459,14 @@ def _case_result(case: Any, suite: _Suite, reader: _Reader, extras: dict[str, st
 
 # Case properties an export writes for what JUnit cannot say; they are fields, not labels.
 _EXTRA_KEYS = ("jmp.file", "jmp.line", "jmp.started_at", "jmp.finished_at", "jmp.attempts", "jmp.flaky")
+
+
+def _teardown_error(result: ResultSpec, suite: _Suite) -> bool:
+    return (
+        suite.name == PYTEST_SUITE
+        and result.outcome is Outcome.ERROR
+        and (result.message or "").startswith("failed on teardown")
+    )
 
 
 def _rerun(before: ResultSpec, again: ResultSpec, *, pytest: bool) -> ResultSpec:
