@@ -183,7 +183,7 @@ ADD = ["result", "add", "TASK", "--name", "n", "--outcome", "passed"]
         (["result", "query", "--until", "soon"], 2, f"Error: Invalid value for '--until': 'soon' {WHEN_HELP}"),
         (["result", "query", "--since", "1h", "--until", "2h"], 2, "Error: --since must be before --until\n"),
         (["result", "query", "--format", "xml"], 2,
-         "Error: Invalid value for '--format': 'xml' is not one of 'table', 'json', 'csv', 'junit'.\n"),
+         "Error: Invalid value for '-o' / '--format': 'xml' is not one of 'table', 'json', 'csv', 'junit'.\n"),
         (["result", "query", "--task", "nope"], 3, "jmp: error: no task with id 'nope'\n"),
         (["result", "query", "--session", "nope"], 3, "jmp: error: no session named 'nope'\n"),
         (["result", "query", "--node", "nowhere"], 3, "jmp: error: unknown node 'nowhere'; known nodes: local\n"),

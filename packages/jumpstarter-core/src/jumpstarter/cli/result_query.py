@@ -60,7 +60,11 @@ def add(state, task_id, name, outcome, duration, message, metrics, labels, node,
 
 @click.command()
 @click.option("--task", "task_id", metavar="TASK", help="Only results of this task.")
-@click.option("--session", help="Only results of this session (name or id).")
+@click.option("--session", metavar="SESSION",
+              help="Only results of this session: an id, a name (the newest session of that name) "
+                   "or NAME~N (the one N before it), as in every result command.")
+@click.option("--all", "all_sessions", is_flag=True,
+              help="With --session NAME: every session of that name, merged.")
 @click.option("-n", "--node", help="Only results from this node (and ask it; default: the default node).")
 @click.option("--outcome", "outcomes", multiple=True, type=click.Choice(OUTCOMES, case_sensitive=False),
               help="Only this outcome (repeatable).")
@@ -74,7 +78,7 @@ def add(state, task_id, name, outcome, duration, message, metrics, labels, node,
 @format_option("table", "json", "csv", "junit", help="table for people; json, csv or JUnit XML for tools (see README).")
 @click.pass_obj
 @handle_errors
-def query(state, task_id, session, node, outcomes, name, since, until, labels, limit, cursor, fmt) -> None:
+def query(state, task_id, session, all_sessions, node, outcomes, name, since, until, labels, limit, cursor, fmt) -> None:
     """Find results. Every filter given must match; oldest first.
 
     The table ends with a summary of everything that matched: counts per outcome
@@ -82,7 +86,9 @@ def query(state, task_id, session, node, outcomes, name, since, until, labels, l
 
     \b
     Examples:
-      jmp result query --session nightly --outcome failed
+      jmp result query --session nightly --outcome failed   # tonight's
+      jmp result query --session nightly~1 -o json           # last night's
+      jmp result query --session nightly --all --name 'boot/*'  # every night's
       jmp result query --name 'boot/*' --since 3d --format csv > boot.csv
       jmp result query --task 3f2a9c1b0d4e --format junit > junit.xml
     """
@@ -102,7 +108,17 @@ def query(state, task_id, session, node, outcomes, name, since, until, labels, l
     }
     if node is not None:
         state.protocol.config.node(node)  # an unknown node is an error, not an empty answer
-    data = call_node(state, lambda n: n.query_results(**filters), node=node)
+    if all_sessions and session is None:
+        raise click.UsageError("--all needs --session NAME")
+
+    async def find(n: Any) -> Any:
+        if session is not None and not all_sessions:
+            from .result_report import resolve_session
+
+            filters["session"] = (await resolve_session(n, session)).id
+        return await n.query_results(**filters)
+
+    data = call_node(state, find, node=node)
     if fmt == "json":
         print_json(dump(data))
     elif fmt == "csv":
