@@ -9,11 +9,13 @@ from typing import Any
 
 import click
 
+from ._complete import complete_node, complete_session, complete_task
 from ._base import call_node, handle_errors, parse_pairs
 from ._output import dump, format_option, print_json, print_table, seconds, state_cell, when
 from ._params import OUTCOMES, Seconds, When, parse_metrics
 
-node_option = click.option("-n", "--node", help="Node to go through (default: the config's default_node).")
+node_option = click.option("-n", "--node", shell_complete=complete_node,
+                            help="Node to go through (default: the config's default_node).")
 
 
 def _name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -23,7 +25,7 @@ def _name(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
 
 
 @click.command()
-@click.argument("task_id", metavar="TASK")
+@click.argument("task_id", metavar="TASK", shell_complete=complete_task)
 @click.option("--name", required=True, callback=_name, help="Result name, like suite/case.")
 @click.option("--outcome", required=True, type=click.Choice(OUTCOMES, case_sensitive=False))
 @click.option("--duration", type=Seconds(), help="Seconds it took.")
@@ -59,13 +61,13 @@ def add(state, task_id, name, outcome, duration, message, metrics, labels, node,
 
 
 @click.command()
-@click.option("--task", "task_id", metavar="TASK", help="Only results of this task.")
-@click.option("--session", metavar="SESSION",
+@click.option("--task", "task_id", metavar="TASK", shell_complete=complete_task, help="Only results of this task.")
+@click.option("--session", metavar="SESSION", shell_complete=complete_session,
               help="Only results of this session: an id, a name (the newest session of that name) "
                    "or NAME~N (the one N before it), as in every result command.")
 @click.option("--all", "all_sessions", is_flag=True,
               help="With --session NAME: every session of that name, merged.")
-@click.option("-n", "--node", help="Only results from this node (and ask it; default: the default node).")
+@click.option("-n", "--node", shell_complete=complete_node, help="Only results from this node (and ask it; default: the default node).")
 @click.option("--outcome", "outcomes", multiple=True, type=click.Choice(OUTCOMES, case_sensitive=False),
               help="Only this outcome (repeatable).")
 @click.option("--name", metavar="GLOB", help="Only names matching GLOB (* ? [...]), like 'suite/*'.")

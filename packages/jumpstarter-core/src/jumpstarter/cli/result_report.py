@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from ._complete import complete_node, complete_session, complete_task
 from ._base import EXIT_ERROR, call_node, handle_errors
 from ._output import format_option, iso, print_json, print_table, seconds, state_cell, when
 
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from jumpstarter.results.report import Change, SessionDiff
 
 node_option = click.option(
-    "-n", "--node", help="Node whose store to read (default: the config's default_node)."
+    "-n", "--node", shell_complete=complete_node, help="Node whose store to read (default: the config's default_node)."
 )
 
 PAGE = 1000
@@ -100,7 +101,7 @@ def _first_line(text: str | None, width: int = 100) -> str:
 @click.command("import")
 @click.argument("paths", metavar="PATH...", nargs=-1, required=True)
 @click.option(
-    "-t", "--task", "task_id", required=True, metavar="TASK", help="The task the results belong to."
+    "-t", "--task", "task_id", required=True, metavar="TASK", shell_complete=complete_task, help="The task the results belong to."
 )
 @click.option(
     "--max-size",
@@ -210,8 +211,8 @@ def _parse_file(file: str, limit: int, parse: Any, warn: Any) -> list[Any]:
 
 
 @click.command()
-@click.argument("session_a", metavar="SESSION_A")
-@click.argument("session_b", metavar="SESSION_B")
+@click.argument("session_a", metavar="SESSION_A", shell_complete=complete_session)
+@click.argument("session_b", metavar="SESSION_B", shell_complete=complete_session)
 @click.option(
     "--fail-on-missing", is_flag=True, help="Also exit 1 when a test of A has no result in B."
 )
@@ -339,6 +340,7 @@ def _result_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
     "-s",
     "--session",
     metavar="SESSION",
+    shell_complete=complete_session,
     help="Only sessions with this id or name (a glob: 'nightly*').",
 )
 @click.option(
@@ -441,6 +443,7 @@ def history(state, name, session, limit, node, fmt) -> None:
     "sessions",
     multiple=True,
     metavar="SESSION",
+    shell_complete=complete_session,
     help="Session to report (repeatable; default: the newest session with results).",
 )
 @click.option(
