@@ -207,6 +207,19 @@ def _parse_file(file: str, limit: int, parse: Any, warn: Any) -> list[Any]:
         sys.exit(EXIT_ERROR)
 
 
+async def _failing_names(node: Any, session: SessionInfo) -> set[str]:
+    names: set[str] = set()
+    cursor = None
+    while True:
+        page = await node.query_results(
+            session=session.id, outcomes=["failed", "error"], limit=PAGE, cursor=cursor
+        )
+        names.update(r.name for r in page.results)
+        if page.next_cursor is None:
+            return names
+        cursor = page.next_cursor
+
+
 # --- diff ---------------------------------------------------------------------------------------
 
 
@@ -473,11 +486,14 @@ def history(state, name, session, limit, node, fmt) -> None:
 def report(state, sessions, output, last, trend, title, node) -> None:
     """Write a self-contained HTML report: one file, no network fetches.
 
-    It shows the counts per outcome and the pass rate, the pass rate and total
-    duration of the recent sessions as charts, every failure with its message, and
-    the slowest tests. The charts show the --last sessions with results whose name
-    matches --trend (default: the reported session's name, or any name when that
-    name was used only once).
+    It shows the run (node, command, labels), the counts per outcome and the pass
+    rate, the pass rate and total duration of the recent sessions as charts, every
+    failure grouped by the first line of its message (each marked new, still
+    failing since a date, or flaky, against the earlier sessions of the same name;
+    tracebacks open at their end), a breakdown per suite, the slowest tests and
+    the list of all tests (folded). The charts show the --last sessions with
+    results whose name matches --trend (default: the reported session's name, so a
+    trend never mixes unrelated sessions).
 
     \b
     Examples:
@@ -499,20 +515,31 @@ def report(state, sessions, output, last, trend, title, node) -> None:
                 raise NotFound("no session has results yet; nothing to report")
             chosen = newest.sessions
         results: list[Result] = []
+        tasks = []
         for session in chosen:
             results += await session_results(n, session)
+            tasks += await n.list_tasks(session=session.id, limit=1000)
         pattern = trend if trend is not None else glob_escape(chosen[-1].name)
         recent = (
             await n.request(ListSessions(name=pattern, with_results=True, limit=last))
         ).sessions
-        if trend is None and len(recent) < 2:
-            recent = (await n.request(ListSessions(with_results=True, limit=last))).sessions
+        # The sessions of the same name before the reported one, for marking each
+        # failure new, still failing or flaky: only their failing names are read.
+        same_name = (
+            await n.request(
+                ListSessions(name=glob_escape(chosen[-1].name), with_results=True, limit=last + 1)
+            )
+        ).sessions
+        before = [s for s in same_name if s.created_at < chosen[-1].created_at][:last]
+        earlier = [(s, await _failing_names(n, s)) for s in before]
         names = ", ".join(s.name for s in chosen)
         return ReportData(
             title=title or f"Test report: {names}",
             sessions=chosen,
             results=results,
             trend=list(reversed(recent)),
+            tasks=tasks,
+            earlier=earlier,
             version=__version__,
         )
 
