@@ -365,6 +365,23 @@ async def test_store_sessions_and_history(store: Store) -> None:
 
 
 @pytest.mark.anyio
+async def test_result_names_of_any_length_on_both_backends(store: Store) -> None:
+    """A 20,000-character name (random, so a compressed index entry cannot hold it)
+    is stored whole and found again by its exact name."""
+    import secrets
+
+    long = "tests/test_x.py::test_p[" + secrets.token_hex(10_000) + "]"
+    await store.add_session("s1", "nightly", "test")
+    task = TaskInfo(id="t1", node="n1", session_id="s1", spec=TaskSpec(argv=["x"]),
+                    state=TaskState.PENDING, created_at=datetime.now(UTC))
+    await store.create_task(task)
+    await store.add_results(task, [ResultSpec(name=long, outcome="failed"),
+                                   ResultSpec(name=long[:-1] + "!", outcome="passed")])
+    history = await store.history(long, limit=10)
+    assert [(r.name, r.outcome.value) for r in history.results] == [(long, "failed")]
+
+
+@pytest.mark.anyio
 async def test_the_failures_of_a_task_and_a_history_use_indexes(tmp_path: Path) -> None:
     store = SQLiteStore(tmp_path / "plans.db")
     await store.open()
