@@ -1,5 +1,5 @@
 """JUnit files written by real tools: produced here where the tool runs on this machine
-(pytest with pytest-rerunfailures and pytest-xdist, CTest), otherwise written by hand
+(pytest with pytest-rerunfailures and pytest-xdist, CTest, Maven Surefire offline), otherwise written by hand
 in the shape a named tool and version writes (tests/data/junit/, each file says which).
 
 For each: the results, outcomes and attempts equal a count made without the parser
@@ -331,6 +331,66 @@ def test_real_ctest(tmp_path: Path) -> None:
         ("passes", "passed"),
         ("skips", "skipped"),
         ("switched_off", "skipped"),
+    ]
+    check_round_trip(results)
+
+
+SUREFIRE_POM = """<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>com.example</groupId><artifactId>corpus</artifactId><version>1</version>
+  <properties><maven.compiler.release>17</maven.compiler.release>
+    <project.build.sourceEncoding>UTF-8</project.build.sourceEncoding></properties>
+  <dependencies><dependency><groupId>org.junit.jupiter</groupId><artifactId>junit-jupiter</artifactId>
+    <version>5.10.2</version><scope>test</scope></dependency></dependencies>
+  <build><plugins>
+    <plugin><artifactId>maven-compiler-plugin</artifactId><version>3.13.0</version></plugin>
+    <plugin><artifactId>maven-resources-plugin</artifactId><version>3.3.1</version></plugin>
+    <plugin><artifactId>maven-surefire-plugin</artifactId><version>3.2.5</version></plugin>
+  </plugins></build>
+</project>
+"""
+SUREFIRE_TEST = """package com.example;
+import org.junit.jupiter.api.*;
+import java.nio.file.*;
+import static org.junit.jupiter.api.Assertions.*;
+class BoardTest {
+    @Test void boots() {}
+    @Test void alwaysFails() { assertEquals(41, 0); }
+    @Test void failsOnce() throws Exception {
+        Path flag = Paths.get(System.getProperty("flag"));
+        if (!Files.exists(flag)) { Files.createFile(flag); fail("first run"); }
+    }
+    @Disabled("no board") @Test void sleeps() {}
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("mvn") is None, reason="Maven is not installed here")
+def test_real_surefire_offline_with_reruns(tmp_path: Path) -> None:
+    (tmp_path / "src/test/java/com/example").mkdir(parents=True)
+    (tmp_path / "pom.xml").write_text(SUREFIRE_POM)
+    (tmp_path / "src/test/java/com/example/BoardTest.java").write_text(SUREFIRE_TEST)
+    done = subprocess.run(
+        ["mvn", "-o", "-B", "test", "-Dsurefire.rerunFailingTestsCount=2",
+         f"-DargLine=-Dflag={tmp_path / 'flag'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )
+    report = tmp_path / "target/surefire-reports/TEST-com.example.BoardTest.xml"
+    if not report.exists():
+        pytest.skip(f"Maven could not run offline here (plugins or JUnit not cached): {done.stdout[-300:]}")
+    # Surefire's own count, on its last "Tests run:" line
+    line = [x for x in done.stdout.splitlines() if "Tests run:" in x][-1]
+    counts = {k: int(v) for k, v in re.findall(r"(\w+): (\d+)", line)}
+    results = parse_junit(report.read_bytes())
+    outcomes = [r.outcome.value for r in results]
+    assert (len(results), outcomes.count("failed"), outcomes.count("skipped"), sum(r.flaky for r in results)) == (
+        counts["run"], counts["Failures"], counts["Skipped"], counts["Flakes"]
+    )
+    assert sorted(summary(results)) == [
+        ("com.example.BoardTest/alwaysFails", "failed", False, ["failed"] * 3),
+        ("com.example.BoardTest/boots", "passed", False, []),
+        ("com.example.BoardTest/failsOnce", "passed", True, ["failed", "passed"]),
+        ("com.example.BoardTest/sleeps", "skipped", False, []),
     ]
     check_round_trip(results)
 
