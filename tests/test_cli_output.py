@@ -39,7 +39,9 @@ def test_a_closed_stdout_ends_quietly_with_exit_0(results: tuple[str, str]) -> N
     for command in ("jmp result query -o json", "jmp task list", "jmp result query -o csv"):
         done = subprocess.run(
             ["bash", "-c", f"set -o pipefail; {command.replace('jmp', JMP, 1)} | head -n 1"],
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert (done.returncode, done.stderr, len(done.stdout.splitlines())) == (0, "", 1), command
 
@@ -48,8 +50,14 @@ def test_jmp_run_into_a_closed_pipe_stops_the_task_and_exits_141(
     protocol: JumpStarterProtocol,
 ) -> None:
     done = subprocess.run(
-        ["bash", "-c", f"set -o pipefail; {JMP} run -s piped -- sh -c 'seq 1 1000000; sleep 60' | head -n 2"],
-        capture_output=True, text=True, timeout=60,
+        [
+            "bash",
+            "-c",
+            f"set -o pipefail; {JMP} run -s piped -- sh -c 'seq 1 1000000; sleep 60' | head -n 2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert (done.returncode, done.stdout, done.stderr) == (141, "1\n2\n", "")
     with protocol.create_session("check") as session:
@@ -74,8 +82,13 @@ def on_a_terminal(columns: int, *args: str) -> str:
     controller, terminal = os.openpty()
     fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-    process = subprocess.Popen([JMP, *args], stdout=terminal, stderr=terminal, stdin=subprocess.DEVNULL,
-                               env={**env, "TERM": "xterm"})
+    process = subprocess.Popen(
+        [JMP, *args],
+        stdout=terminal,
+        stderr=terminal,
+        stdin=subprocess.DEVNULL,
+        env={**env, "TERM": "xterm"},
+    )
     os.close(terminal)
     out = b""
     try:
@@ -107,9 +120,16 @@ def test_a_table_at_120_columns_keeps_the_whole_name(results: tuple[str, str]) -
 
 def complete(*words: str) -> list[str]:
     done = subprocess.run(
-        [JMP], capture_output=True, text=True, timeout=60,
-        env={**os.environ, "_JMP_COMPLETE": "bash_complete",
-             "COMP_WORDS": " ".join(["jmp", *words]), "COMP_CWORD": str(len(words))},
+        [JMP],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            **os.environ,
+            "_JMP_COMPLETE": "bash_complete",
+            "COMP_WORDS": " ".join(["jmp", *words]),
+            "COMP_CWORD": str(len(words)),
+        },
     )
     assert done.returncode == 0, done.stderr
     return [line.partition(",")[2] for line in done.stdout.splitlines()]
@@ -129,9 +149,17 @@ def test_completion_of_task_ids_sessions_and_nodes(
     # a store that does not exist is not created by a completion
     other = tmp_path / "other"
     done = subprocess.run(
-        [JMP], capture_output=True, text=True, timeout=60,
-        env={**os.environ, "JMP_DATA_DIR": str(other), "_JMP_COMPLETE": "bash_complete",
-             "COMP_WORDS": "jmp task status ", "COMP_CWORD": "3"},
+        [JMP],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            **os.environ,
+            "JMP_DATA_DIR": str(other),
+            "_JMP_COMPLETE": "bash_complete",
+            "COMP_WORDS": "jmp task status ",
+            "COMP_CWORD": "3",
+        },
     )
     assert (done.returncode, done.stdout.strip(), done.stderr) == (0, "", "")
     assert not other.exists()

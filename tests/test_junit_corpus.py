@@ -1,6 +1,7 @@
 """JUnit files written by real tools: produced here where the tool runs on this machine
-(pytest with pytest-rerunfailures and pytest-xdist, CTest, Maven Surefire offline), otherwise written by hand
-in the shape a named tool and version writes (tests/data/junit/, each file says which).
+(pytest with pytest-rerunfailures and pytest-xdist, CTest, Maven Surefire offline),
+otherwise written by hand in the shape a named tool and version writes
+(tests/data/junit/, each file says which).
 
 For each: the results, outcomes and attempts equal a count made without the parser
 (pytest's own summary line, what the test asked CTest to run, the fixture's cases
@@ -41,7 +42,9 @@ def stored(specs: list[ResultSpec]) -> list[Result]:
 
 
 def summary(results: list[ResultSpec]) -> list[tuple[str, str, bool, list[str]]]:
-    return [(r.name, r.outcome.value, r.flaky, [a.outcome.value for a in r.attempts]) for r in results]
+    return [
+        (r.name, r.outcome.value, r.flaky, [a.outcome.value for a in r.attempts]) for r in results
+    ]
 
 
 def same_results(a: list[ResultSpec], b: list[ResultSpec]) -> None:
@@ -52,9 +55,17 @@ def same_results(a: list[ResultSpec], b: list[ResultSpec]) -> None:
 
     def key(r: ResultSpec) -> tuple:
         return (
-            r.name, r.outcome, r.flaky, r.message, r.labels, r.file, r.line, ms(r.started_at),
+            r.name,
+            r.outcome,
+            r.flaky,
+            r.message,
+            r.labels,
+            r.file,
+            r.line,
+            ms(r.started_at),
             [(x.outcome, x.message, x.duration) for x in r.attempts],
-            round(r.duration or 0.0, 6), {k: m.value for k, m in r.metrics.items()},
+            round(r.duration or 0.0, 6),
+            {k: m.value for k, m in r.metrics.items()},
         )
 
     assert [key(r) for r in a] == [key(r) for r in b]
@@ -142,7 +153,10 @@ def test_what_each_producer_says_beyond_the_outcome() -> None:
     assert (gtest[1].file, gtest[1].line) == ("tests/uart_test.cc", 20)
     assert gtest[1].started_at == datetime(2024, 5, 2, 2, 0, 13, 105000, tzinfo=UTC)
     assert gtest[2].message == "not run (status=notrun)"
-    assert (gtest[2].labels["junit.status"], gtest[2].labels["junit.result"]) == ("notrun", "suppressed")
+    assert (gtest[2].labels["junit.status"], gtest[2].labels["junit.result"]) == (
+        "notrun",
+        "suppressed",
+    )
     assert gtest[3].message == "tests/uart_test.cc:36\nno RTS line"
     ctest = parse_path(DATA / "junit" / "ctest-disabled.xml")
     assert [r.labels.get("junit.status") for r in ctest] == [None, "disabled", "notrun"]
@@ -170,9 +184,11 @@ def test_what_each_producer_says_beyond_the_outcome() -> None:
 
 
 def test_a_name_with_a_slash_and_no_classname_comes_back_whole() -> None:
-    xml = b'<testsuite name="s"><testcase name="boot/flash [a::b]"/><testcase name="' + (
-        b"x" * 3000
-    ) + b'" classname="c"/></testsuite>'
+    xml = (
+        b'<testsuite name="s"><testcase name="boot/flash [a::b]"/><testcase name="'
+        + (b"x" * 3000)
+        + b'" classname="c"/></testsuite>'
+    )
     results = parse_junit(xml)
     assert [r.name for r in results] == ["boot/flash [a::b]", "c/" + "x" * 3000]
     exported = export_junit(stored(results))
@@ -247,9 +263,25 @@ def run_pytest(root: Path, *args: str) -> tuple[str, Path]:
     flags.mkdir()
     junit = flags / "junit.xml"
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:jumpstarter",
-         "--continue-on-collection-errors", "--reruns", "2", f"--junitxml={junit}", *args, "tests"],
-        cwd=root, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:jumpstarter",
+            "--continue-on-collection-errors",
+            "--reruns",
+            "2",
+            f"--junitxml={junit}",
+            *args,
+            "tests",
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={"PATH": "/usr/bin:/bin", "FLAG_DIR": str(flags), "PYTHONDONTWRITEBYTECODE": "1"},
     )
     assert done.returncode == 1, done.stdout + done.stderr
@@ -297,7 +329,11 @@ def test_real_pytest_runs(pytest_runs: dict[str, tuple[str, Path]], run: str) ->
     assert "tests/test_board.py::TestParams::test_value[a/b]" in by_name
     assert "tests/test_broken.py" in by_name and "tests/test_skipped.py" in by_name
     boot = by_name["tests/test_board.py::test_boot"]
-    assert (boot.labels["board"], boot.labels["board[2]"], boot.labels["boot_ms"]) == ("rpi4", "rpi5", "812")
+    assert (boot.labels["board"], boot.labels["board[2]"], boot.labels["boot_ms"]) == (
+        "rpi4",
+        "rpi5",
+        "812",
+    )
     check_round_trip(results)
 
 
@@ -319,11 +355,18 @@ def test_real_ctest(tmp_path: Path) -> None:
         )
     )
     build = tmp_path / "build"
-    subprocess.run(["cmake", "-S", str(tmp_path), "-B", str(build)], check=True,
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        ["cmake", "-S", str(tmp_path), "-B", str(build)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     junit = tmp_path / "ctest.xml"
-    subprocess.run(["ctest", "--test-dir", str(build), "--output-junit", str(junit)],
-                   capture_output=True, timeout=120)
+    subprocess.run(
+        ["ctest", "--test-dir", str(build), "--output-junit", str(junit)],
+        capture_output=True,
+        timeout=120,
+    )
     results = parse_junit(junit.read_bytes())
     # what we asked CTest to run, one by one
     assert sorted((r.name.rpartition("/")[2], r.outcome.value) for r in results) == [
@@ -371,21 +414,35 @@ def test_real_surefire_offline_with_reruns(tmp_path: Path) -> None:
     (tmp_path / "pom.xml").write_text(SUREFIRE_POM)
     (tmp_path / "src/test/java/com/example/BoardTest.java").write_text(SUREFIRE_TEST)
     done = subprocess.run(
-        ["mvn", "-o", "-B", "test", "-Dsurefire.rerunFailingTestsCount=2",
-         f"-DargLine=-Dflag={tmp_path / 'flag'}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        [
+            "mvn",
+            "-o",
+            "-B",
+            "test",
+            "-Dsurefire.rerunFailingTestsCount=2",
+            f"-DargLine=-Dflag={tmp_path / 'flag'}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     report = tmp_path / "target/surefire-reports/TEST-com.example.BoardTest.xml"
     if not report.exists():
-        pytest.skip(f"Maven could not run offline here (plugins or JUnit not cached): {done.stdout[-300:]}")
+        pytest.skip(
+            f"Maven could not run offline here (plugins or JUnit not cached): {done.stdout[-300:]}"
+        )
     # Surefire's own count, on its last "Tests run:" line
     line = [x for x in done.stdout.splitlines() if "Tests run:" in x][-1]
     counts = {k: int(v) for k, v in re.findall(r"(\w+): (\d+)", line)}
     results = parse_junit(report.read_bytes())
     outcomes = [r.outcome.value for r in results]
-    assert (len(results), outcomes.count("failed"), outcomes.count("skipped"), sum(r.flaky for r in results)) == (
-        counts["run"], counts["Failures"], counts["Skipped"], counts["Flakes"]
-    )
+    assert (
+        len(results),
+        outcomes.count("failed"),
+        outcomes.count("skipped"),
+        sum(r.flaky for r in results),
+    ) == (counts["run"], counts["Failures"], counts["Skipped"], counts["Flakes"])
     assert sorted(summary(results)) == [
         ("com.example.BoardTest/alwaysFails", "failed", False, ["failed"] * 3),
         ("com.example.BoardTest/boots", "passed", False, []),
@@ -417,8 +474,16 @@ def test_import_directories_globs_and_files(
     shutil.copy(DATA / "junit" / "jest-junit.xml", tmp_path / "jest.xml")
     shutil.copy(DATA / "junit" / "tap-junit.xml", tmp_path / "tap.xml")
     result = CliRunner().invoke(
-        cli, ["result", "import", str(tmp_path / "gradle"), str(tmp_path / "j*.xml"),
-              str(tmp_path / "tap.xml"), "--task", task_id],
+        cli,
+        [
+            "result",
+            "import",
+            str(tmp_path / "gradle"),
+            str(tmp_path / "j*.xml"),
+            str(tmp_path / "tap.xml"),
+            "--task",
+            task_id,
+        ],
     )
     assert result.exit_code == 0, result.output
     assert result.stdout == (
@@ -429,7 +494,8 @@ def test_import_directories_globs_and_files(
         f"jmp: warning: {tmp_path}/jest.xml: test case 3 has no name; stored as '(unnamed case 3)'\n"
     )
     assert names_of(protocol, task_id) == [
-        name for name, *_ in EXPECTED["gradle"] + EXPECTED["jest-junit.xml"] + EXPECTED["tap-junit.xml"]
+        name
+        for name, *_ in EXPECTED["gradle"] + EXPECTED["jest-junit.xml"] + EXPECTED["tap-junit.xml"]
     ]
 
 
@@ -458,12 +524,16 @@ def test_deep_nesting_through_jmp_is_one_line(task_id: str, tmp_path: Path) -> N
     (tmp_path / "deep.xml").write_text(xml + "</testsuite>" * depth + "</testsuites>")
     done = run_jmp("result", "import", str(tmp_path / "deep.xml"), "--task", task_id)
     assert (done.returncode, done.stdout, done.stderr) == (
-        0, f"imported 1 result into task {task_id} (1 passed)\n", ""
+        0,
+        f"imported 1 result into task {task_id} (1 passed)\n",
+        "",
     )
     (tmp_path / "cut.xml").write_text(xml)  # never closed
     done = run_jmp("result", "import", str(tmp_path / "cut.xml"), "--task", task_id)
     assert done.returncode == 2 and done.stdout == "" and len(done.stderr.splitlines()) == 1
-    assert done.stderr.startswith(f"jmp: error: {tmp_path}/cut.xml: not well-formed XML: no element found")
+    assert done.stderr.startswith(
+        f"jmp: error: {tmp_path}/cut.xml: not well-formed XML: no element found"
+    )
 
 
 # --- memory -----------------------------------------------------------------------------------
@@ -478,10 +548,14 @@ def test_a_60_mb_file_is_read_in_memory_of_its_largest_case(tmp_path: Path) -> N
     with path.open("w") as f:
         f.write("<testsuites><testsuite name='big'>")
         for i in range(20):
-            f.write(f"<testcase name='t{i}' time='1'><failure message='m'>{output}</failure>"
-                    f"<system-out>{output}</system-out></testcase>")
+            f.write(
+                f"<testcase name='t{i}' time='1'><failure message='m'>{output}</failure>"
+                f"<system-out>{output}</system-out></testcase>"
+            )
         for i in range(2_000):
-            f.write(f"<testcase name='small {i}'><system-out>{'y' * 10_000}</system-out></testcase>")
+            f.write(
+                f"<testcase name='small {i}'><system-out>{'y' * 10_000}</system-out></testcase>"
+            )
         f.write("</testsuite></testsuites>")
     assert path.stat().st_size > 60_000_000
     tracemalloc.start()

@@ -13,7 +13,9 @@ import pytest
 from jumpstarter.results.report import ReportData, render_report
 from jumpstarter_protocol import Result, ResultSummary, SessionInfo
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+CHROMIUM = (
+    shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+)
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="no Chromium here (.ci/run installs the Debian package 'chromium')"
 )
@@ -27,32 +29,74 @@ def big_report() -> tuple[ReportData, list[str]]:
         fails = i % 25 == 0
         if fails:
             failing.append(name)
-        results.append(Result(
-            id=i + 1, task_id="t1", session_id="s-now", node="local", created_at=start,
-            name=name, outcome="failed" if fails else "passed", duration=0.01 * (i % 100),
-            message=(f"AssertionError: value {i % 7} was wrong\n" + "  frame\n" * 30 + f"E   end of {i}")
-            if fails else None,
-        ))
+        results.append(
+            Result(
+                id=i + 1,
+                task_id="t1",
+                session_id="s-now",
+                node="local",
+                created_at=start,
+                name=name,
+                outcome="failed" if fails else "passed",
+                duration=0.01 * (i % 100),
+                message=(
+                    f"AssertionError: value {i % 7} was wrong\n"
+                    + "  frame\n" * 30
+                    + f"E   end of {i}"
+                )
+                if fails
+                else None,
+            )
+        )
     trend = [
-        SessionInfo(id=f"s{k}", name="nightly", created_at=start - timedelta(days=9 - k),
-                    summary=ResultSummary(total=50_000, outcomes={"passed": 48_000 + 100 * k, "failed": 2_000 - 100 * k},
-                                          duration=25_000.0))
+        SessionInfo(
+            id=f"s{k}",
+            name="nightly",
+            created_at=start - timedelta(days=9 - k),
+            summary=ResultSummary(
+                total=50_000,
+                outcomes={"passed": 48_000 + 100 * k, "failed": 2_000 - 100 * k},
+                duration=25_000.0,
+            ),
+        )
         for k in range(9)
     ]
-    now = SessionInfo(id="s-now", name="nightly", created_at=start,
-                      summary=ResultSummary(total=50_000, outcomes={"passed": 48_000, "failed": 2_000}, duration=25_000.0))
-    earlier = [(s, set(failing[: 1000])) for s in reversed(trend)]
-    data = ReportData(title="Test report: nightly", sessions=[now], results=results,
-                      trend=[*trend, now], earlier=earlier, version="test")
+    now = SessionInfo(
+        id="s-now",
+        name="nightly",
+        created_at=start,
+        summary=ResultSummary(
+            total=50_000, outcomes={"passed": 48_000, "failed": 2_000}, duration=25_000.0
+        ),
+    )
+    earlier = [(s, set(failing[:1000])) for s in reversed(trend)]
+    data = ReportData(
+        title="Test report: nightly",
+        sessions=[now],
+        results=results,
+        trend=[*trend, now],
+        earlier=earlier,
+        version="test",
+    )
     return data, failing
 
 
 def chromium(*args: str) -> subprocess.CompletedProcess[str]:
     assert CHROMIUM is not None
     return subprocess.run(
-        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         "--no-first-run", "--user-data-dir=" + args[0], *args[1:]],
-        capture_output=True, text=True, timeout=240,
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--no-first-run",
+            "--user-data-dir=" + args[0],
+            *args[1:],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
 
 

@@ -279,8 +279,12 @@ def result_of(
     duration = sum(r.duration for r in reports)
     runs: list[Attempt] = []
     if attempts:
-        final = Attempt(outcome=outcome, duration=duration, message=message,
-                        started_at=_time(getattr(first, "start", None)))
+        final = Attempt(
+            outcome=outcome,
+            duration=duration,
+            message=message,
+            started_at=_time(getattr(first, "start", None)),
+        )
         runs = [*attempts, final]
     failing = (Outcome.FAILED, Outcome.ERROR)
     labels, metrics = _properties(getattr(last, "user_properties", ()))

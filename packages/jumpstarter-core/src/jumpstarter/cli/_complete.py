@@ -49,7 +49,9 @@ def _from_store(ctx: click.Context, read: Callable[[Any], Awaitable[list[Any]]])
         return []
 
 
-def complete_task(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+def complete_task(
+    ctx: click.Context, param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
     """Task ids of the store, newest first, with their names as help."""
     tasks = _from_store(ctx, lambda store: store.list_tasks(limit=LIMIT))
     return [
@@ -63,14 +65,14 @@ def complete_session(
     ctx: click.Context, param: click.Parameter, incomplete: str
 ) -> list[CompletionItem]:
     """Session names of the store, each once, newest first."""
-    sessions = _from_store(
-        ctx, lambda store: store.list_sessions(with_results=False, limit=LIMIT)
-    )
+    sessions = _from_store(ctx, lambda store: store.list_sessions(with_results=False, limit=LIMIT))
     names = dict.fromkeys(s.name for s in sessions if s.name.startswith(incomplete))
     return [CompletionItem(name) for name in names]
 
 
-def complete_node(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
+def complete_node(
+    ctx: click.Context, param: click.Parameter, incomplete: str
+) -> list[CompletionItem]:
     """Node names of the configuration (``local`` always)."""
     try:
         names = sorted({"local", *_config(ctx).nodes})

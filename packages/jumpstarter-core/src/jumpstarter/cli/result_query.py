@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from ._complete import complete_node, complete_session, complete_task
 from ._base import call_node, handle_errors, parse_pairs
+from ._complete import complete_node, complete_session, complete_task
 from ._output import dump, format_option, print_json, print_table, seconds, state_cell, when
 from ._params import OUTCOMES, Seconds, When, parse_metrics
 

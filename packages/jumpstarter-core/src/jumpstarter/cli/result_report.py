@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from ._complete import complete_node, complete_session, complete_task
 from ._base import EXIT_ERROR, call_node, handle_errors
+from ._complete import complete_node, complete_session, complete_task
 from ._output import format_option, iso, print_json, print_table, seconds, state_cell, when
 
 if TYPE_CHECKING:

@@ -7,8 +7,8 @@ import sys
 
 import click
 
-from ._complete import complete_node, complete_session
 from ._base import handle_errors, make_spec, parse_pairs, task_exit_code
+from ._complete import complete_node, complete_session
 from ._params import Seconds
 
 EXIT_PIPE = 128 + signal.SIGPIPE

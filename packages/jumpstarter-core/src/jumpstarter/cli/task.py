@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 
 import click
 
-from ._complete import complete_node, complete_session, complete_task
 from ._base import EXIT_TIMEOUT, call_node, handle_errors, make_spec, task_exit_code
+from ._complete import complete_node, complete_session, complete_task
 from ._output import (
     IdleSpinner,
     command_line,

@@ -336,9 +336,7 @@ def _case_result(case: Any, suite: _Suite, reader: _Reader, extras: dict[str, st
     file = case.get("file") or None
     if not name.strip():
         placeholder = f"(unnamed case {reader.count})"
-        reader.warn(
-            f"{source}: test case {reader.count} has no name; stored as {placeholder!r}"
-        )
+        reader.warn(f"{source}: test case {reader.count} has no name; stored as {placeholder!r}")
         name = placeholder
     if suite.name == PYTEST_SUITE or (file or "").endswith(".py"):
         full_name = pytest_node_id(classname, name, file)
@@ -361,7 +359,9 @@ def _case_result(case: Any, suite: _Suite, reader: _Reader, extras: dict[str, st
         elif tag in _FLAKY_TAGS:
             flaky_runs.append(_attempt(child, _FLAKY_TAGS[tag]))
         elif tag == "properties":
-            properties += [(p.get("name"), _value(p)) for p in child if _tag(p) == "property" and p.get("name")]
+            properties += [
+                (p.get("name"), _value(p)) for p in child if _tag(p) == "property" and p.get("name")
+            ]
     for tag, found in (
         ("failure", Outcome.FAILED),
         ("error", Outcome.ERROR),
@@ -435,7 +435,9 @@ def _case_result(case: Any, suite: _Suite, reader: _Reader, extras: dict[str, st
     for key in ("file", "line", "started_at", "finished_at"):
         if f"jmp.{key}" in extras:
             fields[key] = extras[f"jmp.{key}"]
-    fields["attempts"] = _json_list(extras["jmp.attempts"]) if "jmp.attempts" in extras else attempts
+    fields["attempts"] = (
+        _json_list(extras["jmp.attempts"]) if "jmp.attempts" in extras else attempts
+    )
     fields["flaky"] = extras["jmp.flaky"] == "true" if "jmp.flaky" in extras else flaky
     try:
         return ResultSpec(
@@ -458,7 +460,14 @@ def _case_result(case: Any, suite: _Suite, reader: _Reader, extras: dict[str, st
 
 
 # Case properties an export writes for what JUnit cannot say; they are fields, not labels.
-_EXTRA_KEYS = ("jmp.file", "jmp.line", "jmp.started_at", "jmp.finished_at", "jmp.attempts", "jmp.flaky")
+_EXTRA_KEYS = (
+    "jmp.file",
+    "jmp.line",
+    "jmp.started_at",
+    "jmp.finished_at",
+    "jmp.attempts",
+    "jmp.flaky",
+)
 
 
 def _teardown_error(result: ResultSpec, suite: _Suite) -> bool:
@@ -483,7 +492,9 @@ def _rerun(before: ResultSpec, again: ResultSpec, *, pytest: bool) -> ResultSpec
         update={
             "attempts": attempts,
             "flaky": again.outcome not in failed and any(a.outcome in failed for a in attempts),
-            "duration": sum(a.duration or 0.0 for a in attempts) if again.duration is not None else None,
+            "duration": sum(a.duration or 0.0 for a in attempts)
+            if again.duration is not None
+            else None,
             "started_at": before.started_at or again.started_at,
         }
     )
@@ -622,7 +633,9 @@ def export_junit(results: list[Result]) -> str:
     del counts["skipped"]  # the schema has no skipped= on <testsuites>
     root = ET.Element("testsuites", {"name": "jumpstarter", **counts})
     for suite_name, members in suites.items():
-        suite = ET.SubElement(root, "testsuite", {"name": _xml_text(suite_name), **_counts(members)})
+        suite = ET.SubElement(
+            root, "testsuite", {"name": _xml_text(suite_name), **_counts(members)}
+        )
         # The suite starts with its first case; results that never said when they
         # ran get no time on the way back either.
         started = [r.started_at for r in members if r.started_at is not None]
@@ -643,7 +656,10 @@ def export_junit(results: list[Result]) -> str:
                 ET.SubElement(
                     extras,
                     "property",
-                    {"name": f"{CASE_PREFIX}{position}.{_xml_text(key)}", "value": _xml_text(value)},
+                    {
+                        "name": f"{CASE_PREFIX}{position}.{_xml_text(key)}",
+                        "value": _xml_text(value),
+                    },
                 )
         if not len(extras):
             suite.remove(extras)
@@ -731,9 +747,15 @@ def _case(
     rerun_tag = "flakyFailure" if result.flaky else "rerunFailure"
     for attempt in result.attempts[:-1] if result.attempts else ():
         if attempt.outcome in (Outcome.FAILED, Outcome.ERROR):
-            tag = rerun_tag if attempt.outcome is Outcome.FAILED else rerun_tag.replace("Failure", "Error")
+            tag = (
+                rerun_tag
+                if attempt.outcome is Outcome.FAILED
+                else rerun_tag.replace("Failure", "Error")
+            )
             message = _xml_text(attempt.message or "")
-            rerun = ET.SubElement(case, tag, {"type": attempt.outcome.value, "message": message.split("\n", 1)[0]})
+            rerun = ET.SubElement(
+                case, tag, {"type": attempt.outcome.value, "message": message.split("\n", 1)[0]}
+            )
             if "\n" in message:
                 rerun.text = message
 

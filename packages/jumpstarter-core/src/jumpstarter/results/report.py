@@ -192,7 +192,9 @@ class Failure:
     failed_before: int = 0
 
 
-def mark_failures(failures: Sequence[Result], earlier: Sequence[tuple[SessionInfo, set[str]]]) -> list[Failure]:
+def mark_failures(
+    failures: Sequence[Result], earlier: Sequence[tuple[SessionInfo, set[str]]]
+) -> list[Failure]:
     """Each failure marked against the sessions before it (newest first): ``flaky``
     when its own runs disagreed or it passed in some of those sessions and failed in
     others, ``still`` when it failed in the one just before (``since``: the first of
@@ -208,7 +210,9 @@ def mark_failures(failures: Sequence[Result], earlier: Sequence[tuple[SessionInf
         if result.flaky or (failed_before > streak and streak < len(earlier)):
             marked.append(Failure(result, "flaky", failed_before=failed_before))
         elif streak:
-            marked.append(Failure(result, "still", since=earlier[streak - 1][0], failed_before=failed_before))
+            marked.append(
+                Failure(result, "still", since=earlier[streak - 1][0], failed_before=failed_before)
+            )
         else:
             marked.append(Failure(result, "new"))
     return marked
@@ -276,7 +280,11 @@ def duration_axis(durations: Sequence[float]) -> Axis:
 
 
 def _decimals(step_percent: float) -> int:
-    return 0 if step_percent >= 1 or step_percent == 0 else min(3, -math.floor(math.log10(step_percent)))
+    return (
+        0
+        if step_percent >= 1 or step_percent == 0
+        else min(3, -math.floor(math.log10(step_percent)))
+    )
 
 
 def _nice_step(span: float, ticks: int = 4) -> float:
@@ -319,7 +327,9 @@ class Chart:
         return self.bottom - (value - self.axis.low) / span * (self.bottom - self.top)
 
 
-def layout(sessions: Sequence[SessionInfo], axis: Axis, width: int = 520, height: int = 240) -> Chart:
+def layout(
+    sessions: Sequence[SessionInfo], axis: Axis, width: int = 520, height: int = 240
+) -> Chart:
     """A chart's geometry: the left margin holds the longest tick label, the bottom
     margin and the left edge the slanted session labels (never clipped)."""
     every = max(1, math.ceil(len(sessions) / 10))  # at most ten labels fit
@@ -328,7 +338,9 @@ def layout(sessions: Sequence[SessionInfo], axis: Axis, width: int = 520, height
     for i, session in enumerate(sessions):
         if i % every and i != len(sessions) - 1:
             continue
-        text = session.created_at.astimezone(UTC).strftime("%m-%d %H:%M") if by_date else session.name
+        text = (
+            session.created_at.astimezone(UTC).strftime("%m-%d %H:%M") if by_date else session.name
+        )
         labels.append((i, text if len(text) <= 16 else text[:15] + "…"))
     longest_tick = max((len(t) for _, t in axis.ticks), default=1)
     longest_label = max((len(t) for _, t in labels), default=1)
@@ -373,7 +385,9 @@ def render_report(data: ReportData) -> str:
     groups: dict[str, list[Failure]] = {}
     for failure in marked:
         groups.setdefault(first_line(failure.result.message), []).append(failure)
-    timed = sorted((r for r in data.results if r.duration is not None), key=lambda r: -(r.duration or 0))
+    timed = sorted(
+        (r for r in data.results if r.duration is not None), key=lambda r: -(r.duration or 0)
+    )
     suites: dict[str, ResultSummary] = {}
     for result in data.results:
         suite = suites.setdefault(suite_of(result), ResultSummary())
@@ -385,24 +399,32 @@ def render_report(data: ReportData) -> str:
     labels: dict[str, str] = {}
     for task in data.tasks:
         labels.update(task.spec.labels)
-    return _environment().get_template("report.html.j2").render(
-        data=data,
-        summary=summary,
-        rate=pass_rate(summary),
-        outcomes=[o for o in OUTCOME_ORDER if summary.outcomes.get(o) or o in (Outcome.PASSED, Outcome.FAILED)],
-        groups=sorted(groups.items(), key=lambda item: (-len(item[1]), item[0])),
-        failures=marked,
-        marks={m: sum(1 for f in marked if f.mark == m) for m in ("new", "still", "flaky")},
-        slowest=timed[: data.slowest],
-        suites=sorted(suites.items()),
-        reported={s.id for s in data.sessions},
-        rate_chart=layout(data.trend, rate_axis(rates)) if data.trend else None,
-        duration_chart=layout(data.trend, duration_axis(durations)) if data.trend else None,
-        nodes=sorted({t.node for t in data.tasks}),
-        labels=labels,
-        started=min((s.created_at for s in data.sessions), default=None),
-        previous=data.earlier[0][0] if data.earlier else None,
-        tail=tail,
+    return (
+        _environment()
+        .get_template("report.html.j2")
+        .render(
+            data=data,
+            summary=summary,
+            rate=pass_rate(summary),
+            outcomes=[
+                o
+                for o in OUTCOME_ORDER
+                if summary.outcomes.get(o) or o in (Outcome.PASSED, Outcome.FAILED)
+            ],
+            groups=sorted(groups.items(), key=lambda item: (-len(item[1]), item[0])),
+            failures=marked,
+            marks={m: sum(1 for f in marked if f.mark == m) for m in ("new", "still", "flaky")},
+            slowest=timed[: data.slowest],
+            suites=sorted(suites.items()),
+            reported={s.id for s in data.sessions},
+            rate_chart=layout(data.trend, rate_axis(rates)) if data.trend else None,
+            duration_chart=layout(data.trend, duration_axis(durations)) if data.trend else None,
+            nodes=sorted({t.node for t in data.tasks}),
+            labels=labels,
+            started=min((s.created_at for s in data.sessions), default=None),
+            previous=data.earlier[0][0] if data.earlier else None,
+            tail=tail,
+        )
     )
 
 
