@@ -274,7 +274,7 @@ NO_NODE = "jmp: error: unknown node 'nowhere'; known nodes: local\n"
         (["task", "start", "--node", "nowhere", "--", "true"], 3, NO_NODE),
         (["task", "list", "--node", "nowhere"], 3, NO_NODE),
         (["task", "start", "--cwd", "/no/such", "--", "true"], 2, "jmp: error: working directory does not exist: /no/such\n"),
-        (["task", "list", "--format", "xml"], 2, "Error: Invalid value for '--format': 'xml' is not one of 'table', 'json'.\n"),
+        (["task", "list", "--format", "xml"], 2, "Error: Invalid value for '-o' / '--format': 'xml' is not one of 'table', 'json'.\n"),
         (["task", "list", "--state", "done"], 2, None),
         (["task", "start", "--timeout", "inf", "--", "true"], 2, "Error: Invalid value for '-t' / '--timeout': 'inf' is not a number of seconds above 0\n"),
         (["task", "start", "--env", "X", "--", "true"], 2, "Error: Invalid value for --env: expected K=V, got 'X'\n"),

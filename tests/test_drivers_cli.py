@@ -225,7 +225,7 @@ def test_drivers_bad_format_is_a_usage_error(site: Path) -> None:
     result = CliRunner().invoke(cli, ["drivers", "--format", "yaml"])
     assert result.exit_code == 2
     assert result.stderr == (
-        "jmp: error: Invalid value for '--format': 'yaml' is not one of 'table', 'json'."
+        "jmp: error: Invalid value for '-o' / '--format': 'yaml' is not one of 'table', 'json'."
         " (try 'jmp drivers --help')\n"
     )
 

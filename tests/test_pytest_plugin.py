@@ -4,6 +4,7 @@ killed halfway keeps what it recorded, and without --jmp-session it is inert."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 from jumpstarter.protocol import JumpStarterProtocol
-from jumpstarter.results.junit import parse_junit, split_name
+from jumpstarter.results.junit import parse_junit
 
 SUITE = """
 import pytest
@@ -95,14 +96,6 @@ def run_pytest(cwd: Path, *args: str, **kwargs) -> subprocess.CompletedProcess[s
     )
 
 
-def junit_name(nodeid: str) -> str:
-    """The name parse_junit gives pytest's own JUnit entry for ``nodeid``."""
-    if "::" not in nodeid:  # a module that failed to collect
-        return nodeid.removesuffix(".py").replace("/", ".")
-    classname, name = split_name(nodeid)
-    return f"{classname}/{name}"
-
-
 # pytest's JUnit XML knows four kinds; each outcome of ours is one of them.
 KIND = {
     "passed": "passed",
@@ -169,16 +162,12 @@ def test_recorded_results_equal_pytests_own_junit_report(data_dir: Path, tmp_pat
     }
     assert len(rows) == 17  # 16 tests and the module that failed to collect
 
-    # pytest's own report of the same run: per test, then the suite's counts. pytest
-    # reports a test that failed and then failed in teardown twice (a failure, then
-    # an error); it is one result here, failed, its message naming the teardown error.
+    # pytest's own report of the same run, imported: the same names (node ids) and
+    # outcomes. pytest reports a test that failed and then failed in teardown twice
+    # (a failure, then an error); the import makes it one result, failed, as here.
     report = (suite / "junit.xml").read_bytes()
-    theirs: dict[str, list[str]] = {}
-    for case in parse_junit(report):
-        theirs.setdefault(case.name, []).append(KIND[case.outcome.value])
-    ours = {junit_name(name): [KIND[outcome]] for name, outcome in outcomes.items()}
-    ours[junit_name("test_suite.py::test_fail_and_teardown_error")].append("error")
-    assert ours == theirs
+    theirs = {case.name: KIND[case.outcome.value] for case in parse_junit(report)}
+    assert {name: KIND[outcome] for name, outcome in outcomes.items()} == theirs
     attributes = ET.fromstring(report).find("testsuite").attrib
     doubles = sum(
         1
@@ -366,3 +355,98 @@ def test_ctrl_c_ends_the_task_stopped(
         names = [r.name for r in node.query_results(session="interrupted").results]
     assert (task.state.value, task.exit_code, task.message) == ("stopped", 2, "pytest: interrupted")
     assert names == ["test_i.py::test_one"]
+
+
+RERUN_SUITE = '''
+import json
+import os
+import pytest
+
+FLAG = os.path.join(os.environ["FLAG_DIR"], os.environ.get("PYTEST_XDIST_WORKER", "main"))
+
+def test_always_fails():
+    assert 1 == 2, "never"
+
+def test_fails_once():
+    if not os.path.exists(FLAG):
+        open(FLAG, "w").close()
+        assert False, "first run"
+
+def test_props(record_property):
+    record_property("board", "rpi4")
+    record_property("boot_ms", 812)
+    record_property("board", "rpi5")
+
+@pytest.mark.parametrize("value", ["%s", "a/b"], ids=lambda v: v)
+class TestParams:
+    def test_value(self, value):
+        assert value
+
+def double(n):
+    """
+    >>> double(2)
+    4
+    """
+    return 2 * n
+''' % ("p" * 600)
+
+
+def summary_of(results) -> dict[str, tuple]:
+    return {r.name: (r.outcome.value, r.flaky, [a.outcome.value for a in r.attempts]) for r in results}
+
+
+@pytest.mark.parametrize("xdist", [False, True], ids=["serial", "xdist"])
+def test_reruns_properties_and_long_ids_and_the_junit_import_of_the_same_run(
+    data_dir: Path, tmp_path: Path, xdist: bool
+) -> None:
+    from click.testing import CliRunner
+    from jumpstarter.cli import cli
+
+    suite = tmp_path / "suite"
+    (suite / "pkg").mkdir(parents=True)
+    (suite / "pkg" / "__init__.py").write_text("")
+    (suite / "pkg" / "test_board.py").write_text(RERUN_SUITE)
+    (suite / "pkg" / "test_broken.py").write_text("import not_a_module_anywhere\n")
+    (tmp_path / "flags").mkdir()
+    extra = ["-n", "2"] if xdist else []
+    done = run_pytest(
+        suite, "--jmp-session", "reruns", "--reruns", "2", "--junitxml=junit.xml",
+        "--continue-on-collection-errors", "--doctest-modules", *extra,
+        env={**os.environ, "FLAG_DIR": str(tmp_path / "flags")},
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    long_id = "pkg/test_board.py::TestParams::test_value[" + "p" * 600 + "]"
+    with JumpStarterProtocol().create_session("check") as session:
+        node = session.connect("local", lease=False)
+        recorded = node.query_results(session="reruns").results
+    assert summary_of(recorded) == {
+        "pkg/test_broken.py": ("error", False, []),  # once, under --doctest-modules and -n 2
+        "pkg/test_board.py::test_always_fails": ("failed", False, ["failed"] * 3),
+        "pkg/test_board.py::test_fails_once": ("passed", True, ["failed", "passed"]),
+        "pkg/test_board.py::test_props": ("passed", False, []),
+        long_id: ("passed", False, []),  # whole
+        "pkg/test_board.py::TestParams::test_value[a/b]": ("passed", False, []),
+        "pkg/test_board.py::pkg.test_board.double": ("passed", False, []),
+    }
+    assert len(recorded) == 7
+    by_name = {r.name: r for r in recorded}
+    props = by_name["pkg/test_board.py::test_props"]
+    assert props.labels == {"board": "rpi4", "board[2]": "rpi5"}
+    assert {k: m.value for k, m in props.metrics.items()} == {"boot_ms": 812.0}
+    once = by_name["pkg/test_board.py::test_fails_once"].attempts
+    assert once[0].message.startswith("AssertionError: first run")
+
+    # pytest's own JUnit report of the same run, imported into another session
+    with JumpStarterProtocol().create_session("reruns-junit") as session:
+        task = session.connect("local").new_task(["true"], name="import").id
+    imported = CliRunner().invoke(cli, ["result", "import", str(suite / "junit.xml"), "-t", task])
+    assert imported.exit_code == 0, imported.output
+    with JumpStarterProtocol().create_session("check") as session:
+        node = session.connect("local", lease=False)
+        from_junit = node.query_results(session="reruns-junit").results
+    assert summary_of(from_junit) == summary_of(recorded)
+    diff = CliRunner().invoke(cli, ["result", "diff", "reruns", "reruns-junit", "-o", "json"])
+    assert diff.exit_code == 0, diff.output
+    data = json.loads(diff.stdout)
+    assert [len(data[k]) for k in ("newly_failing", "fixed", "new", "missing")] == [0, 0, 0, 0]
+    assert (data["unchanged"], len(data["still_failing"])) == (5, 2)

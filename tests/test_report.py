@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from conftest import run_jmp
 from jumpstarter.cli import cli
 from jumpstarter.protocol import JumpStarterProtocol
-from jumpstarter_protocol import CloseTask, OpenTask, TaskSpec
+from jumpstarter_protocol import CloseTask, ListSessions, OpenTask, TaskSpec
 
 
 class Node:
@@ -129,7 +129,8 @@ def sessions(protocol: JumpStarterProtocol) -> list[str]:
 
 def numbers(tree: Tree) -> dict[str, object]:
     counts = {
-        n.attrs["data-count"]: int(n.text) for n in tree.root.find_all(**{"data-count": True})
+        n.attrs["data-count"]: int(n.text.replace(",", ""))
+        for n in tree.root.find_all(**{"data-count": True})
     }
     (rate,) = tree.root.find_all(**{"data-rate": True, "class": "n"})
     (duration,) = tree.root.find_all(**{"data-duration": True, "class": "n"})
@@ -249,9 +250,9 @@ def test_chosen_sessions_trend_and_stdout(
     # the last three sessions of any name; the reported ones are drawn larger
     dots = {n.attrs["data-session"]: n.attrs["r"] for n in tree.root.find_all(tag="circle")}
     assert dots == {sessions[1]: "5", sessions[2]: "5", sessions[3]: "3.5"}
-    # a name used once: the charts show the recent sessions of any name
+    # a name used once: its trend is that one session, never unrelated ones
     once = Tree(run_jmp("result", "report", "--session", "ci-1", "-o", "-").stdout)
-    assert [n.attrs["data-session"] for n in once.root.find_all(tag="rect")] == sessions
+    assert [n.attrs["data-session"] for n in once.root.find_all(tag="rect")] == [sessions[1]]
 
 
 def test_report_bad_input(protocol: JumpStarterProtocol, tmp_path: Path) -> None:
@@ -288,3 +289,83 @@ def test_a_session_with_nothing_failed_or_timed(protocol: JumpStarterProtocol) -
     assert numbers(tree)["counts"] == {"total": 2, "passed": 1, "failed": 0, "skipped": 1}
     texts = [n.text for n in tree.root.find_all(**{"class": "none"})]
     assert "No failures." in texts and "No durations recorded." in texts
+
+
+def test_failures_marked_grouped_with_their_context(protocol: JumpStarterProtocol) -> None:
+    def failed(name: str, first: str = "AssertionError: boom") -> dict:
+        traceback = "\n".join(f"  frame {i}" for i in range(60))
+        return {"name": name, "outcome": "failed", "message": f"{first}\n{traceback}\nE   the end of {name}"}
+
+    passed = [{"name": f"suite/ok{i}", "outcome": "passed", "duration": 1.0} for i in range(1200)]
+    first = record(protocol, "nightly", [failed("suite/a"), {"name": "suite/b", "outcome": "passed"},
+                                          failed("suite/c", "KeyError: c"), *passed])
+    second = record(protocol, "nightly", [failed("suite/a"), failed("suite/b"),
+                                           {"name": "suite/c", "outcome": "passed"}, *passed])
+    record(protocol, "other", [failed("suite/a")])  # another name: never compared, never drawn
+    with protocol.create_session("nightly") as session:
+        node = session.connect("local", lease=False)
+        spec = TaskSpec(argv=["pytest", "-q", "tests/"], name="pytest", labels={"board": "rpi4"})
+        task = node.request(OpenTask(spec=spec)).task
+        node.add_results(task.id, [
+            failed("suite/a"), failed("suite/b"), failed("suite/c", "KeyError: c"),
+            failed("suite/d", "TimeoutError: 5 s"),
+            {**failed("suite/e", "TimeoutError: 5 s"),
+             "attempts": [{"outcome": "passed"}, {"outcome": "failed"}], "flaky": True},
+            *passed,
+        ])
+        node.request(CloseTask(task_id=task.id, state="failed", exit_code=1))
+        third = session.id
+    tree = Tree(CliRunner().invoke(cli, ["result", "report", "-o", "-"]).output)
+    marks = {n.attrs["data-name"]: n.attrs["data-mark"] for n in tree.root.find_all(tag="article")}
+    assert marks == {
+        "suite/a": "still", "suite/b": "still", "suite/c": "flaky", "suite/d": "new", "suite/e": "flaky",
+    }
+    text = {n.attrs["data-name"]: " ".join(n.text.split()) for n in tree.root.find_all(tag="article")}
+    with protocol.create_session("check") as session:
+        node = session.connect("local", lease=False)
+        sessions = {s.id: s for s in node.request(ListSessions(limit=10)).sessions}
+    since = sessions[first].created_at.strftime("%Y-%m-%d %H:%M UTC")
+    assert f"still failing since {since}" in text["suite/a"]
+    assert "still failing since " + sessions[second].created_at.strftime("%Y-%m-%d %H:%M UTC") in text["suite/b"]
+    assert "flaky (failed in 1 of the last 2)" in text["suite/c"]
+    assert "flaky: passed → failed" in text["suite/e"]
+    # grouped by the first line (biggest group first), every name listed; the
+    # traceback's end is shown
+    groups = [(n.find_all(tag="code").__next__().text, [li.text for li in n.find_all(tag="li")])
+              for n in tree.root.find_all(tag="details", **{"class": "group"})]
+    assert groups == [
+        ("AssertionError: boom", ["suite/a", "suite/b"]),
+        ("TimeoutError: 5 s", ["suite/d", "suite/e"]),
+        ("KeyError: c", ["suite/c"]),
+    ]
+    shown = [p.text for p in tree.root.find_all(tag="pre")]
+    assert any(t.endswith("E   the end of suite/a") and "frame 59" in t and "frame 5\n" not in t for t in shown)
+    # the run's context, a breakdown per suite, thousands separators, the whole list folded
+    context = " ".join(next(tree.root.find_all(tag="section", id="context")).text.split())
+    assert "pytest -q tests/" in context and "board=rpi4" in context and "local" in context
+    (suite,) = tree.root.find_all(tag="tr", **{"data-suite": "suite"})
+    assert [td.text for td in suite.find_all(tag="td")][:4] == ["suite", "1,205", "1,200", "5"]
+    assert numbers(tree)["counts"]["total"] == 1205
+    assert len(list(next(tree.root.find_all(tag="section", id="tests")).find_all(tag="tr"))) == 1205
+    # the trend: only 'nightly', its pass-rate axis zoomed to the data (99.6 % to 100 %)
+    dots = [n.attrs["data-session"] for n in tree.root.find_all(tag="circle")]
+    assert dots == [first, second, third]
+    rate_chart = next(tree.root.find_all(tag="svg", id="chart-pass-rate"))
+    ticks = [t.text for t in rate_chart.find_all(tag="text") if t.text.endswith("%")]
+    assert float(ticks[-1].rstrip("%")) == 100 and float(ticks[0].rstrip("%")) >= 99
+
+
+def test_chart_labels_fit_inside_the_drawing() -> None:
+    from datetime import UTC, datetime
+
+    from jumpstarter.results.report import duration_axis, layout
+    from jumpstarter_protocol import SessionInfo
+
+    sessions = [SessionInfo(id=f"s{i}", name="a-rather-long-session-name-of-ci", created_at=datetime(2024, 5, i + 1, tzinfo=UTC))
+                for i in range(3)]
+    chart = layout(sessions, duration_axis([6000.0]))
+    assert [label for _, label in chart.axis.ticks][-1] == "100 min"
+    assert chart.left - 6 - len("100 min") * 6.6 >= 0  # the longest tick label fits
+    for x, label in chart.labels:  # slanted session labels stay inside on the left and bottom
+        assert x - len(label) * 6.6 * 0.82 >= -10
+        assert chart.bottom + 14 + len(label) * 6.6 * 0.58 <= chart.height

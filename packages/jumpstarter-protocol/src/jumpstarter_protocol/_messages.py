@@ -22,6 +22,9 @@ MIN_PROTOCOL_VERSION = 1
 Labels = dict[str, str]
 Name = Annotated[str, Field(min_length=1, max_length=512)]
 Id = Annotated[str, Field(min_length=1, max_length=128)]
+ResultName = Annotated[str, Field(min_length=1)]
+"""A result's name has no length limit: a pytest parameter id can be long, and a cut
+name would merge two tests into one (the message size limit still applies)."""
 
 
 def _to_utc(value: datetime) -> datetime:
@@ -198,7 +201,7 @@ class Attempt(_Model):
 class ResultSpec(_Model):
     """One result as a client submits it."""
 
-    name: Name
+    name: ResultName
     outcome: Outcome
     duration: float | None = Field(default=None, ge=0)
     message: str | None = None
@@ -425,7 +428,7 @@ class QueryHistory(_Model):
     """The results named exactly ``name``, newest first: one test across sessions."""
 
     type: Literal["query_history"] = "query_history"
-    name: Name
+    name: ResultName
     session: str | None = Field(default=None, description="a session id, or a glob over session names")
     limit: int = Field(default=50, ge=1, le=10_000)
 

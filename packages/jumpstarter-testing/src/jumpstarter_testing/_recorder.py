@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 import threading
 from collections.abc import Callable, Sequence
@@ -11,11 +12,18 @@ from typing import Any
 import pytest
 from jumpstarter.errors import JumpstarterError
 from jumpstarter.results.junit import trim_message
-from jumpstarter_protocol import CloseTask, OpenTask, Outcome, ResultSpec, TaskSpec, TaskState
+from jumpstarter_protocol import (
+    Attempt,
+    CloseTask,
+    OpenTask,
+    Outcome,
+    ResultSpec,
+    TaskSpec,
+    TaskState,
+)
 
 MAX_MESSAGE = 4000
 """Longest failure message kept, in characters: the start and the end of a traceback."""
-MAX_NAME = 512
 BATCH = 200
 """Results sent at once at most; a full batch goes out at once."""
 INTERVAL = 1.0
@@ -35,6 +43,9 @@ class Recorder:
         self.sender: Sender | None = None
         self.close_error: Exception | None = None
         self._reports: dict[str, list[pytest.TestReport]] = {}
+        self._attempts: dict[str, list[Attempt]] = {}  # failed runs before a rerun
+        self._collected: set[str] = set()  # collection errors and skips recorded
+        self._rerun_teardown: dict[str, bool] = {}  # a rerun's teardown report is due
 
     # --- life ---------------------------------------------------------------------------
 
@@ -81,17 +92,29 @@ class Recorder:
         )
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        reports = self._reports.setdefault(report.nodeid, [])
+        nodeid = report.nodeid
+        if self._rerun_teardown.pop(nodeid, False) and report.when == "teardown":
+            return  # the teardown of a run that failed and runs again: part of it
+        reports = self._reports.setdefault(nodeid, [])
         reports.append(report)
-        if report.when == "teardown":  # always the last phase of a test
-            del self._reports[report.nodeid]
+        if report.outcome == "rerun":
+            # pytest-rerunfailures: this run failed and the test runs again; the
+            # run's reports end at the one it failed in (its teardown may follow).
+            self._attempts.setdefault(nodeid, []).append(attempt_of(reports))
+            self._reports[nodeid] = []
+            self._rerun_teardown[nodeid] = report.when != "teardown"
+        elif report.when == "teardown":  # always the last phase of a test
+            del self._reports[nodeid]
             assert self.sender is not None
-            self.sender.add(result_of(report.nodeid, reports))
+            attempts = self._attempts.pop(nodeid, [])
+            self.sender.add(result_of(nodeid, reports, attempts))
 
     def pytest_collectreport(self, report: pytest.CollectReport) -> None:
         # As pytest's own JUnit report: a module that cannot be collected is an error,
-        # one skipped as a whole a skip.
-        if report.failed or report.skipped:
+        # one skipped as a whole a skip; once, however many collectors report it
+        # (--doctest-modules collects a module twice, each xdist worker once more).
+        if (report.failed or report.skipped) and report.nodeid not in self._collected:
+            self._collected.add(report.nodeid)
             outcome = Outcome.ERROR if report.failed else Outcome.SKIPPED
             text = (
                 _skip_reason(report)
@@ -101,7 +124,7 @@ class Recorder:
             assert self.sender is not None
             self.sender.add(
                 ResultSpec(
-                    name=_name(report.nodeid or "<collection>"),
+                    name=report.nodeid or "<collection>",
                     outcome=outcome,
                     message=trim_message(text, MAX_MESSAGE) or None,
                 )
@@ -219,8 +242,24 @@ class Sender(threading.Thread):
 # --- what a test's reports say ------------------------------------------------------------
 
 
-def result_of(nodeid: str, reports: Sequence[pytest.TestReport]) -> ResultSpec:
-    """One result from the reports of a test's phases (setup, call, teardown)."""
+def attempt_of(reports: Sequence[pytest.TestReport]) -> Attempt:
+    """One failed run of a test that runs again, from its reports up to the failing
+    one (pytest-rerunfailures marks that one ``rerun``)."""
+    failing = reports[-1]
+    outcome = Outcome.FAILED if failing.when == "call" else Outcome.ERROR
+    return Attempt(
+        outcome=outcome,
+        duration=sum(r.duration for r in reports),
+        message=trim_message(_failure(failing), MAX_MESSAGE) or None,
+        started_at=_time(getattr(reports[0], "start", None)),
+    )
+
+
+def result_of(
+    nodeid: str, reports: Sequence[pytest.TestReport], attempts: Sequence[Attempt] = ()
+) -> ResultSpec:
+    """One result from the reports of a test's phases (setup, call, teardown) and the
+    failed runs before them, if it was rerun."""
     phases = {r.when: r for r in reports}
     setup, call, teardown = phases.get("setup"), phases.get("call"), phases.get("teardown")
     outcome, message = Outcome.PASSED, None
@@ -246,14 +285,50 @@ def result_of(nodeid: str, reports: Sequence[pytest.TestReport]) -> ResultSpec:
         else:
             outcome, message = Outcome.ERROR, text
     first, last = reports[0], reports[-1]
+    message = trim_message(message, MAX_MESSAGE) or None
+    duration = sum(r.duration for r in reports)
+    runs: list[Attempt] = []
+    if attempts:
+        final = Attempt(
+            outcome=outcome,
+            duration=duration,
+            message=message,
+            started_at=_time(getattr(first, "start", None)),
+        )
+        runs = [*attempts, final]
+    failing = (Outcome.FAILED, Outcome.ERROR)
+    labels, metrics = _properties(getattr(last, "user_properties", ()))
     return ResultSpec(
-        name=_name(nodeid),
+        name=nodeid,  # whole, however long: a cut id would merge two tests into one
         outcome=outcome,
-        duration=sum(r.duration for r in reports),
-        message=trim_message(message, MAX_MESSAGE) or None,
-        started_at=_time(getattr(first, "start", None)),
+        duration=sum(a.duration or 0.0 for a in runs) if runs else duration,
+        message=message,
+        labels=labels,
+        metrics=metrics,  # type: ignore[arg-type]
+        started_at=runs[0].started_at if runs else _time(getattr(first, "start", None)),
         finished_at=_time(getattr(last, "stop", None)),
+        attempts=runs,
+        flaky=outcome not in failing and any(a.outcome in failing for a in attempts),
     )
+
+
+def _properties(pairs: Sequence[tuple[str, object]]) -> tuple[dict[str, str], dict[str, Any]]:
+    """``record_property`` values: numbers become metrics, the rest labels; a name
+    recorded again keeps each value (``NAME``, ``NAME[2]``…, as a JUnit import)."""
+    labels: dict[str, str] = {}
+    metrics: dict[str, Any] = {}
+    for name, value in pairs:
+        name = str(name)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if number and math.isfinite(value) and name not in metrics:  # type: ignore[arg-type]
+            metrics[name] = {"value": float(value)}  # type: ignore[arg-type]
+            continue
+        key, count = name, 1
+        while key in labels:
+            count += 1
+            key = f"{name}[{count}]"
+        labels[key] = str(value)
+    return labels, metrics
 
 
 def _failure(report: Any) -> str:
@@ -271,10 +346,6 @@ def _skip_reason(report: Any) -> str | None:
         longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else str(longrepr or "")
     )
     return reason.removeprefix("Skipped: ") or None
-
-
-def _name(nodeid: str) -> str:
-    return nodeid if len(nodeid) <= MAX_NAME else nodeid[: MAX_NAME - 1] + "…"
 
 
 def _time(epoch: float | None) -> datetime | None:

@@ -8,12 +8,18 @@ Jumpstarter result.
 opens the session ``nightly`` on the node (default: the config's ``default_node``),
 records the pytest run there as one task (state ``running`` while pytest runs, then
 ``succeeded``, ``failed`` or ``stopped`` by pytest's exit status) and every test as
-one result of that task: the node id as its name, its outcome (``passed failed
-skipped error xfail xpass``; an error in setup or teardown is ``error``, unless the
-test itself failed), its duration (setup + call + teardown, as pytest's JUnit report
-counts it) and a trimmed failure message. Results are sent in batches while the run
-goes (at least every second), so a run killed halfway keeps what it recorded; its
-task then ends ``lost``.
+one result of that task: the node id as its name (whole, however long), its outcome
+(``passed failed skipped error xfail xpass``; an error in setup or teardown is
+``error``, unless the test itself failed), its duration (setup + call + teardown, as
+pytest's JUnit report counts it) and a trimmed failure message. Under
+pytest-rerunfailures each run is one of the result's ``attempts`` and the last run
+is its outcome: ``flaky`` when a run failed and the last did not. ``record_property``
+values become labels, numbers metrics (a name recorded twice: ``NAME``, ``NAME[2]``).
+A module that cannot be collected (or is skipped whole) is one result, however many
+collectors report it (``--doctest-modules``, xdist workers). pytest's own JUnit file
+of the same run, imported with ``jmp result import``, gives the same names and
+outcomes. Results are sent in batches while the run goes (at least every second),
+so a run killed halfway keeps what it recorded; its task then ends ``lost``.
 
 Fixtures, with or without ``--jmp-session``: ``jmp_session`` (the session, blocking
 API) and ``jmp_node`` (the node, connected with its lease, for tests that start tasks

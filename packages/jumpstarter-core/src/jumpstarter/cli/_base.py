@@ -78,6 +78,18 @@ class JmpGroup(click.Group):
             sys.exit(EXIT_ERROR)
         sys.exit(code if isinstance(code, int) else 0)
 
+    def invoke(self, ctx: click.Context) -> Any:
+        """As click's, but a reader that went away (``jmp … | head``) ends the command
+        quietly with exit 0, as ``cat`` under ``pipefail`` would want: the output was
+        wanted only up to there."""
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            from ._output import quiet_stdout
+
+            quiet_stdout()
+            raise click.exceptions.Exit(0) from None
+
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = []
         for name in self.list_commands(ctx):

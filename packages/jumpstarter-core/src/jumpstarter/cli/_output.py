@@ -42,8 +42,10 @@ Cell = str | tuple[str, str]
 
 
 def format_option(*choices: str, help: str | None = None) -> Callable[[F], F]:
-    """``--format`` with ``choices``; the first is the default."""
+    """``-o``/``--format`` with ``choices``; the first is the default (``-o`` as
+    kubectl spells it)."""
     return click.option(
+        "-o",
         "--format",
         "fmt",
         type=click.Choice(choices),
@@ -51,6 +53,20 @@ def format_option(*choices: str, help: str | None = None) -> Callable[[F], F]:
         show_default=True,
         help=help or f"Output: {choices[0]} for people, json for scripts.",
     )
+
+
+def quiet_stdout() -> None:
+    """Point stdout at /dev/null once its reader has gone, so that what is still
+    buffered (and Python's flush at exit) fails nowhere."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass  # not a real file (click's test runner): nothing to flush at exit
+    finally:
+        os.close(devnull)
 
 
 def on_terminal() -> bool:
@@ -72,6 +88,47 @@ def dump(model: Any) -> Any:
 
 
 _ID_COLUMNS = {"ID", "TASK", "TASK ID", "SESSION", "LEASE"}
+_NAME_COLUMNS = {"NAME"}
+# Shrunk first when a table is wider than the terminal: the columns a person reads
+# last. Then any other column, right to left; names and ids last of all.
+_SHRINK_FIRST = ("MESSAGE", "COMMAND", "METRICS", "LABELS", "ADDED", "CREATED", "WHEN")
+_GAP = 2
+
+
+def fit_widths(headers: Sequence[str], natural: Sequence[int], width: int) -> list[int]:
+    """Column widths for a table of ``natural`` widths on a terminal ``width`` wide:
+    as they are when they fit; otherwise the least important columns shrink first
+    (:data:`_SHRINK_FIRST`, then the others right to left), each down to its header,
+    then are left out (width 0) in the same order; a result name is cut only when
+    nothing else is left to give, an id never."""
+    widths = list(natural)
+    excess = sum(widths) + _GAP * (len(widths) - 1) - width
+    protected = _ID_COLUMNS | _NAME_COLUMNS
+    order = [headers.index(h) for h in _SHRINK_FIRST if h in headers]
+    order += [i for i in reversed(range(len(headers))) if i not in order and headers[i] not in protected]
+    for i in order:
+        if excess <= 0:
+            break
+        floor = min(widths[i], max(len(headers[i]), 4) if headers[i] not in protected else 12)
+        cut = min(excess, widths[i] - floor)
+        widths[i] -= cut
+        excess -= cut
+    # Still too wide: leave out whole columns, least important first (an id other
+    # than the row's own before the outcome it explains), before cutting a name.
+    first = [i for i in order if headers[i] in _SHRINK_FIRST]
+    ids = [i for i, h in enumerate(headers) if h in _ID_COLUMNS and h != "ID"]
+    for i in [*first, *ids, *(i for i in order if i not in first)]:
+        if excess <= 0 or not widths[i]:
+            continue
+        excess -= widths[i] + _GAP
+        widths[i] = 0
+    names = [i for i, h in enumerate(headers) if h in _NAME_COLUMNS]
+    for i in names:
+        if excess > 0:
+            cut = min(excess, widths[i] - 12)
+            widths[i] -= max(cut, 0)
+            excess -= max(cut, 0)
+    return widths
 
 
 def printable(text: str) -> str:
@@ -89,24 +146,28 @@ def _cell(cell: Cell) -> tuple[str, str]:
 
 
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Cell]]) -> None:
-    """A table: rich on a terminal, columns aligned by spaces otherwise."""
+    """A table: rich on a terminal (fitted with :func:`fit_widths`), columns aligned
+    by spaces otherwise (never cut: a tool reads it)."""
+    texts = [[_cell(c)[0] for c in row] for row in rows]
+    natural = [max([len(h), *(len(r[i]) for r in texts)]) for i, h in enumerate(headers)]
     if on_terminal():
         from rich.console import Console
         from rich.table import Table
         from rich.text import Text
 
+        console = Console(highlight=False)
+        widths = fit_widths(list(headers), natural, console.width)
         table = Table(box=None, header_style="bold", pad_edge=False)
-        for header in headers:
-            # Ids are copied into the next command: never wrap or cut them.
-            table.add_column(header, no_wrap=header in _ID_COLUMNS, min_width=12 if header in _ID_COLUMNS else None)
+        shown = [i for i, w in enumerate(widths) if w]
+        for i in shown:
+            table.add_column(headers[i], no_wrap=True, overflow="ellipsis", width=widths[i])
         for row in rows:
-            table.add_row(*(Text(*_cell(c)) for c in row))
-        Console(highlight=False).print(table)
+            cells = [_cell(row[i]) for i in shown]
+            table.add_row(*(Text(text, style=style) for text, style in cells))
+        console.print(table)
         return
-    texts = [[_cell(c)[0] for c in row] for row in rows]
-    widths = [max([len(h), *(len(r[i]) for r in texts)]) for i, h in enumerate(headers)]
     for row in [list(headers), *texts]:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, natural, strict=True)).rstrip())
 
 
 def print_fields(pairs: Sequence[tuple[str, Cell]]) -> None:

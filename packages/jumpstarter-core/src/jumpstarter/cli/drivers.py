@@ -26,6 +26,7 @@ REGISTRATION_HOOKS = {
 
 @click.command()
 @click.option(
+    "-o",
     "--format",
     "fmt",
     type=click.Choice(["table", "json"]),

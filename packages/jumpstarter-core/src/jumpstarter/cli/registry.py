@@ -41,7 +41,7 @@ def _when(epoch: float | None) -> str:
     return "-" if not epoch else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch))
 
 
-FORMAT = click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+FORMAT = click.option("-o", "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
 
 
 @click.command("list")

@@ -10,20 +10,22 @@ from typing import Any
 import click
 
 from ._base import call_node, handle_errors, parse_pairs
+from ._complete import complete_node, complete_session, complete_task
 from ._output import dump, format_option, print_json, print_table, seconds, state_cell, when
 from ._params import OUTCOMES, Seconds, When, parse_metrics
 
-node_option = click.option("-n", "--node", help="Node to go through (default: the config's default_node).")
+node_option = click.option("-n", "--node", shell_complete=complete_node,
+                            help="Node to go through (default: the config's default_node).")
 
 
 def _name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-    if value is not None and not 1 <= len(value) <= 512:
-        raise click.BadParameter("a result name has 1 to 512 characters")
+    if value is not None and not value:
+        raise click.BadParameter("a result name must not be empty")
     return value
 
 
 @click.command()
-@click.argument("task_id", metavar="TASK")
+@click.argument("task_id", metavar="TASK", shell_complete=complete_task)
 @click.option("--name", required=True, callback=_name, help="Result name, like suite/case.")
 @click.option("--outcome", required=True, type=click.Choice(OUTCOMES, case_sensitive=False))
 @click.option("--duration", type=Seconds(), help="Seconds it took.")
@@ -59,9 +61,13 @@ def add(state, task_id, name, outcome, duration, message, metrics, labels, node,
 
 
 @click.command()
-@click.option("--task", "task_id", metavar="TASK", help="Only results of this task.")
-@click.option("--session", help="Only results of this session (name or id).")
-@click.option("-n", "--node", help="Only results from this node (and ask it; default: the default node).")
+@click.option("--task", "task_id", metavar="TASK", shell_complete=complete_task, help="Only results of this task.")
+@click.option("--session", metavar="SESSION", shell_complete=complete_session,
+              help="Only results of this session: an id, a name (the newest session of that name) "
+                   "or NAME~N (the one N before it), as in every result command.")
+@click.option("--all", "all_sessions", is_flag=True,
+              help="With --session NAME: every session of that name, merged.")
+@click.option("-n", "--node", shell_complete=complete_node, help="Only results from this node (and ask it; default: the default node).")
 @click.option("--outcome", "outcomes", multiple=True, type=click.Choice(OUTCOMES, case_sensitive=False),
               help="Only this outcome (repeatable).")
 @click.option("--name", metavar="GLOB", help="Only names matching GLOB (* ? [...]), like 'suite/*'.")
@@ -74,7 +80,7 @@ def add(state, task_id, name, outcome, duration, message, metrics, labels, node,
 @format_option("table", "json", "csv", "junit", help="table for people; json, csv or JUnit XML for tools (see README).")
 @click.pass_obj
 @handle_errors
-def query(state, task_id, session, node, outcomes, name, since, until, labels, limit, cursor, fmt) -> None:
+def query(state, task_id, session, all_sessions, node, outcomes, name, since, until, labels, limit, cursor, fmt) -> None:
     """Find results. Every filter given must match; oldest first.
 
     The table ends with a summary of everything that matched: counts per outcome
@@ -82,7 +88,9 @@ def query(state, task_id, session, node, outcomes, name, since, until, labels, l
 
     \b
     Examples:
-      jmp result query --session nightly --outcome failed
+      jmp result query --session nightly --outcome failed   # tonight's
+      jmp result query --session nightly~1 -o json           # last night's
+      jmp result query --session nightly --all --name 'boot/*'  # every night's
       jmp result query --name 'boot/*' --since 3d --format csv > boot.csv
       jmp result query --task 3f2a9c1b0d4e --format junit > junit.xml
     """
@@ -102,7 +110,17 @@ def query(state, task_id, session, node, outcomes, name, since, until, labels, l
     }
     if node is not None:
         state.protocol.config.node(node)  # an unknown node is an error, not an empty answer
-    data = call_node(state, lambda n: n.query_results(**filters), node=node)
+    if all_sessions and session is None:
+        raise click.UsageError("--all needs --session NAME")
+
+    async def find(n: Any) -> Any:
+        if session is not None and not all_sessions:
+            from .result_report import resolve_session
+
+            filters["session"] = (await resolve_session(n, session)).id
+        return await n.query_results(**filters)
+
+    data = call_node(state, find, node=node)
     if fmt == "json":
         print_json(dump(data))
     elif fmt == "csv":

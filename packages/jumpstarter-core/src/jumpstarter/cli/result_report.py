@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ._base import EXIT_ERROR, call_node, handle_errors
+from ._complete import complete_node, complete_session, complete_task
 from ._output import format_option, iso, print_json, print_table, seconds, state_cell, when
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from jumpstarter.results.report import Change, SessionDiff
 
 node_option = click.option(
-    "-n", "--node", help="Node whose store to read (default: the config's default_node)."
+    "-n", "--node", shell_complete=complete_node, help="Node whose store to read (default: the config's default_node)."
 )
 
 PAGE = 1000
@@ -98,41 +99,58 @@ def _first_line(text: str | None, width: int = 100) -> str:
 
 
 @click.command("import")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
+@click.argument("paths", metavar="PATH...", nargs=-1, required=True)
 @click.option(
-    "-t", "--task", "task_id", required=True, metavar="TASK", help="The task the results belong to."
+    "-t", "--task", "task_id", required=True, metavar="TASK", shell_complete=complete_task, help="The task the results belong to."
 )
 @click.option(
     "--max-size",
     type=click.IntRange(min=1),
     metavar="BYTES",
     default=None,
-    help="Refuse larger files (default: 64 MiB).",
+    help="Refuse larger files (default: 64 MiB each).",
 )
 @node_option
 @click.pass_obj
 @handle_errors
-def import_(state, file, task_id, max_size, node) -> None:
-    """Import the test cases of a JUnit XML FILE as results of TASK ('-' reads stdin).
+def import_(state, paths, task_id, max_size, node) -> None:
+    """Import the test cases of JUnit XML files as results of TASK.
 
-    Every <testcase> becomes one result named CLASSNAME/NAME, its outcome from its
-    <failure>, <error> or <skipped> element (passed without one), its duration from
-    its time. The file is taken whole or not at all: XML that is not well-formed,
-    entity declarations, external references and files over --max-size are refused
-    and nothing is imported (exit 2).
+    A PATH is a file, a directory (every *.xml file below it, as Surefire and
+    Gradle write one file per class), a glob ('build/**/TEST-*.xml', quoted so
+    the shell leaves it alone) or '-' for stdin. Every file is read before any
+    result is stored, and all of them are stored in one transaction: a file that
+    is not JUnit XML (not well-formed, entity declarations, external references,
+    over --max-size) is refused with one line naming it and nothing is imported
+    (exit 2).
+
+    Every <testcase> becomes one result: named CLASSNAME/NAME (a pytest case by
+    its node id, tests/test_x.py::test_y), its outcome from its <failure>,
+    <error> or <skipped> element or a not-run status (passed without one), its
+    reruns as attempts, its duration, timestamps, file and line; a suite that
+    reports an error without test cases becomes one error result. The README's
+    "JUnit XML" section has the whole mapping.
 
     \b
     Examples:
       pytest --junitxml=junit.xml; jmp result import junit.xml --task 3f2a9c1b0d4e
-      jmp result import build/test-results/TEST-*.xml --task $id   # one file a call
+      jmp result import target/surefire-reports --task $id
+      jmp result import 'build/test-results/**/TEST-*.xml' --task $id
     """
     from jumpstarter.results.junit import MAX_SIZE, parse_junit
 
     limit = max_size or MAX_SIZE
-    data = _read_capped(file, limit)
-    specs = parse_junit(data, source=file, max_size=limit)
+    files = _junit_files(paths)
+
+    def warn(message: str) -> None:
+        click.echo(f"jmp: warning: {message}", err=True)
+
+    specs = []
+    for file in files:
+        specs += _parse_file(file, limit, parse_junit, warn)
+    shown = files[0] if len(files) == 1 else f"{len(files)} files"
     if not specs:
-        click.echo(f"{file}: no test cases; nothing imported")
+        click.echo(f"{shown}: no test cases; nothing imported")
         return
 
     async def add(n: Any) -> list[int]:
@@ -143,37 +161,71 @@ def import_(state, file, task_id, max_size, node) -> None:
     for spec in specs:
         counts[spec.outcome.value] = counts.get(spec.outcome.value, 0) + 1
     detail = ", ".join(f"{n} {o}" for o, n in counts.items())
+    origin = f" from {len(files)} files" if len(files) > 1 else ""
     click.echo(
-        f"imported {len(ids)} result{'' if len(ids) == 1 else 's'} into task {task_id} ({detail})"
+        f"imported {len(ids)} result{'' if len(ids) == 1 else 's'}{origin} into task {task_id} ({detail})"
     )
 
 
-def _read_capped(file: str, limit: int) -> bytes:
-    """The file's bytes; never more than ``limit`` + 1 of them are read."""
-    from jumpstarter.errors import BadRequest
+def _junit_files(paths: tuple[str, ...]) -> list[str]:
+    """The files ``paths`` name, in order, each once: directories walked for *.xml,
+    globs expanded. A path that names nothing is a usage error."""
+    import glob
 
-    try:
-        if file == "-":
-            data = sys.stdin.buffer.read(limit + 1)
+    files: list[str] = []
+    for path in paths:
+        if path == "-" or Path(path).is_file():
+            found = [path]
+        elif Path(path).is_dir():
+            found = sorted(str(p) for p in Path(path).rglob("*.xml") if p.is_file())
+            if not found:
+                raise click.UsageError(f"{path}: a directory without *.xml files")
+        elif glob.has_magic(path):
+            found = sorted(p for p in glob.glob(path, recursive=True) if Path(p).is_file())
+            if not found:
+                raise click.UsageError(f"{path}: no file matches")
         else:
-            with open(file, "rb") as f:
-                data = f.read(limit + 1)
+            raise click.UsageError(f"{path}: no such file or directory")
+        files += [f for f in found if f not in files]
+    return files
+
+
+def _parse_file(file: str, limit: int, parse: Any, warn: Any) -> list[Any]:
+    """The results of one JUnit file, read a piece at a time (never whole)."""
+    if file == "-":
+        return parse(sys.stdin.buffer, source="-", max_size=limit, warn=warn)
+    try:
+        with open(file, "rb") as f:
+            size = Path(file).stat().st_size
+            if size > limit:
+                from jumpstarter.errors import BadRequest
+
+                raise BadRequest(f"{file}: {size} bytes is more than the limit of {limit} bytes")
+            return parse(f, source=file, max_size=limit, warn=warn)
     except OSError as exc:
         click.echo(f"jmp: error: cannot read {file}: {exc.strerror}", err=True)
         sys.exit(EXIT_ERROR)
-    if len(data) > limit:
-        size = Path(file).stat().st_size if file != "-" else None
-        what = f"{size} bytes" if size is not None else "more than that"
-        raise BadRequest(f"{file}: {what} is more than the limit of {limit} bytes")
-    return data
+
+
+async def _failing_names(node: Any, session: SessionInfo) -> set[str]:
+    names: set[str] = set()
+    cursor = None
+    while True:
+        page = await node.query_results(
+            session=session.id, outcomes=["failed", "error"], limit=PAGE, cursor=cursor
+        )
+        names.update(r.name for r in page.results)
+        if page.next_cursor is None:
+            return names
+        cursor = page.next_cursor
 
 
 # --- diff ---------------------------------------------------------------------------------------
 
 
 @click.command()
-@click.argument("session_a", metavar="SESSION_A")
-@click.argument("session_b", metavar="SESSION_B")
+@click.argument("session_a", metavar="SESSION_A", shell_complete=complete_session)
+@click.argument("session_b", metavar="SESSION_B", shell_complete=complete_session)
 @click.option(
     "--fail-on-missing", is_flag=True, help="Also exit 1 when a test of A has no result in B."
 )
@@ -290,8 +342,8 @@ def _print_diff(a: SessionInfo, b: SessionInfo, result: SessionDiff) -> None:
 
 
 def _result_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    if not 1 <= len(value) <= 512:
-        raise click.BadParameter("a result name has 1 to 512 characters")
+    if not value:
+        raise click.BadParameter("a result name must not be empty")
     return value
 
 
@@ -301,6 +353,7 @@ def _result_name(ctx: click.Context, param: click.Parameter, value: str) -> str:
     "-s",
     "--session",
     metavar="SESSION",
+    shell_complete=complete_session,
     help="Only sessions with this id or name (a glob: 'nightly*').",
 )
 @click.option(
@@ -405,6 +458,7 @@ def history(state, name, session, limit, node, fmt) -> None:
     "sessions",
     multiple=True,
     metavar="SESSION",
+    shell_complete=complete_session,
     help="Session to report (repeatable; default: the newest session with results).",
 )
 @click.option(
@@ -434,11 +488,14 @@ def history(state, name, session, limit, node, fmt) -> None:
 def report(state, sessions, output, last, trend, title, node) -> None:
     """Write a self-contained HTML report: one file, no network fetches.
 
-    It shows the counts per outcome and the pass rate, the pass rate and total
-    duration of the recent sessions as charts, every failure with its message, and
-    the slowest tests. The charts show the --last sessions with results whose name
-    matches --trend (default: the reported session's name, or any name when that
-    name was used only once).
+    It shows the run (node, command, labels), the counts per outcome and the pass
+    rate, the pass rate and total duration of the recent sessions as charts, every
+    failure grouped by the first line of its message (each marked new, still
+    failing since a date, or flaky, against the earlier sessions of the same name;
+    tracebacks open at their end), a breakdown per suite, the slowest tests and
+    the list of all tests (folded). The charts show the --last sessions with
+    results whose name matches --trend (default: the reported session's name, so a
+    trend never mixes unrelated sessions).
 
     \b
     Examples:
@@ -460,20 +517,31 @@ def report(state, sessions, output, last, trend, title, node) -> None:
                 raise NotFound("no session has results yet; nothing to report")
             chosen = newest.sessions
         results: list[Result] = []
+        tasks = []
         for session in chosen:
             results += await session_results(n, session)
+            tasks += await n.list_tasks(session=session.id, limit=1000)
         pattern = trend if trend is not None else glob_escape(chosen[-1].name)
         recent = (
             await n.request(ListSessions(name=pattern, with_results=True, limit=last))
         ).sessions
-        if trend is None and len(recent) < 2:
-            recent = (await n.request(ListSessions(with_results=True, limit=last))).sessions
+        # The sessions of the same name before the reported one, for marking each
+        # failure new, still failing or flaky: only their failing names are read.
+        same_name = (
+            await n.request(
+                ListSessions(name=glob_escape(chosen[-1].name), with_results=True, limit=last + 1)
+            )
+        ).sessions
+        before = [s for s in same_name if s.created_at < chosen[-1].created_at][:last]
+        earlier = [(s, await _failing_names(n, s)) for s in before]
         names = ", ".join(s.name for s in chosen)
         return ReportData(
             title=title or f"Test report: {names}",
             sessions=chosen,
             results=results,
             trend=list(reversed(recent)),
+            tasks=tasks,
+            earlier=earlier,
             version=__version__,
         )
 

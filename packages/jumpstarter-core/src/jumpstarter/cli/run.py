@@ -8,15 +8,18 @@ import sys
 import click
 
 from ._base import handle_errors, make_spec, parse_pairs, task_exit_code
+from ._complete import complete_node, complete_session
 from ._params import Seconds
 
+EXIT_PIPE = 128 + signal.SIGPIPE
+"""``jmp run``'s exit code when its output's reader went away."""
 WAIT_FOREVER = 10 * 365 * 86400.0
 """What ``--wait`` without SECONDS means."""
 
 
 @click.command(context_settings={"allow_interspersed_args": False})
-@click.option("-n", "--node", help="Node to run on (default: the config's default_node, 'local').")
-@click.option("-s", "--session", default="run", show_default=True, help="Session name.")
+@click.option("-n", "--node", shell_complete=complete_node, help="Node to run on (default: the config's default_node, 'local').")
+@click.option("-s", "--session", default="run", shell_complete=complete_session, show_default=True, help="Session name.")
 @click.option("--endpoint", metavar="URL",
               help="Reach the node at grpc://HOST:PORT (or grpcs:// for TLS) instead of through the config.")
 @click.option("--token-file", type=click.Path(dir_okay=False), help="File holding the node's token (with --endpoint).")
@@ -133,10 +136,21 @@ async def _run(protocol, node_name, session_name, argv, spec, grace, connect, fi
 
             tg.start_soon(on_signals)
             streams = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
-            async for chunk in task.output():
-                stream = streams[chunk.stream]
-                stream.write(chunk.data)
-                stream.flush()
+            try:
+                async for chunk in task.output():
+                    stream = streams[chunk.stream]
+                    stream.write(chunk.data)
+                    stream.flush()
+            except BrokenPipeError:
+                # The reader went away (`jmp run … | head`): as a command in a
+                # pipeline would, the task stops and jmp exits 141 (128 + SIGPIPE).
+                from ._output import quiet_stdout
+
+                quiet_stdout()
+                with anyio.CancelScope(shield=True):
+                    await task.stop(grace)
+                tg.cancel_scope.cancel()
+                return EXIT_PIPE
             tg.cancel_scope.cancel()
         end = task.end
         assert end is not None

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import click
 
 from ._base import EXIT_TIMEOUT, call_node, handle_errors, make_spec, task_exit_code
+from ._complete import complete_node, complete_session, complete_task
 from ._output import (
     IdleSpinner,
     command_line,
@@ -35,9 +36,9 @@ from ._params import TASK_STATES, Seconds
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-node_option = click.option("-n", "--node", help="Node (default: the config's default_node, 'local').")
-session_option = click.option("-s", "--session", default="cli", show_default=True, help="Session name.")
-task_id_argument = click.argument("task_id", metavar="TASK_ID")
+node_option = click.option("-n", "--node", shell_complete=complete_node, help="Node (default: the config's default_node, 'local').")
+session_option = click.option("-s", "--session", default="cli", shell_complete=complete_session, show_default=True, help="Session name.")
+task_id_argument = click.argument("task_id", metavar="TASK_ID", shell_complete=complete_task)
 
 
 def spec_options(fn: F) -> F:

@@ -17,6 +17,8 @@ SQLITE_TYPES = {
     "serial_key": "INTEGER PRIMARY KEY",  # the rowid: numbered in order of insertion
     "json": "TEXT",
     "name_pattern": "name",
+    # SQLite indexes a value of any length: its index on names stays as it is.
+    "long_names": "CREATE INDEX IF NOT EXISTS results_name ON results (name, created_at)",
 }
 POSTGRES_TYPES = {
     "real": "DOUBLE PRECISION",
@@ -24,6 +26,9 @@ POSTGRES_TYPES = {
     "serial_key": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
     "json": "JSONB",
     "name_pattern": "name text_pattern_ops",  # LIKE 'prefix%' and regexes use it
+    # A B-tree entry holds at most about 2.7 kB, and result names have no limit: look
+    # names up by their hash instead (exact names: history, diff).
+    "long_names": "DROP INDEX results_name; CREATE INDEX results_name ON results USING hash (name)",
 }
 
 _MIGRATIONS = [
@@ -149,6 +154,10 @@ _MIGRATIONS = [
         created_at {real} NOT NULL
     );
     CREATE INDEX artifacts_task ON artifacts (task_id);
+    """,
+    # 6: result names of any length (a pytest parameter id can be long).
+    """
+    {long_names};
     """,
 ]
 
