@@ -31,14 +31,18 @@ from jumpstarter.store import schema
 from jumpstarter.store.base import Store
 from jumpstarter.store.sql import (
     _TASK_COLUMNS,
+    DELETE_EMPTY_SESSION,
+    DELETE_PENDING_TASK,
     FINISH_TASK,
     GET_BATCH,
     GET_TASK,
     INSERT_BATCH,
     INSERT_RESULT,
+    INSERT_SESSION,
     INSERT_TASK,
     MARK_RUNNING,
     RUNNING_TASKS,
+    TASK_PID,
     Dialect,
     Page,
     _task,
@@ -134,11 +138,8 @@ class PostgresStore(Store):
     # --- sessions and tasks ---------------------------------------------------------
 
     async def add_session(self, session_id: str, name: str, client: str) -> None:
-        await self._fetchall(
-            "INSERT INTO sessions (id, name, client, created_at) VALUES (%s, %s, %s, %s)"
-            " ON CONFLICT (id) DO NOTHING RETURNING id",
-            (session_id, name, client, time.time()),
-        )
+        async with self._pool.connection() as db:
+            await db.execute(POSTGRES.sql(INSERT_SESSION), (session_id, name, client, time.time()))
 
     async def create_task(self, task: TaskInfo, agent: str | None = None) -> None:
         async with self._pool.connection() as db:
@@ -146,18 +147,15 @@ class PostgresStore(Store):
 
     async def delete_pending_task(self, task_id: str) -> None:
         async with self._pool.connection() as db:
-            await db.execute("DELETE FROM tasks WHERE id = %s AND state = 'pending'", (task_id,))
+            await db.execute(POSTGRES.sql(DELETE_PENDING_TASK), (task_id,))
 
     async def delete_session_if_empty(self, session_id: str) -> bool:
-        rows = await self._fetchall(
-            "DELETE FROM sessions WHERE id = %s"
-            " AND NOT EXISTS (SELECT 1 FROM tasks WHERE session_id = %s) RETURNING id",
-            (session_id, session_id),
-        )
-        return bool(rows)
+        async with self._pool.connection() as db:
+            cursor = await db.execute(POSTGRES.sql(DELETE_EMPTY_SESSION), (session_id, session_id))
+            return cursor.rowcount > 0
 
     async def task_pid(self, task_id: str) -> int | None:
-        row = await self._fetchone("SELECT pid FROM tasks WHERE id = %s", (task_id,))
+        row = await self._fetchone(POSTGRES.sql(TASK_PID), (task_id,))
         return row[0] if row else None
 
     async def mark_running(self, task_id: str, pid: int | None, agent: str) -> TaskInfo:

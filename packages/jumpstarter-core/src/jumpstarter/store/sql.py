@@ -142,6 +142,17 @@ def no_task(task_id: str) -> NotFound:
     return NotFound(f"no task with id {task_id!r}", details={"task_id": task_id})
 
 
+INSERT_SESSION = (
+    "INSERT INTO sessions (id, name, client, created_at) VALUES (?, ?, ?, ?) ON CONFLICT (id) DO NOTHING"
+)
+DELETE_PENDING_TASK = "DELETE FROM tasks WHERE id = ? AND state = 'pending'"
+DELETE_EMPTY_SESSION = (
+    # One statement, so a task filed meanwhile keeps its session.
+    "DELETE FROM sessions WHERE id = ? AND NOT EXISTS (SELECT 1 FROM tasks WHERE session_id = ?)"
+)
+TASK_PID = "SELECT pid FROM tasks WHERE id = ?"
+
+
 INSERT_TASK = (
     "INSERT INTO tasks (id, node, session_id, name, spec, state, labels, created_at, agent)"
     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"

@@ -40,15 +40,19 @@ from jumpstarter.errors import ConfigError
 from jumpstarter.store import schema
 from jumpstarter.store.base import Store
 from jumpstarter.store.sql import (
+    DELETE_EMPTY_SESSION,
+    DELETE_PENDING_TASK,
     FINISH_TASK,
     GET_BATCH,
     GET_TASK,
     INSERT_BATCH,
     INSERT_RESULT,
+    INSERT_SESSION,
     INSERT_TASK,
     MARK_RUNNING,
     RUNNING_TASKS,
     SQLITE,
+    TASK_PID,
     Page,
     _task,
     finish_params,
@@ -257,32 +261,23 @@ class SQLiteStore(Store):
 
     async def add_session(self, session_id: str, name: str, client: str) -> None:
         await self._quick(
-            self._execute,
-            "INSERT OR IGNORE INTO sessions (id, name, client, created_at) VALUES (?, ?, ?, ?)",
-            (session_id, name, client, time.time()),
+            self._execute, INSERT_SESSION, (session_id, name, client, time.time())
         )
 
     async def create_task(self, task: TaskInfo, agent: str | None = None) -> None:
         await self._quick(self._execute, INSERT_TASK, task_params(task, agent))
 
     async def delete_pending_task(self, task_id: str) -> None:
-        await self._quick(
-            self._execute, "DELETE FROM tasks WHERE id = ? AND state = 'pending'", (task_id,)
-        )
+        await self._quick(self._execute, DELETE_PENDING_TASK, (task_id,))
 
     async def delete_session_if_empty(self, session_id: str) -> bool:
         return await self._quick(self._delete_session_if_empty, session_id)
 
     def _delete_session_if_empty(self, session_id: str) -> bool:
-        # One statement, so a task filed meanwhile keeps its session.
-        cursor = self.db.execute(
-            "DELETE FROM sessions WHERE id = ? AND NOT EXISTS (SELECT 1 FROM tasks WHERE session_id = ?)",
-            (session_id, session_id),
-        )
-        return cursor.rowcount > 0
+        return self.db.execute(DELETE_EMPTY_SESSION, (session_id, session_id)).rowcount > 0
 
     async def task_pid(self, task_id: str) -> int | None:
-        rows = await self._quick(self._fetchall, "SELECT pid FROM tasks WHERE id = ?", (task_id,))
+        rows = await self._quick(self._fetchall, TASK_PID, (task_id,))
         return rows[0][0] if rows else None
 
     async def mark_running(self, task_id: str, pid: int | None, agent: str) -> TaskInfo:
