@@ -36,7 +36,7 @@ from jumpstarter.errors import BadRequest, Conflict
 from jumpstarter.node.agent import alive as agent_alive
 from jumpstarter.node.agent import kill_left_behind, request_stop
 from jumpstarter.node.output import OutputLog, give_back_reserved
-from jumpstarter.plugins.interfaces import NodeDriver, RunningProcess
+from jumpstarter.plugins.interfaces import NodeDriver, ProcessLost, RunningProcess
 from jumpstarter.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -166,12 +166,11 @@ class Tasks:
 
     # --- tasks ----------------------------------------------------------------------------
 
-    @staticmethod
-    def check_spec(spec: TaskSpec) -> None:
+    def check_spec(self, spec: TaskSpec) -> None:
         """:class:`BadRequest` for a spec no task can run with (a missing working
-        directory); checked before anything is stored for it."""
-        if spec.cwd is not None and not Path(spec.cwd).is_dir():
-            raise BadRequest(f"working directory does not exist: {spec.cwd}")
+        directory); checked before anything is stored for it, by the node driver
+        (the directory is the one of the machine its tasks run on)."""
+        self.driver.check_spec(spec)
 
     async def new_task(self, spec: TaskSpec, session_id: str | None) -> TaskInfo:
         self.check_spec(spec)
@@ -278,12 +277,17 @@ class Tasks:
         exit_code: int | None = None
         exited = anyio.Event()
 
+        message = None
+        lost = False
+
         async def wait_for_exit() -> None:
-            nonlocal exit_code
-            exit_code = await running.process.wait()
+            nonlocal exit_code, lost, message
+            try:
+                exit_code = await running.process.wait()
+            except ProcessLost as exc:
+                lost, message = True, str(exc)
             exited.set()
 
-        message = None
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(wait_for_exit)
@@ -296,7 +300,9 @@ class Tasks:
         except Exception as exc:  # a broken driver must not take the node down
             log.exception("node driver failed while task %s ran", running.task.id)
             message = f"node driver failed: {exc}"
-        if running.stop_requested:
+        if lost:
+            state = TaskState.LOST
+        elif running.stop_requested:
             state = TaskState.STOPPED
         elif running.timed_out:
             state = TaskState.TIMED_OUT

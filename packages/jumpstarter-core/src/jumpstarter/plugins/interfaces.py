@@ -29,6 +29,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
 from jumpstarter_protocol import OutputChunk, OutputEnd, ReadOutput, TaskSpec
@@ -45,6 +46,12 @@ class OutputWriter(Protocol):
     never drops bytes; call it in the order the bytes were produced."""
 
     def write(self, stream: Stream, data: bytes) -> None: ...
+
+
+class ProcessLost(Exception):
+    """Raised by :meth:`RunningProcess.wait` when the node lost track of the process
+    (say, the connection to the host it runs on dropped): the task ends ``lost``, with
+    this exception's message as the reason."""
 
 
 class RunningProcess(ABC):
@@ -95,6 +102,16 @@ class NodeDriver(ABC):
 
     def __init__(self, node: NodeConfig) -> None:
         self.node = node
+
+    def check_spec(self, spec: TaskSpec) -> None:
+        """Raise :class:`~jumpstarter.errors.BadRequest` for a spec no task of this
+        node can run with, before anything is stored for it: by default a ``cwd`` that
+        is not a directory of this machine. A driver whose tasks run on another machine
+        overrides it (and checks the ``cwd`` there, in :meth:`spawn`)."""
+        if spec.cwd is not None and not Path(spec.cwd).is_dir():
+            from jumpstarter.errors import BadRequest
+
+            raise BadRequest(f"working directory does not exist: {spec.cwd}")
 
     @abstractmethod
     async def spawn(self, spec: TaskSpec, output: OutputWriter) -> RunningProcess:
