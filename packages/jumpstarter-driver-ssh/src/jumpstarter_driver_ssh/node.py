@@ -359,7 +359,9 @@ class SshProcess(RunningProcess):
             f"kill -s TERM -- -{group} 2>/dev/null || exit 0\n"
             "n=0\n"
             f"while kill -s 0 -- -{group} 2>/dev/null; do\n"
-            f"  if [ $n -ge {steps} ]; then kill -s KILL -- -{group} 2>/dev/null; exit 0; fi\n"
+            f"  if [ $n -eq {steps} ]; then kill -s KILL -- -{group} 2>/dev/null; fi\n"
+            # A killed process takes a moment to go: wait a little for that too.
+            f"  if [ $n -ge {steps + 40} ]; then exit 0; fi\n"
             f"  sleep {POLL}; n=$((n+1))\n"
             "done\n"
         )

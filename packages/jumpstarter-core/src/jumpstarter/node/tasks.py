@@ -32,7 +32,7 @@ from jumpstarter_protocol import (
 )
 
 from jumpstarter.config import NodeConfig
-from jumpstarter.errors import BadRequest, Conflict
+from jumpstarter.errors import Conflict
 from jumpstarter.node.agent import alive as agent_alive
 from jumpstarter.node.agent import kill_left_behind, request_stop
 from jumpstarter.node.output import OutputLog, give_back_reserved
