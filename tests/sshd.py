@@ -63,6 +63,10 @@ class Sshd:
                     "MaxSessions 100",
                     "MaxStartups 100:30:200",
                     "PrintMotd no",
+                    # bash, run by sshd, reads ~/.bashrc unless it is a nested shell:
+                    # this machine's root .bashrc starts pyenv (100 processes, 0.2 s
+                    # a command). A board's shell does nothing of the kind.
+                    "SetEnv SHLVL=1",
                     "LogLevel ERROR",
                     "",
                 ]
