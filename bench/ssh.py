@@ -135,7 +135,7 @@ def run_true(quick: bool) -> list[Figure]:
 @figure
 def stream_output(quick: bool) -> list[Figure]:
     """stream 200 MB of task output from the ssh node vs ssh host 'head -c 200M /dev/zero' > /dev/null"""
-    repeats = 2 if quick else 4
+    repeats = 1 if quick else 4
     command = ["head", "-c", str(SIZE), "/dev/zero"]
 
     async def ours_rate(server: Sshd, data_dir: Path) -> float:
@@ -166,7 +166,7 @@ def stream_output(quick: bool) -> list[Figure]:
 @figure
 def sftp_put(quick: bool) -> list[Figure]:
     """put 200 MB on the ssh node over SFTP (the driver's files) vs scp of the same file"""
-    repeats = 2 if quick else 4
+    repeats = 1 if quick else 4
     from jumpstarter_driver_ssh.node import SshNodeDriver
 
     async def ours_rate(server: Sshd, source: Path, target: Path) -> float:

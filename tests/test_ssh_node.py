@@ -555,3 +555,28 @@ def test_the_ssh_driver_is_found_through_its_entry_point(data_dir: Path) -> None
     assert done.returncode == 0
     assert '"jumpstarter-driver-ssh"' in done.stdout and '"ssh"' in done.stdout
     assert sys.modules.get("jumpstarter_driver_ssh.node") is not None  # this test module's import
+
+
+def test_no_secret_in_jmp_config_show(sshd: Sshd, data_dir: Path, tmp_path: Path) -> None:
+    password = tmp_path / "password"
+    password.write_text("s3cret-pass\n")
+    password.chmod(0o600)
+    write_config(tmp_path / "jumpstarter.toml", sshd, password_file=str(password))
+    shown = run_jmp("config", "show")
+    assert shown.returncode == 0, shown.stderr
+    assert 'driver = "ssh"' in shown.stdout and "s3cret-pass" not in shown.stdout
+    (tmp_path / "jumpstarter.toml").write_text(
+        '[nodes.pi]\ndriver = "ssh"\noptions = { host = "h", password = "s3cret-pass" }\n'
+    )
+    done = run_jmp("run", "--node", "pi", "--", "true")
+    assert done.returncode != 0
+    assert done.stderr.startswith("jmp: error: node 'pi': option 'password' is not accepted: ")
+    assert done.stderr.count("\n") == 1 and "s3cret-pass" not in done.stderr
+
+
+def test_jmp_node_serve_with_bad_ssh_options_is_one_line(data_dir: Path) -> None:
+    done = run_jmp("node", "serve", "--listen", "127.0.0.1:0", "--name", "pi", "--driver", "ssh",
+                   "--option", "user=ci")
+    assert (done.returncode != 0, done.stderr) == (
+        True, "jmp: error: node 'pi': option 'host' is required by the ssh driver\n"
+    )

@@ -210,8 +210,14 @@ class SshNodeDriver(NodeDriver):
             )
         except (asyncssh.Error, OSError) as exc:
             raise Unavailable(f"ssh: {self.where}: cannot open a channel: {_reason(exc)}") from None
-        with anyio.fail_after(self.options.connect_timeout * 3):
+        with anyio.move_on_after(self.options.connect_timeout * 3):
             await session.started.wait()
+        if not session.started.is_set():
+            session.channel.close()
+            raise Unavailable(
+                f"ssh: {self.where}: the host did not start the command within "
+                f"{self.options.connect_timeout * 3:g}s"
+            )
         if session.failure == "cwd":
             raise BadRequest(f"working directory does not exist on {self.options.host}: {spec.cwd}")
         if session.failure == "notfound":
@@ -378,7 +384,10 @@ class SshProcess(RunningProcess):
             raise Conflict("the task has exited; it reads no more input")
         if self.input_closed:
             raise BadRequest("the task's input is closed")
-        self.session.channel.write(data)
+        try:
+            self.session.channel.write(data)
+        except (BrokenPipeError, asyncssh.Error, OSError):
+            raise Conflict("the task has exited; it reads no more input") from None
         await self.session.writable.wait()
 
     async def close_input(self) -> None:
