@@ -580,3 +580,39 @@ def test_jmp_node_serve_with_bad_ssh_options_is_one_line(data_dir: Path) -> None
     assert (done.returncode != 0, done.stderr) == (
         True, "jmp: error: node 'pi': option 'host' is required by the ssh driver\n"
     )
+
+
+async def test_the_ssh_agent_logs_in_when_the_key_files_do_not(sshd: Sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    socket_path = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(socket_path)], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not socket_path.exists():
+            assert time.monotonic() < deadline and agent.poll() is None, "ssh-agent did not start"
+            time.sleep(0.02)
+        env = {**os.environ, "SSH_AUTH_SOCK": str(socket_path)}
+        subprocess.run(["ssh-add", "-q", str(sshd.client_key)], env=env, check=True, capture_output=True)
+        monkeypatch.setenv("SSH_AUTH_SOCK", str(socket_path))
+        driver = make_driver(sshd, key_file=str(sshd.other_key), agent=True)
+        try:
+            assert (await run(driver, argv=["true"]))[0] == 0
+        finally:
+            await driver.aclose()
+        without = make_driver(sshd, key_file=str(sshd.other_key), agent=False)
+        with pytest.raises(Unavailable, match=r"refused authentication \(tried: publickey with \S+other_ed25519\)$"):
+            await without.spawn(TaskSpec(argv=["true"]), Output())
+    finally:
+        agent.terminate()
+        agent.wait()
+
+
+async def test_a_host_that_never_answers_is_one_line(sshd: Sshd) -> None:
+    import socket
+
+    with socket.socket() as silent:  # accepts connections, says nothing
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        driver = make_driver(sshd, port=port, connect_timeout=0.5)
+        with pytest.raises(Unavailable, match=rf"^ssh: cannot reach {sshd.user}@127\.0\.0\.1:{port}: no answer within 0\.5s$"):
+            await driver.spawn(TaskSpec(argv=["true"]), Output())

@@ -18,7 +18,7 @@ import secrets
 import shlex
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import asyncssh
@@ -28,6 +28,9 @@ from jumpstarter.plugins import OutputWriter, ProcessLost
 from jumpstarter_protocol import TaskSpec
 
 from .options import SshOptions
+
+if TYPE_CHECKING:
+    from jumpstarter import NodeConfig
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ class SshNodeDriver(NodeDriver):
         "exec", "shell", "env", "cwd", "timeout", "process-group", "stdin", "pty", "files",
     ]
 
-    def __init__(self, node: Any) -> None:
+    def __init__(self, node: NodeConfig) -> None:
         super().__init__(node)
         self.options = SshOptions.parse(node.name, node.options)
         self.where = f"{self.options.user}@{self.options.host}:{self.options.port}"
