@@ -49,15 +49,29 @@ def sshd() -> Iterator[Sshd]:
 def ssh_command(server: Sshd, *extra: str) -> list[str]:
     """``ssh`` to ``server`` as a script would call it (our key, our known_hosts)."""
     return [
-        "ssh", "-F", "/dev/null", "-p", str(server.port), "-i", str(server.client_key),
-        "-o", f"UserKnownHostsFile={server.known_hosts}", "-o", "StrictHostKeyChecking=yes",
-        "-o", "BatchMode=yes", *extra, f"{server.user}@127.0.0.1",
+        "ssh",
+        "-F",
+        "/dev/null",
+        "-p",
+        str(server.port),
+        "-i",
+        str(server.client_key),
+        "-o",
+        f"UserKnownHostsFile={server.known_hosts}",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "BatchMode=yes",
+        *extra,
+        f"{server.user}@127.0.0.1",
     ]
 
 
 @asynccontextmanager
 async def ssh_node(server: Sshd, data_dir: Path) -> AsyncIterator[AsyncNode]:
-    config = Config(data_dir=data_dir, nodes={"pi": NodeConfig(driver="ssh", options=server.options())})
+    config = Config(
+        data_dir=data_dir, nodes={"pi": NodeConfig(driver="ssh", options=server.options())}
+    )
     async with JumpStarterProtocol(config).create_async_session("bench") as session:
         node = await session.connect("pi")
         yield node
@@ -194,8 +208,18 @@ def sftp_put(quick: bool) -> list[Figure]:
         source.write_bytes(os.urandom(SIZE))
         digest = hashlib.sha256(source.read_bytes()).hexdigest()
         scp = [
-            "scp", "-q", "-F", "/dev/null", "-P", str(server.port), "-i", str(server.client_key),
-            "-o", f"UserKnownHostsFile={server.known_hosts}", "-o", "BatchMode=yes",
+            "scp",
+            "-q",
+            "-F",
+            "/dev/null",
+            "-P",
+            str(server.port),
+            "-i",
+            str(server.client_key),
+            "-o",
+            f"UserKnownHostsFile={server.known_hosts}",
+            "-o",
+            "BatchMode=yes",
         ]
         for _ in range(repeats):
             target = Path(tmp) / "by-scp.bin"

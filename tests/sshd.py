@@ -5,6 +5,7 @@ empty directory sshd insists on for privilege separation, is made if missing).""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -89,11 +90,13 @@ class Sshd:
 
     def start(self) -> None:
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
-        log = open(self.dir / "sshd.log", "ab")
-        self.process = subprocess.Popen(
-            [SSHD, "-D", "-e", "-f", str(self.config)], stdout=log, stderr=log, start_new_session=True
-        )
-        log.close()
+        with open(self.dir / "sshd.log", "ab") as log:
+            self.process = subprocess.Popen(
+                [SSHD, "-D", "-e", "-f", str(self.config)],
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -158,7 +161,5 @@ def _command(pid: int) -> str:
 
 
 def _kill(pid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

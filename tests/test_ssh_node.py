@@ -93,13 +93,17 @@ async def test_argv_is_never_interpreted_by_a_shell_and_env_and_cwd_arrive(
         assert code == 0
         assert out.stdout == b"".join(b"[" + word.encode() + b"]" for word in words)
         assert not (tmp_path / "pwned").exists()
-        value = "it's $HOME `x` \"y\"\nline two"
+        value = 'it\'s $HOME `x` "y"\nline two'
         code, out = await run(
-            driver, argv=["sh", "-c", 'printf "%s|%s" "$JMP_X" "$PWD"'], env={"JMP_X": value},
+            driver,
+            argv=["sh", "-c", 'printf "%s|%s" "$JMP_X" "$PWD"'],
+            env={"JMP_X": value},
             cwd=str(tmp_path),
         )
         assert out.stdout == f"{value}|{tmp_path}".encode()
-        with pytest.raises(BadRequest, match=r"^environment variable name not valid for a POSIX shell: 'A-B'$"):
+        with pytest.raises(
+            BadRequest, match=r"^environment variable name not valid for a POSIX shell: 'A-B'$"
+        ):
             await driver.spawn(TaskSpec(argv=["true"], env={"A-B": "1"}), Output())
     finally:
         await driver.aclose()
@@ -108,10 +112,14 @@ async def test_argv_is_never_interpreted_by_a_shell_and_env_and_cwd_arrive(
 async def test_command_not_found_and_missing_cwd_are_one_line(sshd: Sshd) -> None:
     driver = make_driver(sshd)
     try:
-        with pytest.raises(SpawnFailed, match=r"^command not found on 127\.0\.0\.1: no-such-command$") as caught:
+        with pytest.raises(
+            SpawnFailed, match=r"^command not found on 127\.0\.0\.1: no-such-command$"
+        ) as caught:
             await driver.spawn(TaskSpec(argv=["no-such-command", "x"]), Output())
         assert caught.value.details["errno"] == "ENOENT"
-        with pytest.raises(BadRequest, match=r"^working directory does not exist on 127\.0\.0\.1: /no/such/dir$"):
+        with pytest.raises(
+            BadRequest, match=r"^working directory does not exist on 127\.0\.0\.1: /no/such/dir$"
+        ):
             await driver.spawn(TaskSpec(argv=["true"], cwd="/no/such/dir"), Output())
     finally:
         await driver.aclose()
@@ -143,7 +151,7 @@ async def test_stop_leaves_no_process_of_a_tree_that_ignores_sigterm(sshd: Sshd)
         output = Output()
         tree = (
             'trap "" TERM; '
-            'for i in 1 2 3; do sh -c \'trap "" TERM; echo $$; exec sleep 300\' & done; '
+            "for i in 1 2 3; do sh -c 'trap \"\" TERM; echo $$; exec sleep 300' & done; "
             "echo $$; wait"
         )
         process = await driver.spawn(TaskSpec(argv=["sh", "-c", tree]), output)
@@ -191,7 +199,9 @@ async def test_200_mb_of_output_arrive_whole(sshd: Sshd) -> None:
                     digest.update(data)
 
         # Not zeros: bytes that differ, so a lost or repeated piece changes the sum.
-        command = f"yes 0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ | head -c {size}"
+        command = (
+            f"yes 0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ | head -c {size}"
+        )
         process = await driver.spawn(TaskSpec(shell=command), Hasher())
         assert await process.wait() == 0
         line = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ\n"
@@ -227,7 +237,9 @@ async def test_stdin_reaches_the_task_and_eof_ends_it(sshd: Sshd) -> None:
         code, out = await run(driver, argv=["cat"])  # no stdin asked for: /dev/null
         assert (code, out.stdout) == (0, b"")
         process = await driver.spawn(TaskSpec(argv=["true"]), Output())
-        with pytest.raises(BadRequest, match=r"^this task has no input: start it with stdin or a terminal$"):
+        with pytest.raises(
+            BadRequest, match=r"^this task has no input: start it with stdin or a terminal$"
+        ):
             await process.write_input(b"x")
         await process.wait()
     finally:
@@ -283,7 +295,10 @@ async def test_sftp_put_and_get_with_checksum(sshd: Sshd, tmp_path: Path) -> Non
         await files.make_dir(str(tmp_path / "up"))  # exists: not an error
         assert await files.write(target + ".part", chunks(data)) == len(data)
         await files.rename(target + ".part", target)
-        assert hashlib.sha256(Path(target).read_bytes()).hexdigest() == hashlib.sha256(data).hexdigest()
+        assert (
+            hashlib.sha256(Path(target).read_bytes()).hexdigest()
+            == hashlib.sha256(data).hexdigest()
+        )
         got = b"".join([piece async for piece in files.read(target)])
         assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
         tail = b"".join([piece async for piece in files.read(target, offset=len(data) - 100)])
@@ -321,12 +336,16 @@ async def test_sftp_put_and_get_with_checksum(sshd: Sshd, tmp_path: Path) -> Non
 # --- security and errors -----------------------------------------------------------------
 
 
-async def test_an_unknown_host_key_is_refused_with_its_fingerprint(sshd: Sshd, tmp_path: Path) -> None:
+async def test_an_unknown_host_key_is_refused_with_its_fingerprint(
+    sshd: Sshd, tmp_path: Path
+) -> None:
     empty = tmp_path / "known_hosts"
     empty.write_text("")
     fingerprint = subprocess.run(
         ["ssh-keygen", "-l", "-E", "sha256", "-f", str(sshd.host_key) + ".pub"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()[1]
     for known_hosts in (empty, tmp_path / "missing"):
         driver = make_driver(sshd, known_hosts=str(known_hosts))
@@ -344,11 +363,16 @@ async def test_a_changed_host_key_is_refused(sshd: Sshd, tmp_path: Path) -> None
     known_hosts = tmp_path / "known_hosts"
     known_hosts.write_text(f"[127.0.0.1]:{sshd.port} {other[0]} {other[1]}\n")
     driver = make_driver(sshd, known_hosts=str(known_hosts))
-    with pytest.raises(Unavailable, match=r"^ssh: host key of 127\.0\.0\.1:\d+ has CHANGED: it is now ssh-ed25519 SHA256:\S+, .* refusing to connect"):
+    with pytest.raises(
+        Unavailable,
+        match=r"^ssh: host key of 127\.0\.0\.1:\d+ has CHANGED: it is now ssh-ed25519 SHA256:\S+, .* refusing to connect",
+    ):
         await driver.spawn(TaskSpec(argv=["true"]), Output())
 
 
-async def test_verification_off_is_explicit_and_warns(sshd: Sshd, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_verification_off_is_explicit_and_warns(
+    sshd: Sshd, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     driver = make_driver(sshd, known_hosts=str(tmp_path / "missing"), verify_host_key="false")
     assert capsys.readouterr().err == (
         "jmp: warning: node 'pi': host key verification is off (verify_host_key = false): "
@@ -378,7 +402,10 @@ async def test_an_unreachable_host_is_one_line(sshd: Sshd) -> None:
 
     port = free_port()
     driver = SshNodeDriver(NodeConfig(name="pi", options={**sshd.options(), "port": port}))
-    with pytest.raises(Unavailable, match=rf"^ssh: cannot reach {sshd.user}@127\.0\.0\.1:{port}: connection refused$"):
+    with pytest.raises(
+        Unavailable,
+        match=rf"^ssh: cannot reach {sshd.user}@127\.0\.0\.1:{port}: connection refused$",
+    ):
         await driver.spawn(TaskSpec(argv=["true"]), Output())
 
 
@@ -386,9 +413,18 @@ async def test_an_unreachable_host_is_one_line(sshd: Sshd) -> None:
     ("options", "message"),
     [
         ({}, "node 'pi': option 'host' is required by the ssh driver"),
-        ({"host": "h", "password": "hunter2"}, "node 'pi': option 'password' is not accepted: secrets stay out of the config; put the password in a file and give password_file, or use key_file or the SSH agent"),
-        ({"host": "h", "colour": "red"}, "node 'pi': unknown option 'colour' for the ssh driver (known: host, port, user, key_file, agent, password_file, known_hosts, verify_host_key, connect_timeout, keepalive)"),
-        ({"host": "h", "port": "http"}, "node 'pi': option 'port': Input should be a valid integer, unable to parse string as an integer"),
+        (
+            {"host": "h", "password": "hunter2"},
+            "node 'pi': option 'password' is not accepted: secrets stay out of the config; put the password in a file and give password_file, or use key_file or the SSH agent",
+        ),
+        (
+            {"host": "h", "colour": "red"},
+            "node 'pi': unknown option 'colour' for the ssh driver (known: host, port, user, key_file, agent, password_file, known_hosts, verify_host_key, connect_timeout, keepalive)",
+        ),
+        (
+            {"host": "h", "port": "http"},
+            "node 'pi': option 'port': Input should be a valid integer, unable to parse string as an integer",
+        ),
     ],
 )
 def test_bad_options_are_one_line_naming_the_key(options: dict[str, object], message: str) -> None:
@@ -400,7 +436,9 @@ def test_bad_options_are_one_line_naming_the_key(options: dict[str, object], mes
 # --- the host goes away ------------------------------------------------------------------
 
 
-async def test_a_task_running_when_sshd_dies_is_lost_and_the_node_serves_again(tmp_path: Path) -> None:
+async def test_a_task_running_when_sshd_dies_is_lost_and_the_node_serves_again(
+    tmp_path: Path,
+) -> None:
     server = Sshd(tmp_path / "sshd")
     server.start()
     config = Config(
@@ -420,7 +458,10 @@ async def test_a_task_running_when_sshd_dies_is_lost_and_the_node_serves_again(t
             with anyio.fail_after(20):
                 info = await task.wait()
             assert info.state is TaskState.LOST
-            assert re.fullmatch(rf"the connection to {server.user}@127\.0\.0\.1:{server.port} was lost: .+", info.message or "")
+            assert re.fullmatch(
+                rf"the connection to {server.user}@127\.0\.0\.1:{server.port} was lost: .+",
+                info.message or "",
+            )
             with pytest.raises(Unavailable, match=r"^ssh: cannot reach .*: connection refused$"):
                 await node.start(["true"])
             server.start()
@@ -467,15 +508,22 @@ def test_jmp_run_on_an_ssh_node(sshd: Sshd, data_dir: Path, tmp_path: Path) -> N
     assert done.returncode == 124
     assert re.fullmatch(r"jmp: task [0-9a-f]+ timed out after 0\.5s and was stopped\n", done.stderr)
     done = run_jmp("run", "--node", "pi", "--", "no-such-command")
-    assert (done.returncode, done.stderr) == (127, "jmp: error: command not found on 127.0.0.1: no-such-command\n")
+    assert (done.returncode, done.stderr) == (
+        127,
+        "jmp: error: command not found on 127.0.0.1: no-such-command\n",
+    )
     done = run_jmp("run", "--node", "pi", "--cwd", "/no/such/dir", "--", "true")
     assert done.returncode != 0
-    assert done.stderr == "jmp: error: working directory does not exist on 127.0.0.1: /no/such/dir\n"
+    assert (
+        done.stderr == "jmp: error: working directory does not exist on 127.0.0.1: /no/such/dir\n"
+    )
     shown = run_jmp("config", "show")
     assert shown.returncode == 0 and "driver" in shown.stdout
 
 
-def test_jmp_run_says_why_the_host_key_is_refused(sshd: Sshd, data_dir: Path, tmp_path: Path) -> None:
+def test_jmp_run_says_why_the_host_key_is_refused(
+    sshd: Sshd, data_dir: Path, tmp_path: Path
+) -> None:
     (tmp_path / "empty").write_text("")
     write_config(tmp_path / "jumpstarter.toml", sshd, known_hosts=str(tmp_path / "empty"))
     done = run_jmp("run", "--node", "pi", "--", "true")
@@ -487,11 +535,24 @@ def test_jmp_run_says_why_the_host_key_is_refused(sshd: Sshd, data_dir: Path, tm
     assert "Traceback" not in done.stderr
 
 
-def test_jmp_stop_on_an_ssh_node_stops_the_remote_tree(sshd: Sshd, data_dir: Path, tmp_path: Path) -> None:
+def test_jmp_stop_on_an_ssh_node_stops_the_remote_tree(
+    sshd: Sshd, data_dir: Path, tmp_path: Path
+) -> None:
     write_config(tmp_path / "jumpstarter.toml", sshd)
     run = subprocess.Popen(
-        [JMP, "run", "--node", "pi", "--", "sh", "-c", 'trap "" TERM; echo $$; sleep 300 & echo $!; wait'],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        [
+            JMP,
+            "run",
+            "--node",
+            "pi",
+            "--",
+            "sh",
+            "-c",
+            'trap "" TERM; echo $$; sleep 300 & echo $!; wait',
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     try:
         assert run.stdout is not None
@@ -509,19 +570,32 @@ def test_jmp_stop_on_an_ssh_node_stops_the_remote_tree(sshd: Sshd, data_dir: Pat
         run.stdout.close()  # type: ignore[union-attr]
 
 
-def test_jmp_node_serve_driver_ssh_reached_over_grpc(sshd: Sshd, data_dir: Path, tmp_path: Path) -> None:
+def test_jmp_node_serve_driver_ssh_reached_over_grpc(
+    sshd: Sshd, data_dir: Path, tmp_path: Path
+) -> None:
     log = tmp_path / "agent.log"
     workdir = tmp_path / "agent"
     workdir.mkdir()
     options = [
-        arg
-        for key, value in sshd.options().items()
-        for arg in ("--option", f"{key}={value}")
+        arg for key, value in sshd.options().items() for arg in ("--option", f"{key}={value}")
     ]
     with open(log, "wb") as out:
         agent = subprocess.Popen(
-            [JMP, "node", "serve", "--listen", "127.0.0.1:0", "--name", "pi", "--driver", "ssh", *options],
-            stdout=out, stderr=subprocess.STDOUT, cwd=workdir,
+            [
+                JMP,
+                "node",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--name",
+                "pi",
+                "--driver",
+                "ssh",
+                *options,
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
         )
     try:
         deadline = time.monotonic() + 60
@@ -575,14 +649,27 @@ def test_no_secret_in_jmp_config_show(sshd: Sshd, data_dir: Path, tmp_path: Path
 
 
 def test_jmp_node_serve_with_bad_ssh_options_is_one_line(data_dir: Path) -> None:
-    done = run_jmp("node", "serve", "--listen", "127.0.0.1:0", "--name", "pi", "--driver", "ssh",
-                   "--option", "user=ci")
+    done = run_jmp(
+        "node",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--name",
+        "pi",
+        "--driver",
+        "ssh",
+        "--option",
+        "user=ci",
+    )
     assert (done.returncode != 0, done.stderr) == (
-        True, "jmp: error: node 'pi': option 'host' is required by the ssh driver\n"
+        True,
+        "jmp: error: node 'pi': option 'host' is required by the ssh driver\n",
     )
 
 
-async def test_the_ssh_agent_logs_in_when_the_key_files_do_not(sshd: Sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_the_ssh_agent_logs_in_when_the_key_files_do_not(
+    sshd: Sshd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     socket_path = tmp_path / "agent.sock"
     agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(socket_path)], stdout=subprocess.DEVNULL)
     try:
@@ -591,7 +678,9 @@ async def test_the_ssh_agent_logs_in_when_the_key_files_do_not(sshd: Sshd, tmp_p
             assert time.monotonic() < deadline and agent.poll() is None, "ssh-agent did not start"
             time.sleep(0.02)
         env = {**os.environ, "SSH_AUTH_SOCK": str(socket_path)}
-        subprocess.run(["ssh-add", "-q", str(sshd.client_key)], env=env, check=True, capture_output=True)
+        subprocess.run(
+            ["ssh-add", "-q", str(sshd.client_key)], env=env, check=True, capture_output=True
+        )
         monkeypatch.setenv("SSH_AUTH_SOCK", str(socket_path))
         driver = make_driver(sshd, key_file=str(sshd.other_key), agent=True)
         try:
@@ -599,7 +688,9 @@ async def test_the_ssh_agent_logs_in_when_the_key_files_do_not(sshd: Sshd, tmp_p
         finally:
             await driver.aclose()
         without = make_driver(sshd, key_file=str(sshd.other_key), agent=False)
-        with pytest.raises(Unavailable, match=r"refused authentication \(tried: publickey with \S+other_ed25519\)$"):
+        with pytest.raises(
+            Unavailable, match=r"refused authentication \(tried: publickey with \S+other_ed25519\)$"
+        ):
             await without.spawn(TaskSpec(argv=["true"]), Output())
     finally:
         agent.terminate()
@@ -614,5 +705,8 @@ async def test_a_host_that_never_answers_is_one_line(sshd: Sshd) -> None:
         silent.listen()
         port = silent.getsockname()[1]
         driver = make_driver(sshd, port=port, connect_timeout=0.5)
-        with pytest.raises(Unavailable, match=rf"^ssh: cannot reach {sshd.user}@127\.0\.0\.1:{port}: no answer within 0\.5s$"):
+        with pytest.raises(
+            Unavailable,
+            match=rf"^ssh: cannot reach {sshd.user}@127\.0\.0\.1:{port}: no answer within 0\.5s$",
+        ):
             await driver.spawn(TaskSpec(argv=["true"]), Output())

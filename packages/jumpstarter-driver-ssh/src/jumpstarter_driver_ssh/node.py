@@ -58,7 +58,15 @@ class SshNodeDriver(NodeDriver):
     :class:`~jumpstarter_driver_ssh.options.SshOptions` and ``docs/driver-ssh.md``)."""
 
     capabilities = [
-        "exec", "shell", "env", "cwd", "timeout", "process-group", "stdin", "pty", "files",
+        "exec",
+        "shell",
+        "env",
+        "cwd",
+        "timeout",
+        "process-group",
+        "stdin",
+        "pty",
+        "files",
     ]
 
     def __init__(self, node: NodeConfig) -> None:
@@ -104,7 +112,9 @@ class SshNodeDriver(NodeDriver):
                 try:
                     self._sftp = await connection.start_sftp_client()
                 except (asyncssh.Error, OSError) as exc:
-                    raise Unavailable(f"ssh: {self.where}: cannot start SFTP: {_reason(exc)}") from None
+                    raise Unavailable(
+                        f"ssh: {self.where}: cannot start SFTP: {_reason(exc)}"
+                    ) from None
             return self._sftp
 
     async def _connect(self) -> asyncssh.SSHClientConnection:
@@ -113,7 +123,9 @@ class SshNodeDriver(NodeDriver):
         known_hosts: Any = None
         if options.verify_host_key:
             # No file: trust no key (an empty value would mean asyncssh's default file).
-            known_hosts = str(options.known_hosts) if options.known_hosts.is_file() else ([], [], [])
+            known_hosts = (
+                str(options.known_hosts) if options.known_hosts.is_file() else ([], [], [])
+            )
         password = _read_password(options) if options.password_file else None
         try:
             with anyio.fail_after(options.connect_timeout):
@@ -152,14 +164,18 @@ class SshNodeDriver(NodeDriver):
     def _host_key_refused(self, offered: asyncssh.SSHKey | None) -> str:
         options = self.options
         shown = (
-            f"{offered.get_algorithm()} {offered.get_fingerprint('sha256')}" if offered else "unknown"
+            f"{offered.get_algorithm()} {offered.get_fingerprint('sha256')}"
+            if offered
+            else "unknown"
         )
         file = options.known_hosts
         port = None if options.port == 22 else options.port
         known: list[Any] = []
         if file.is_file():
             try:
-                known = list(asyncssh.match_known_hosts(str(file), options.host, options.host, port)[0])
+                known = list(
+                    asyncssh.match_known_hosts(str(file), options.host, options.host, port)[0]
+                )
             except (ValueError, OSError):
                 known = []
         if known:
@@ -359,7 +375,9 @@ class SshProcess(RunningProcess):
             return session.exit_status
         if self.group is not None:
             self.driver.lost(self.group)
-        raise ProcessLost(f"the connection to {self.driver.where} was lost: {session.lost_reason()}")
+        raise ProcessLost(
+            f"the connection to {self.driver.where} was lost: {session.lost_reason()}"
+        )
 
     async def terminate(self, grace: float) -> None:
         """SIGTERM to the task's process group on the host, SIGKILL to what is left
@@ -382,7 +400,9 @@ class SshProcess(RunningProcess):
             connection = await self.driver.connection()
             await connection.run("exec /bin/sh -c " + shlex.quote(script), check=False)
         except (asyncssh.Error, OSError, Unavailable) as exc:
-            log.warning("ssh: cannot stop process group %d on %s: %s", group, self.driver.where, exc)
+            log.warning(
+                "ssh: cannot stop process group %d on %s: %s", group, self.driver.where, exc
+            )
 
     async def write_input(self, data: bytes) -> None:
         if not self.has_input:
@@ -419,7 +439,9 @@ class _HostKeyWitness(asyncssh.SSHClient):
 
     offered: asyncssh.SSHKey | None = None
 
-    def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
+    def validate_host_public_key(
+        self, host: str, addr: str, port: int, key: asyncssh.SSHKey
+    ) -> bool:
         self.offered = key
         return False
 

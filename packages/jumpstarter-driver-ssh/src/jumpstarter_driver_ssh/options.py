@@ -73,7 +73,9 @@ class SshOptions(BaseModel):
             error = exc.errors()[0]
             key = ".".join(str(part) for part in error["loc"]) or "options"
             if error["type"] == "missing":
-                raise ConfigError(f"{where}: option {key!r} is required by the ssh driver") from None
+                raise ConfigError(
+                    f"{where}: option {key!r} is required by the ssh driver"
+                ) from None
             if error["type"] == "extra_forbidden":
                 raise ConfigError(
                     f"{where}: unknown option {key!r} for the ssh driver "
