@@ -35,7 +35,7 @@ def keygen(path: Path) -> Path:
 class Sshd:
     """One sshd, started by :meth:`start` and stopped by :meth:`stop`."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, max_sessions: int = 100) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -61,7 +61,7 @@ class Sshd:
                     "PasswordAuthentication no",
                     "KbdInteractiveAuthentication no",
                     "Subsystem sftp internal-sftp",
-                    "MaxSessions 100",
+                    f"MaxSessions {max_sessions}",
                     "MaxStartups 100:30:200",
                     "PrintMotd no",
                     # bash, run by sshd, reads ~/.bashrc unless it is a nested shell:

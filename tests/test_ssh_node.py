@@ -710,3 +710,30 @@ async def test_a_host_that_never_answers_is_one_line(sshd: Sshd) -> None:
             match=rf"^ssh: cannot reach {sshd.user}@127\.0\.0\.1:{port}: no answer within 0\.5s$",
         ):
             await driver.spawn(TaskSpec(argv=["true"]), Output())
+
+
+async def test_a_host_out_of_channels_refuses_a_task_in_one_line_and_stop_still_works(
+    tmp_path: Path,
+) -> None:
+    server = Sshd(tmp_path / "sshd", max_sessions=2)
+    server.start()
+    driver = SshNodeDriver(NodeConfig(name="pi", driver="ssh", options=server.options()))
+    try:
+        first = await driver.spawn(TaskSpec(argv=["sleep", "300"]), Output())
+        second = await driver.spawn(TaskSpec(argv=["sleep", "300"]), Output())
+        with pytest.raises(Unavailable) as caught:
+            await driver.spawn(TaskSpec(argv=["true"]), Output())
+        assert str(caught.value).startswith(
+            f"ssh: {server.user}@127.0.0.1:{server.port} refused a new channel ("
+        )
+        assert str(caught.value).endswith(
+            "): it allows only so many tasks at once on one connection "
+            "(OpenSSH: MaxSessions in sshd_config, 10 by default)"
+        )
+        for process in (first, second):  # no channel left for the stop: it finds one
+            await process.terminate(5)
+            with anyio.fail_after(20):
+                assert await process.wait() == -signal.SIGTERM
+    finally:
+        await driver.aclose()
+        server.stop()

@@ -117,6 +117,10 @@ class SshNodeDriver(NodeDriver):
                     ) from None
             return self._sftp
 
+    async def open_connection(self) -> asyncssh.SSHClientConnection:
+        """A new connection of its own (not the node's), for the caller to close."""
+        return await self._connect()
+
     async def _connect(self) -> asyncssh.SSHClientConnection:
         options = self.options
         client = _HostKeyWitness()
@@ -231,6 +235,12 @@ class SshNodeDriver(NodeDriver):
                 window=WINDOW,
                 max_pktsize=PACKET,
             )
+        except asyncssh.ChannelOpenError as exc:
+            raise Unavailable(
+                f"ssh: {self.where} refused a new channel ({_reason(exc)}): it allows only so "
+                "many tasks at once on one connection (OpenSSH: MaxSessions in sshd_config, "
+                "10 by default)"
+            ) from None
         except (asyncssh.Error, OSError) as exc:
             raise Unavailable(f"ssh: {self.where}: cannot open a channel: {_reason(exc)}") from None
         with anyio.move_on_after(self.options.connect_timeout * 3):
@@ -396,9 +406,16 @@ class SshProcess(RunningProcess):
             f"  sleep {POLL}; n=$((n+1))\n"
             "done\n"
         )
+        command = "exec /bin/sh -c " + shlex.quote(script)
         try:
             connection = await self.driver.connection()
-            await connection.run("exec /bin/sh -c " + shlex.quote(script), check=False)
+            try:
+                await connection.run(command, check=False)
+            except asyncssh.ChannelOpenError:
+                # The host allows no more channels on this connection (every one runs a
+                # task): stop over a connection of its own.
+                async with await self.driver.open_connection() as spare:
+                    await spare.run(command, check=False)
         except (asyncssh.Error, OSError, Unavailable) as exc:
             log.warning(
                 "ssh: cannot stop process group %d on %s: %s", group, self.driver.where, exc
