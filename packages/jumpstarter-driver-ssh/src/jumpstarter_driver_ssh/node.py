@@ -262,7 +262,7 @@ class SshNodeDriver(NodeDriver):
             raise Unavailable(
                 f"ssh: {self.where}: the command ended before it started: {session.lost_reason()}"
             )
-        if not (spec.stdin or spec.pty):
+        if not (spec.stdin or spec.pty) and not session.closed.is_set():
             session.channel.write_eof()
         return SshProcess(self, session, spec)
 
