@@ -22,6 +22,11 @@ ISSUE_6_FIGURES = {
     "add 100,000 results in batches of 1000": True,
     "query one task's failures + summary among 1,000,000 results": False,
     "jmp --version": True,
+    # issue 14, the ssh node (bench/ssh.py)
+    "run `true` on the ssh node, connection open (median of 40)": True,
+    "run `true` on the ssh node vs a fresh ssh each time": True,
+    "stream 200 MB of task output from the ssh node to the client": True,
+    "put 200 MB on the ssh node over SFTP": True,
 }
 
 

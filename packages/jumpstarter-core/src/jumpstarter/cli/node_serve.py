@@ -31,6 +31,15 @@ DEFAULT_LISTEN = "127.0.0.1:7100"
 @click.option("-l", "--label", multiple=True, metavar="K=V", help="Label the node (repeatable).")
 @click.option("--driver", default=None, help="Node driver that runs the tasks (default: local).")
 @click.option(
+    "-o",
+    "--option",
+    "driver_option",
+    multiple=True,
+    metavar="K=V",
+    help="An option for the node driver, as under [nodes.NAME] options (repeatable): "
+    "--driver ssh --option host=10.0.0.7 --option user=ci.",
+)
+@click.option(
     "--token-file",
     type=click.Path(dir_okay=False),
     help="File holding the token clients must present (one line; keep it mode 600).",
@@ -86,6 +95,7 @@ def serve(
     name,
     label,
     driver,
+    driver_option,
     token_file,
     tls_cert,
     tls_key,
@@ -108,11 +118,13 @@ def serve(
       jmp node serve --name bench1 --label board=rpi4
       jmp node serve --listen 0.0.0.0:7100 --name lab1 --token-file /etc/jmp/token \\
           --tls-cert cert.pem --tls-key key.pem
+      jmp node serve --name pi --driver ssh --option host=10.0.0.7 --option user=ci
     """
     from jumpstarter.config import NodeConfig
     from jumpstarter.plugins.interfaces import Transport
 
     labels = parse_pairs(label, "--label")
+    driver_options = parse_pairs(driver_option, "--option")
     host = _listen_host(listen)
     token = _read_token(token_file) if token_file else None
     if (tls_cert is None) != (tls_key is None):
@@ -148,6 +160,7 @@ def serve(
         node.max_transfer = max_transfer
     if node.files_root is not None and not node.files_root.expanduser().is_dir():
         fail(f"files root {node.files_root} is not a directory", EXIT_USAGE)
+    node.options.update(driver_options)
     transport_cls = protocol.plugins.transport(transport)
     if getattr(transport_cls.serve, "__func__", None) is Transport.serve.__func__:
         fail(f"transport {transport!r} cannot serve a node (it only reaches them)", EXIT_USAGE)

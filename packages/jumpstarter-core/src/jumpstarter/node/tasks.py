@@ -32,11 +32,11 @@ from jumpstarter_protocol import (
 )
 
 from jumpstarter.config import NodeConfig
-from jumpstarter.errors import BadRequest, Conflict, NodeError
+from jumpstarter.errors import Conflict, NodeError
 from jumpstarter.node.agent import alive as agent_alive
 from jumpstarter.node.agent import kill_left_behind, request_stop
 from jumpstarter.node.output import OutputLog, give_back_reserved
-from jumpstarter.plugins.interfaces import NodeDriver, RunningProcess
+from jumpstarter.plugins.interfaces import NodeDriver, ProcessLost, RunningProcess
 from jumpstarter.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -196,19 +196,11 @@ class Tasks:
 
     # --- tasks ----------------------------------------------------------------------------
 
-    @staticmethod
-    def check_spec(spec: TaskSpec) -> None:
+    def check_spec(self, spec: TaskSpec) -> None:
         """:class:`BadRequest` for a spec no task can run with (a missing working
-        directory); checked before anything is stored for it."""
-        if spec.cwd is None:
-            return
-        try:
-            usable = Path(spec.cwd).is_dir()
-        except OSError as exc:  # a name too long for the file system, say
-            shown = spec.cwd if len(spec.cwd) <= 80 else spec.cwd[:79] + "…"
-            raise BadRequest(f"working directory cannot be used: {shown}: {exc.strerror}") from None
-        if not usable:
-            raise BadRequest(f"working directory does not exist: {spec.cwd}")
+        directory); checked before anything is stored for it, by the node driver
+        (the directory is the one of the machine its tasks run on)."""
+        self.driver.check_spec(spec)
 
     async def new_task(self, spec: TaskSpec, session_id: str | None, *, starting: bool = False) -> TaskInfo:
         """A new pending task. ``starting``: created by a start that goes on to run it,
@@ -331,12 +323,17 @@ class Tasks:
         exited = anyio.Event()
         output = running.output
 
+        message = None
+        lost = False
+
         async def wait_for_exit() -> None:
-            nonlocal exit_code
-            exit_code = await running.process.wait()
+            nonlocal exit_code, lost, message
+            try:
+                exit_code = await running.process.wait()
+            except ProcessLost as exc:
+                lost, message = True, str(exc)
             exited.set()
 
-        message = None
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(wait_for_exit)
@@ -354,6 +351,8 @@ class Tasks:
             message = f"node driver failed: {exc}"
         if output.failure is not None:
             state, message = TaskState.FAILED, output.failure
+        elif lost:
+            state = TaskState.LOST
         elif running.stop_requested:
             state = TaskState.STOPPED
         elif running.timed_out:

@@ -30,6 +30,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
 from jumpstarter_protocol import (
@@ -55,6 +56,12 @@ class OutputWriter(Protocol):
     never drops bytes; call it in the order the bytes were produced."""
 
     def write(self, stream: Stream, data: bytes) -> None: ...
+
+
+class ProcessLost(Exception):
+    """Raised by :meth:`RunningProcess.wait` when the node lost track of the process
+    (say, the connection to the host it runs on dropped): the task ends ``lost``, with
+    this exception's message as the reason."""
 
 
 class RunningProcess(ABC):
@@ -105,6 +112,23 @@ class NodeDriver(ABC):
 
     def __init__(self, node: NodeConfig) -> None:
         self.node = node
+
+    def check_spec(self, spec: TaskSpec) -> None:
+        """Raise :class:`~jumpstarter.errors.BadRequest` for a spec no task of this
+        node can run with, before anything is stored for it: by default a ``cwd`` that
+        is not a directory of this machine. A driver whose tasks run on another machine
+        overrides it (and checks the ``cwd`` there, in :meth:`spawn`)."""
+        if spec.cwd is None:
+            return
+        from jumpstarter.errors import BadRequest
+
+        try:
+            usable = Path(spec.cwd).is_dir()
+        except OSError as exc:  # a name too long for the file system, say
+            shown = spec.cwd if len(spec.cwd) <= 80 else spec.cwd[:79] + "…"
+            raise BadRequest(f"working directory cannot be used: {shown}: {exc.strerror}") from None
+        if not usable:
+            raise BadRequest(f"working directory does not exist: {spec.cwd}")
 
     @abstractmethod
     async def spawn(self, spec: TaskSpec, output: OutputWriter) -> RunningProcess:

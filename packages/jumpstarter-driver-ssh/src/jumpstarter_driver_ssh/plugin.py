@@ -1,0 +1,14 @@
+"""The plugin module named by this package's ``jmp.plugins`` entry point."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from jumpstarter import hookimpl
+
+
+@hookimpl
+def jmp_register_node_drivers(register: Callable[[str, type], None]) -> None:
+    from .node import SshNodeDriver
+
+    register("ssh", SshNodeDriver)
