@@ -9,6 +9,9 @@ Service ``jumpstarter.v1.Node``:
 ``ReadOutput`` (server streaming)
     one ``ReadOutput`` frame in, ``OutputChunk`` frames out, then one ``OutputEnd``
     (or ``Error``) frame.
+``Input`` (bidirectional streaming)
+    ``WriteInput``, ``CloseInput`` and ``ResizeTerminal`` frames in, one reply frame
+    out for each, in order: a task's input (keystrokes) without a call per write.
 
 Metadata on every call:
 
@@ -78,8 +81,10 @@ def _import_grpc() -> ModuleType:
 SERVICE = "jumpstarter.v1.Node"
 REQUEST_METHOD = "Request"
 READ_OUTPUT_METHOD = "ReadOutput"
+INPUT_METHOD = "Input"
 REQUEST_PATH = f"/{SERVICE}/{REQUEST_METHOD}"
 READ_OUTPUT_PATH = f"/{SERVICE}/{READ_OUTPUT_METHOD}"
+INPUT_PATH = f"/{SERVICE}/{INPUT_METHOD}"
 
 TOKEN_KEY = "authorization"
 CONNECTION_KEY = "jmp-connection"

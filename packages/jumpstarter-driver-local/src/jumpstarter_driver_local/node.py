@@ -3,22 +3,29 @@
 Output is read from two pipes of our own (enlarged to 1 MiB where the kernel lets us)
 with non-blocking reads, so a task that writes fast is never held up by the node and
 neither stream can starve the other.
+
+A task with ``spec.stdin`` reads a pipe the node writes its input to; one with
+``spec.pty`` runs on a pseudo-terminal of its own (its controlling terminal, in a new
+session), whose output is the task's ``stdout``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import os
 import signal
+import struct
 import subprocess
+import termios
 import time
 from collections.abc import Mapping, Sequence
 
 import anyio
 import anyio.lowlevel
 from jumpstarter import NodeDriver, RunningProcess
-from jumpstarter.errors import SpawnFailed
+from jumpstarter.errors import BadRequest, Conflict, SpawnFailed
 from jumpstarter.plugins import OutputWriter, Stream
 from jumpstarter_protocol import TaskSpec
 
@@ -28,12 +35,17 @@ _F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 class LocalNodeDriver(NodeDriver):
     """Runs each task as a subprocess of this machine, in a new session (and so a
-    new process group), with stdin from /dev/null."""
+    new process group), with stdin from /dev/null unless the spec asks for input or a
+    terminal."""
 
-    capabilities = ["exec", "shell", "env", "cwd", "timeout", "process-group"]
+    capabilities = ["exec", "shell", "env", "cwd", "timeout", "process-group", "stdin", "pty"]
 
     async def spawn(self, spec: TaskSpec, output: OutputWriter) -> RunningProcess:
-        return await self.start_process(spec.command, output, cwd=spec.cwd, env=spec.env)
+        if spec.pty is not None:
+            return await start_on_terminal(
+                spec.command, output, spec.pty.rows, spec.pty.cols, cwd=spec.cwd, env=spec.env
+            )
+        return await self.start_process(spec.command, output, cwd=spec.cwd, env=spec.env, stdin=spec.stdin)
 
     async def start_process(
         self,
@@ -43,17 +55,20 @@ class LocalNodeDriver(NodeDriver):
         cwd: str | os.PathLike[str] | None = None,
         env: Mapping[str, str] | None = None,
         pass_fds: Sequence[int] = (),
+        stdin: bool = False,
     ) -> LocalProcess:
         """Start ``command`` as :meth:`spawn` starts a task: its own process group,
-        stdin from /dev/null, output to ``output``; ``env`` is added to this process's
+        stdin from /dev/null (from a pipe :meth:`LocalProcess.write_input` writes to,
+        with ``stdin``), output to ``output``; ``env`` is added to this process's
         environment, ``pass_fds`` stay open in the child. Drivers built on this one
         (say, one that runs each task in a directory of its own) call it from their
         ``spawn``. Raises :class:`SpawnFailed` (see :func:`spawn_failed`)."""
         pipes = [_pipe(), _pipe()]
+        input_read, input_write = os.pipe() if stdin else (subprocess.DEVNULL, None)
         try:
             process = await anyio.open_process(
                 list(command),
-                stdin=subprocess.DEVNULL,
+                stdin=input_read,
                 stdout=pipes[0][1],
                 stderr=pipes[1][1],
                 cwd=cwd,
@@ -66,11 +81,64 @@ class LocalNodeDriver(NodeDriver):
         except OSError as exc:
             for read_end, _ in pipes:
                 os.close(read_end)
+            if input_write is not None:
+                os.close(input_write)
             raise spawn_failed(command[0], exc) from None
         finally:
             for _, write_end in pipes:
                 os.close(write_end)
-        return LocalProcess(process, output, pipes[0][0], pipes[1][0])
+            if input_write is not None:
+                os.close(input_read)
+        if input_write is not None:
+            os.set_blocking(input_write, False)
+        return LocalProcess(process, output, {"stdout": pipes[0][0], "stderr": pipes[1][0]}, input_write)
+
+
+def set_terminal_size(fd: int, rows: int, cols: int) -> None:
+    """Set the window size of the terminal ``fd``; the kernel sends SIGWINCH to its
+    foreground process group when the size changes."""
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _take_terminal() -> None:
+    # In the child, after setsid(): stdin (the terminal) becomes the controlling
+    # terminal of the new session, so Ctrl-C, job control and /dev/tty work.
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+async def start_on_terminal(
+    command: Sequence[str],
+    output: OutputWriter,
+    rows: int,
+    cols: int,
+    *,
+    cwd: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> LocalProcess:
+    """Start ``command`` on a new pseudo-terminal of ``rows`` x ``cols``: stdin,
+    stdout and stderr are the terminal, which is the controlling terminal of the
+    task's new session; what the terminal shows goes to ``output`` as ``stdout``."""
+    main, secondary = os.openpty()
+    try:
+        set_terminal_size(main, rows, cols)
+        # anyio's open_process cannot run code in the child; TIOCSCTTY must be done there.
+        process = await asyncio.create_subprocess_exec(
+            *command,
+            stdin=secondary,
+            stdout=secondary,
+            stderr=secondary,
+            cwd=cwd,
+            env={**os.environ, **env} if env else None,
+            start_new_session=True,
+            preexec_fn=_take_terminal,
+        )
+    except OSError as exc:
+        os.close(main)
+        raise spawn_failed(command[0], exc) from None
+    finally:
+        os.close(secondary)  # the task holds it now; its end reads as EIO on ours
+    os.set_blocking(main, False)
+    return LocalProcess(process, output, {"stdout": main}, main, terminal=True)
 
 
 def _pipe() -> tuple[int, int]:
@@ -98,11 +166,25 @@ def spawn_failed(command: str, exc: OSError) -> SpawnFailed:
 
 
 class LocalProcess(RunningProcess):
-    def __init__(self, process: anyio.abc.Process, output: OutputWriter, stdout: int, stderr: int) -> None:
+    """A task's subprocess: ``fds`` are the read ends of its output, ``input`` the
+    fd its input is written to (a pipe, or the terminal's main side)."""
+
+    def __init__(
+        self,
+        process: anyio.abc.Process | asyncio.subprocess.Process,
+        output: OutputWriter,
+        fds: dict[Stream, int],
+        input: int | None = None,
+        *,
+        terminal: bool = False,
+    ) -> None:
         self.process = process
         self.pid = process.pid
         self._output = output
-        self._fds = {"stdout": stdout, "stderr": stderr}
+        self._fds = fds
+        self._input = input
+        self._input_closed = input is None
+        self._terminal = terminal
         self._exited = anyio.Event()
 
     async def wait(self) -> int:
@@ -113,7 +195,13 @@ class LocalProcess(RunningProcess):
                 await self.process.wait()
                 self._exited.set()
         finally:
+            # A write still waiting on an fd is woken (it raises) before the fd goes.
+            if self._input is not None and not (self._terminal or self._input_closed):
+                anyio.notify_closing(self._input)
+                os.close(self._input)
+            self._input_closed = True
             for fd in self._fds.values():
+                anyio.notify_closing(fd)
                 os.close(fd)
         return self.process.returncode if self.process.returncode is not None else -1
 
@@ -127,6 +215,10 @@ class LocalProcess(RunningProcess):
                 since_turn = 0
                 await anyio.wait_readable(fd)
                 continue
+            except OSError as exc:
+                if exc.errno == errno.EIO:  # a terminal whose last user closed it
+                    return
+                raise
             if not data:
                 return
             write(stream, data)
@@ -138,6 +230,40 @@ class LocalProcess(RunningProcess):
             if since_turn >= READ_SIZE:
                 since_turn = 0
                 await anyio.lowlevel.checkpoint()
+
+    async def write_input(self, data: bytes) -> None:
+        if self._input is None:
+            raise BadRequest("this task takes no input")
+        view = memoryview(data)
+        while view:
+            if self._input_closed or self._exited.is_set():
+                raise Conflict("the task has exited; it reads no more input")
+            try:
+                written = os.write(self._input, view)
+            except BlockingIOError:
+                await anyio.wait_writable(self._input)
+                continue
+            except (BrokenPipeError, anyio.ClosedResourceError):
+                raise Conflict("the task no longer reads its input") from None
+            view = view[written:]
+
+    async def close_input(self) -> None:
+        if self._input_closed:
+            return
+        if self._terminal:
+            # A terminal stays open: EOF is its end-of-file character at a line's start.
+            eof = termios.tcgetattr(self._input)[6][termios.VEOF]
+            await self.write_input(eof if isinstance(eof, bytes) else bytes([eof]))
+            return
+        self._input_closed = True
+        assert self._input is not None
+        os.close(self._input)
+
+    async def resize(self, rows: int, cols: int) -> None:
+        if not self._terminal or self._input_closed:
+            raise BadRequest("this task has no terminal")
+        assert self._input is not None
+        set_terminal_size(self._input, rows, cols)
 
     async def terminate(self, grace: float) -> None:
         """SIGTERM to the process group; SIGKILL to whatever of it is left after

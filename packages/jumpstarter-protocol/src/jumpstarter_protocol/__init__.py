@@ -60,6 +60,11 @@ from ._messages import (
     TaskStopped,
     TerminalSize,
     WaitTask,
+    WriteInput,
+    CloseInput,
+    ResizeTerminal,
+    InputWritten,
+    TerminalResized,
 )
 from ._schema import json_schema
 

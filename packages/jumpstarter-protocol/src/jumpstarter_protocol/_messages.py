@@ -391,6 +391,42 @@ class QueryHistory(_Model):
     limit: int = Field(default=50, ge=1, le=10_000)
 
 
+# --- input and terminals: requests ----------------------------------------------------
+
+
+class WriteInput(_Model):
+    """Write bytes to a running task's input (a task started with ``stdin`` or ``pty``).
+
+    ``offset`` is where ``data`` starts in the task's whole input. The node skips what
+    it already has, so a client that sends a write again after a broken connection
+    doubles nothing; a write beyond what the node has (a gap) is refused. ``data``
+    travels raw beside the JSON header, as output chunks do. Only the session holding
+    the node's lease may write."""
+
+    type: Literal["write_input"] = "write_input"
+    task_id: Id
+    offset: int = Field(ge=0)
+    data: bytes = b""
+
+
+class CloseInput(_Model):
+    """End a task's input (EOF) once the node has ``offset`` bytes of it; closing
+    twice is not an error."""
+
+    type: Literal["close_input"] = "close_input"
+    task_id: Id
+    offset: int = Field(ge=0)
+
+
+class ResizeTerminal(_Model):
+    """Set the size of a task's terminal (a task started with ``pty``); the program
+    gets SIGWINCH."""
+
+    type: Literal["resize_terminal"] = "resize_terminal"
+    task_id: Id
+    size: TerminalSize
+
+
 # --- replies -----------------------------------------------------------------------
 
 
@@ -494,6 +530,25 @@ class HistoryData(_Model):
     session_names: dict[str, str] = Field(default_factory=dict)
 
 
+# --- input and terminals: replies ------------------------------------------------------
+
+
+class InputWritten(_Model):
+    """How much of the task's input the node has (the offset the next write starts
+    at), and whether the input is closed. Answers ``WriteInput`` and ``CloseInput``."""
+
+    type: Literal["input_written"] = "input_written"
+    task_id: Id
+    offset: int = Field(ge=0)
+    closed: bool = False
+
+
+class TerminalResized(_Model):
+    type: Literal["terminal_resized"] = "terminal_resized"
+    task_id: Id
+    size: TerminalSize
+
+
 class Error(_Model):
     """The one error reply. ``code`` is stable; ``message`` is for a person."""
 
@@ -523,6 +578,9 @@ Request = Annotated[
         CloseTask,
         ListSessions,
         QueryHistory,
+        WriteInput,
+        CloseInput,
+        ResizeTerminal,
     ],
     Field(discriminator="type"),
 ]
@@ -546,6 +604,8 @@ Reply = Annotated[
         NodeReleased,
         SessionList,
         HistoryData,
+        InputWritten,
+        TerminalResized,
         Error,
     ],
     Field(discriminator="type"),

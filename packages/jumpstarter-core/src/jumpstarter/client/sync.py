@@ -172,3 +172,13 @@ class Task:
 
     def add_result(self, **result: Any) -> int:
         return self.node.session.add_result(self.id, **result)
+
+    def write_input(self, data: bytes) -> None:
+        """Write to the task's input; see ``AsyncTask.write_input``."""
+        self.node.session._call(self.aio.write_input, data)
+
+    def close_input(self) -> None:
+        self.node.session._call(self.aio.close_input)
+
+    def resize(self, rows: int, cols: int) -> None:
+        self.node.session._call(self.aio.resize, rows, cols)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from jumpstarter_protocol import (
     AddResult,
+    CloseInput,
     CloseTask,
     ConfigData,
     ConnectionEstablished,
@@ -30,6 +31,7 @@ from jumpstarter_protocol import (
     FetchConfig,
     GetTaskStatus,
     InitializeConnection,
+    InputWritten,
     ListSessions,
     ListTasks,
     NewTask,
@@ -42,6 +44,7 @@ from jumpstarter_protocol import (
     QueryResults,
     ReadOutput,
     ReleaseNode,
+    ResizeTerminal,
     ResultAdded,
     SessionList,
     StartRequest,
@@ -52,7 +55,9 @@ from jumpstarter_protocol import (
     TaskStarted,
     TaskStatus,
     TaskStopped,
+    TerminalResized,
     WaitTask,
+    WriteInput,
     decode,
     encode,
     negotiate_version,
@@ -96,6 +101,10 @@ class NodeConnection:
             CloseTask: self._close_task,
             ListSessions: self._list_sessions,
             QueryHistory: self._history,
+            # --- input and terminals
+            WriteInput: self._write_input,
+            CloseInput: self._close_input,
+            ResizeTerminal: self._resize,
         }
 
     async def handle(self, request: Any) -> Any:
@@ -284,3 +293,21 @@ class NodeConnection:
 
     async def _ping(self, request: Ping) -> Pong:
         return Pong()
+
+    # --- input and terminals ----------------------------------------------------------------
+    # Only the session holding the lease types into the node's tasks.
+
+    async def _write_input(self, request: WriteInput) -> InputWritten:
+        self._require_lease()
+        offset, closed = await self.server.tasks.write_input(request.task_id, request.offset, request.data)
+        return InputWritten(task_id=request.task_id, offset=offset, closed=closed)
+
+    async def _close_input(self, request: CloseInput) -> InputWritten:
+        self._require_lease()
+        offset, closed = await self.server.tasks.close_input(request.task_id, request.offset)
+        return InputWritten(task_id=request.task_id, offset=offset, closed=closed)
+
+    async def _resize(self, request: ResizeTerminal) -> TerminalResized:
+        self._require_lease()
+        await self.server.tasks.resize(request.task_id, request.size.rows, request.size.cols)
+        return TerminalResized(task_id=request.task_id, size=request.size)

@@ -73,6 +73,10 @@ class _Running:
     done: anyio.Event = field(default_factory=anyio.Event)
     stop_requested: bool = False
     timed_out: bool = False
+    input_offset: int = 0
+    """Bytes of input written to the process so far."""
+    input_closed: bool = False
+    input_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
 
 class Tasks:
@@ -166,12 +170,18 @@ class Tasks:
 
     # --- tasks ----------------------------------------------------------------------------
 
-    @staticmethod
-    def check_spec(spec: TaskSpec) -> None:
+    def check_spec(self, spec: TaskSpec) -> None:
         """:class:`BadRequest` for a spec no task can run with (a missing working
-        directory); checked before anything is stored for it."""
+        directory, input or a terminal the node driver cannot give); checked before
+        anything is stored for it."""
         if spec.cwd is not None and not Path(spec.cwd).is_dir():
             raise BadRequest(f"working directory does not exist: {spec.cwd}")
+        for wanted, capability in ((spec.stdin, "stdin"), (spec.pty is not None, "pty")):
+            if wanted and capability not in self.driver.capabilities:
+                raise BadRequest(
+                    f"node {self.node.name!r} has no {capability!r} capability",
+                    details={"capability": capability},
+                )
 
     async def new_task(self, spec: TaskSpec, session_id: str | None) -> TaskInfo:
         self.check_spec(spec)
@@ -224,6 +234,12 @@ class Tasks:
         if task.state is not TaskState.PENDING:
             raise Conflict(f"task {task.id} is {task.state.value}, not pending; it cannot start again")
         self.check_spec(task.spec)
+        if task.spec.stdin or task.spec.pty is not None:
+            # The agent runs it in a process of its own that no connection reaches.
+            raise BadRequest(
+                f"a detached task on node {self.node.name!r} takes no input here: "
+                "start it attached, or on a node served by 'jmp node serve'"
+            )
         try:
             await self.detach(self.node.name, task.id)
         except BaseException:
@@ -354,6 +370,65 @@ class Tasks:
                     return task
                 return await self._lose(task)
             await anyio.sleep(POLL_INTERVAL)
+
+    # --- input and terminals ------------------------------------------------------------
+
+    def _with_input(self, task_id: str, *, terminal: bool = False) -> _Running:
+        """The running task ``task_id`` if it takes input (a terminal with
+        ``terminal``); :class:`Conflict` once it has finished."""
+        running = self._running.get(task_id)
+        if running is None:
+            raise Conflict(f"task {task_id} is not running on node {self.node.name!r}; it takes no input")
+        spec = running.task.spec
+        if terminal and spec.pty is None:
+            raise BadRequest(f"task {task_id} has no terminal (start it with pty)")
+        if not (spec.stdin or spec.pty is not None):
+            raise BadRequest(f"task {task_id} takes no input (start it with stdin)")
+        return running
+
+    async def write_input(self, task_id: str, offset: int, data: bytes) -> tuple[int, bool]:
+        """Write ``data``, which starts at ``offset`` of the task's input, skipping
+        what was written already; the input's offset afterwards and whether it is
+        closed."""
+        running = self._with_input(task_id)
+        async with running.input_lock:  # writes go in order, each once
+            if offset > running.input_offset:
+                raise BadRequest(
+                    f"input of task {task_id} written up to byte {running.input_offset}, "
+                    f"not {offset}: send from there"
+                )
+            fresh = data[running.input_offset - offset :]
+            if fresh:
+                if running.input_closed:
+                    raise BadRequest(f"input of task {task_id} is closed")
+                await running.process.write_input(fresh)
+                running.input_offset += len(fresh)
+            return running.input_offset, running.input_closed
+
+    async def close_input(self, task_id: str, offset: int) -> tuple[int, bool]:
+        """EOF on the task's input once it holds ``offset`` bytes (a close sent
+        before a write it follows is refused, not applied early)."""
+        running = self._with_input(task_id)
+        async with running.input_lock:
+            if offset != running.input_offset and not running.input_closed:
+                raise BadRequest(
+                    f"input of task {task_id} written up to byte {running.input_offset}, "
+                    f"not {offset}: write the rest before closing"
+                )
+            if not running.input_closed:
+                await running.process.close_input()
+                running.input_closed = True
+            return running.input_offset, True
+
+    async def resize(self, task_id: str, rows: int, cols: int) -> None:
+        running = self._with_input(task_id, terminal=True)
+        await running.process.resize(rows, cols)
+
+    def has_terminal(self, task_id: str) -> bool:
+        """True for a task running here on a terminal: its output is for a person,
+        so a transport sends it at once rather than gathering more."""
+        running = self._running.get(task_id)
+        return running is not None and running.task.spec.pty is not None
 
     async def wait_task(self, task_id: str, timeout: float | None) -> TaskInfo:
         with anyio.move_on_after(timeout):
