@@ -118,7 +118,12 @@ class SandboxNodeDriver(LocalNodeDriver):
     The task starts in the sandbox (a relative ``cwd`` is taken inside it; an
     absolute one is refused) with ``JMP_SANDBOX`` set to the sandbox's path."""
 
-    capabilities = [*LocalNodeDriver.capabilities, "sandbox", "limits"]
+    # Its tasks run under a launcher with stdin from /dev/null: no input, no terminal.
+    capabilities = [
+        *(c for c in LocalNodeDriver.capabilities if c not in ("stdin", "pty")),
+        "sandbox",
+        "limits",
+    ]
 
     def __init__(self, node: NodeConfig) -> None:
         super().__init__(node)
