@@ -70,6 +70,12 @@ from jumpstarter_protocol import (
     decode,
     encode,
     json_schema,
+    # --- input and terminals
+    CloseInput,
+    InputWritten,
+    ResizeTerminal,
+    TerminalResized,
+    WriteInput,
     negotiate_version,
 )
 from pydantic import BaseModel, ValidationError
@@ -276,6 +282,12 @@ MESSAGE_STRATEGIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
     SessionList: derived(SessionList),
     HistoryData: derived(HistoryData),
     Error: derived(Error),
+    # --- input and terminals
+    WriteInput: derived(WriteInput),
+    CloseInput: derived(CloseInput),
+    ResizeTerminal: derived(ResizeTerminal),
+    InputWritten: derived(InputWritten),
+    TerminalResized: derived(TerminalResized),
 }
 any_message = st.one_of(*MESSAGE_STRATEGIES.values())
 by_name = pytest.mark.parametrize("cls", list(MESSAGE_STRATEGIES), ids=lambda cls: cls.__name__)
@@ -285,7 +297,7 @@ by_name = pytest.mark.parametrize("cls", list(MESSAGE_STRATEGIES), ids=lambda cl
 
 
 def test_every_message_type_has_a_strategy() -> None:
-    assert len(MESSAGE_TYPES) == len(set(MESSAGE_TYPES)) == 35
+    assert len(MESSAGE_TYPES) == len(set(MESSAGE_TYPES)) == 35 + 5  # + input and terminals
     assert set(MESSAGE_STRATEGIES) == set(MESSAGE_TYPES)
 
 
@@ -369,7 +381,7 @@ def test_every_prefix_of_a_frame_is_refused(message: BaseModel) -> None:
     for cut in range(end):
         with pytest.raises(ProtocolError, match="^truncated message: "):
             decode(encoded[:cut])
-    if isinstance(message, OutputChunk):
+    if isinstance(message, (OutputChunk, WriteInput)):
         # The frame has no payload length: a transport must keep frames whole. A cut
         # inside the payload is indistinguishable from a shorter chunk.
         for cut in range(end, len(encoded)):
@@ -655,6 +667,16 @@ def test_timestamps_travel_in_utc() -> None:
 # --- 4. output travels raw -------------------------------------------------------------
 
 
+def test_input_data_travels_raw_beside_the_header() -> None:
+    data = bytes(range(256)) * 4
+    frame = encode(WriteInput(task_id="t", offset=5, data=data))
+    assert frame.endswith(data) and b'"data"' not in frame
+    assert decode(frame) == WriteInput(task_id="t", offset=5, data=data)
+    header = b'{"type":"write_input","task_id":"t","offset":0,"data":"aGk="}'
+    with pytest.raises(ProtocolError, match="^invalid write_input message: data must follow the header raw"):
+        decode(struct.pack(">I", len(header)) + header)
+
+
 def test_output_chunk_data_travels_raw() -> None:
     data = bytes(range(256)) * 4096  # 1 MiB, every byte value, not valid UTF-8
     chunk = OutputChunk(task_id="t" * 128, offset=2**40, stream="stderr", data=data)
@@ -733,6 +755,7 @@ def test_json_schema_covers_every_message() -> None:
         assert definition["additionalProperties"] is False
     # the payload is not part of the JSON header, so not part of its schema
     assert "data" not in schema["$defs"]["OutputChunk"]["properties"]
+    assert "data" not in schema["$defs"]["WriteInput"]["properties"]
     assert json_schema() == schema  # a fresh copy each time, not a shared dict
 
 
