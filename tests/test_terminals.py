@@ -16,7 +16,7 @@ from types import ModuleType
 import pexpect
 import pytest
 from conftest import JMP, run_jmp
-from jumpstarter.errors import BadRequest, Conflict
+from jumpstarter.errors import BadRequest, Conflict, SpawnFailed
 from jumpstarter.config import Config
 from jumpstarter.plugins.manager import get_plugin_manager
 from jumpstarter.protocol import JumpStarterProtocol
@@ -100,6 +100,8 @@ async def test_a_terminal_is_the_tasks_controlling_tty_and_follows_resizes(proto
                 await task.write_input(b"typed\n")
         assert re.fullmatch(r"/dev/pts/\d+\r\n30 100\r\ntyped\r\n40 120\r\ngot typed\r\n", output), output
         assert task.end is not None and (task.end.state, task.end.exit_code) == ("failed", 3)
+        with pytest.raises(SpawnFailed, match="^command not found: no-such-command-here$"):
+            await node.start(["no-such-command-here"], pty=(24, 80))
         plain = await node.start(["true"])
         with pytest.raises(BadRequest, match=rf"^task {plain.id} has no terminal \(start it with pty\)$"):
             await plain.resize(10, 10)

@@ -11,10 +11,10 @@ session), whose output is the task's ``stdout``.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import fcntl
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -100,10 +100,9 @@ def set_terminal_size(fd: int, rows: int, cols: int) -> None:
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
-def _take_terminal() -> None:
-    # In the child, after setsid(): stdin (the terminal) becomes the controlling
-    # terminal of the new session, so Ctrl-C, job control and /dev/tty work.
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+SETSID = shutil.which("setsid") or "/usr/bin/setsid"
+"""util-linux's ``setsid``: ``setsid --ctty CMD`` makes a new session whose
+controlling terminal is its stdin, then executes CMD in the same process."""
 
 
 async def start_on_terminal(
@@ -118,23 +117,28 @@ async def start_on_terminal(
     """Start ``command`` on a new pseudo-terminal of ``rows`` x ``cols``: stdin,
     stdout and stderr are the terminal, which is the controlling terminal of the
     task's new session; what the terminal shows goes to ``output`` as ``stdout``."""
+    environment = {**os.environ, **env} if env else None
+    # TIOCSCTTY must be done in the child. Python code there (preexec_fn) makes
+    # subprocess fork() a multi-threaded process, which crashes under grpc; setsid(1)
+    # does it in C and then executes the command (the same pid). It cannot tell us a
+    # command was not found, so that is looked for here, as the shell would.
+    program = command[0]
+    if os.sep not in program and shutil.which(program, path=(environment or os.environ).get("PATH")) is None:
+        raise spawn_failed(program, FileNotFoundError(errno.ENOENT, "No such file or directory"))
     main, secondary = os.openpty()
     try:
         set_terminal_size(main, rows, cols)
-        # anyio's open_process cannot run code in the child; TIOCSCTTY must be done there.
-        process = await asyncio.create_subprocess_exec(
-            *command,
+        process = await anyio.open_process(
+            [SETSID, "--ctty", "--", *command],
             stdin=secondary,
             stdout=secondary,
             stderr=secondary,
             cwd=cwd,
-            env={**os.environ, **env} if env else None,
-            start_new_session=True,
-            preexec_fn=_take_terminal,
+            env=environment,
         )
     except OSError as exc:
         os.close(main)
-        raise spawn_failed(command[0], exc) from None
+        raise spawn_failed(program, exc) from None
     finally:
         os.close(secondary)  # the task holds it now; its end reads as EIO on ours
     os.set_blocking(main, False)
@@ -171,7 +175,7 @@ class LocalProcess(RunningProcess):
 
     def __init__(
         self,
-        process: anyio.abc.Process | asyncio.subprocess.Process,
+        process: anyio.abc.Process,
         output: OutputWriter,
         fds: dict[Stream, int],
         input: int | None = None,
