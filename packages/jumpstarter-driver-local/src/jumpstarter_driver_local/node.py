@@ -91,6 +91,7 @@ class LocalNodeDriver(NodeDriver):
                 os.close(input_read)
         if input_write is not None:
             os.set_blocking(input_write, False)
+            _enlarge(input_write)  # fewer turns while a task reads its input
         return LocalProcess(process, output, {"stdout": pipes[0][0], "stderr": pipes[1][0]}, input_write)
 
 
@@ -148,11 +149,15 @@ async def start_on_terminal(
 def _pipe() -> tuple[int, int]:
     read_end, write_end = os.pipe()
     os.set_blocking(read_end, False)
+    _enlarge(read_end)
+    return read_end, write_end
+
+
+def _enlarge(fd: int) -> None:
     try:
-        fcntl.fcntl(read_end, _F_SETPIPE_SZ, READ_SIZE)
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, READ_SIZE)
     except OSError:
         pass  # not Linux, or above /proc/sys/fs/pipe-max-size: the default size works
-    return read_end, write_end
 
 
 def spawn_failed(command: str, exc: OSError) -> SpawnFailed:

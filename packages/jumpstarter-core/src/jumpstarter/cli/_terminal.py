@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-INPUT_CHUNK = 1024 * 1024
+INPUT_CHUNK = 4 * 1024 * 1024
 """Most bytes of input read (and sent) at once."""
 
 

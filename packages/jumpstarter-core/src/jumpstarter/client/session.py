@@ -70,7 +70,7 @@ if TYPE_CHECKING:
     from jumpstarter.node.server import NodeServer
     from jumpstarter.protocol import JumpStarterProtocol
 
-INPUT_CHUNK = 1024 * 1024
+INPUT_CHUNK = 4 * 1024 * 1024
 """Most bytes of input sent in one ``WriteInput``."""
 
 
