@@ -76,6 +76,9 @@ from jumpstarter_protocol import (
     ResizeTerminal,
     TerminalResized,
     WriteInput,
+    # --- output retention
+    OutputPruned,
+    PruneOutput,
     negotiate_version,
 )
 from pydantic import BaseModel, ValidationError
@@ -288,6 +291,9 @@ MESSAGE_STRATEGIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
     ResizeTerminal: derived(ResizeTerminal),
     InputWritten: derived(InputWritten),
     TerminalResized: derived(TerminalResized),
+    # --- output retention
+    PruneOutput: derived(PruneOutput),
+    OutputPruned: derived(OutputPruned),
 }
 any_message = st.one_of(*MESSAGE_STRATEGIES.values())
 by_name = pytest.mark.parametrize("cls", list(MESSAGE_STRATEGIES), ids=lambda cls: cls.__name__)
@@ -297,7 +303,7 @@ by_name = pytest.mark.parametrize("cls", list(MESSAGE_STRATEGIES), ids=lambda cl
 
 
 def test_every_message_type_has_a_strategy() -> None:
-    assert len(MESSAGE_TYPES) == len(set(MESSAGE_TYPES)) == 35 + 5  # + input and terminals
+    assert len(MESSAGE_TYPES) == len(set(MESSAGE_TYPES)) == 35 + 5 + 2  # + input and terminals, output retention
     assert set(MESSAGE_STRATEGIES) == set(MESSAGE_TYPES)
 
 

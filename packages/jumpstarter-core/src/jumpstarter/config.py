@@ -46,6 +46,12 @@ class NodeConfig(BaseModel):
     tls_ca: Path | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     options: dict[str, Any] = Field(default_factory=dict, description="passed to the driver")
+    keep_output_for: float | None = Field(
+        default=None, gt=0, description="seconds a finished task's output is kept (default: for ever)"
+    )
+    keep_output_bytes: int | None = Field(
+        default=None, ge=0, description="most bytes of finished tasks' output kept, oldest deleted first"
+    )
 
 
 class RegistryConfig(BaseModel):

@@ -65,6 +65,8 @@ from ._messages import (
     ResizeTerminal,
     InputWritten,
     TerminalResized,
+    PruneOutput,
+    OutputPruned,
 )
 from ._schema import json_schema
 

@@ -427,6 +427,21 @@ class ResizeTerminal(_Model):
     size: TerminalSize
 
 
+# --- output retention: request -------------------------------------------------------
+
+
+class PruneOutput(_Model):
+    """Delete the output of finished tasks: what is older than ``older_than``
+    seconds, then the oldest until at most ``max_bytes`` of output are kept. Without
+    either, the node's own retention settings apply. Running tasks keep theirs; a
+    task's state, exit code and results stay."""
+
+    type: Literal["prune_output"] = "prune_output"
+    older_than: float | None = Field(default=None, ge=0)
+    max_bytes: int | None = Field(default=None, ge=0)
+    dry_run: bool = False
+
+
 # --- replies -----------------------------------------------------------------------
 
 
@@ -549,6 +564,19 @@ class TerminalResized(_Model):
     size: TerminalSize
 
 
+# --- output retention: reply ----------------------------------------------------------
+
+
+class OutputPruned(_Model):
+    """The tasks whose output was deleted (or would be, with ``dry_run``), oldest
+    first, and how many bytes that freed."""
+
+    type: Literal["output_pruned"] = "output_pruned"
+    task_ids: list[str]
+    bytes: int = Field(ge=0)
+    dry_run: bool = False
+
+
 class Error(_Model):
     """The one error reply. ``code`` is stable; ``message`` is for a person."""
 
@@ -581,6 +609,7 @@ Request = Annotated[
         WriteInput,
         CloseInput,
         ResizeTerminal,
+        PruneOutput,
     ],
     Field(discriminator="type"),
 ]
@@ -606,6 +635,7 @@ Reply = Annotated[
         HistoryData,
         InputWritten,
         TerminalResized,
+        OutputPruned,
         Error,
     ],
     Field(discriminator="type"),

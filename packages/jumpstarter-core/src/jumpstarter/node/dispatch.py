@@ -38,8 +38,10 @@ from jumpstarter_protocol import (
     NodeReleased,
     OpenTask,
     Ping,
+    OutputPruned,
     Pong,
     ProtocolError,
+    PruneOutput,
     QueryHistory,
     QueryResults,
     ReadOutput,
@@ -105,6 +107,8 @@ class NodeConnection:
             WriteInput: self._write_input,
             CloseInput: self._close_input,
             ResizeTerminal: self._resize,
+            # --- output retention
+            PruneOutput: self._prune_output,
         }
 
     async def handle(self, request: Any) -> Any:
@@ -311,3 +315,12 @@ class NodeConnection:
         self._require_lease()
         await self.server.tasks.resize(request.task_id, request.size.rows, request.size.cols)
         return TerminalResized(task_id=request.task_id, size=request.size)
+
+    # --- output retention -----------------------------------------------------------------
+
+    async def _prune_output(self, request: PruneOutput) -> OutputPruned:
+        self._require_lease()  # it deletes: the node's holder decides
+        task_ids, freed = await self.server.tasks.prune_output(
+            request.older_than, request.max_bytes, dry_run=request.dry_run
+        )
+        return OutputPruned(task_ids=task_ids, bytes=freed, dry_run=request.dry_run)

@@ -32,7 +32,7 @@ from jumpstarter_protocol import (
 )
 
 from jumpstarter.config import NodeConfig
-from jumpstarter.errors import BadRequest, Conflict
+from jumpstarter.errors import BadRequest, Conflict, NotFound
 from jumpstarter.node.agent import alive as agent_alive
 from jumpstarter.node.agent import kill_left_behind, request_stop
 from jumpstarter.node.output import OutputLog, give_back_reserved
@@ -47,6 +47,8 @@ POLL_INTERVAL = 0.05
 """How often a task run by another process is looked at (its output, its state)."""
 STOP_GRACE_ON_SHUTDOWN = 2.0
 TIMEOUT_GRACE = 5.0
+SPARE_RECENT_OUTPUT = 10.0
+"""Seconds a finished task's output is safe from the node's own retention settings."""
 
 Detacher = Callable[[str, str], Awaitable[None]]
 """Starts the pending task ``task_id`` of node ``node`` under an agent process of its
@@ -328,6 +330,7 @@ class Tasks:
             running.done.set()
             running.output.wake()
             self.hook.jmp_task_finished(task=running.task)
+            await self._keep_output_within_limits()
 
     async def _stop(self, running: _Running, grace: float) -> TaskInfo:
         if not running.done.is_set():
@@ -370,6 +373,74 @@ class Tasks:
                     return task
                 return await self._lose(task)
             await anyio.sleep(POLL_INTERVAL)
+
+    # --- output retention ----------------------------------------------------------------
+
+    async def prune_output(
+        self,
+        older_than: float | None = None,
+        max_bytes: int | None = None,
+        *,
+        dry_run: bool = False,
+        spare_recent: float = 0.0,
+    ) -> tuple[list[str], int]:
+        """Delete the output logs of finished tasks older than ``older_than`` seconds
+        (by their last write), then the oldest until at most ``max_bytes`` are kept;
+        without either, the node's ``keep_output_for`` and ``keep_output_bytes``.
+        Logs written within ``spare_recent`` seconds are kept whatever the limits.
+        The ids of the tasks pruned, oldest first, and the bytes freed."""
+        if older_than is None and max_bytes is None:
+            older_than, max_bytes = self.node.keep_output_for, self.node.keep_output_bytes
+        if older_than is None and max_bytes is None:
+            return [], 0
+        logs = []  # (last write, task id, bytes) of each finished task's log
+        for path in self.output_dir.glob("*.out"):
+            task_id = path.stem
+            try:
+                stat = path.stat()
+                index = path.with_suffix(".idx")
+                size = stat.st_size + (index.stat().st_size if index.exists() else 0)
+            except FileNotFoundError:
+                continue  # pruned meanwhile
+            logs.append((stat.st_mtime, task_id, size))
+        logs.sort()
+        # Only finished tasks: one that runs (here or under an agent) is writing its log.
+        finished = []
+        for mtime, task_id, size in logs:
+            if task_id in _LIVE:
+                continue
+            try:
+                task = await self.store.get_task(task_id)
+            except NotFound:
+                task = None  # a log whose task is gone from the store: nobody can read it
+            if task is None or task.state.finished:
+                finished.append((mtime, task_id, size))
+        now = time.time()
+        kept = sum(size for _, _, size in finished)
+        pruned: list[str] = []
+        freed = 0
+        for mtime, task_id, size in finished:
+            too_old = older_than is not None and now - mtime > older_than
+            too_much = max_bytes is not None and kept > max_bytes
+            if not (too_old or too_much) or now - mtime < spare_recent:
+                continue
+            pruned.append(task_id)
+            freed += size
+            kept -= size
+            if not dry_run:
+                for suffix in (".out", ".idx"):
+                    (self.output_dir / f"{task_id}{suffix}").unlink(missing_ok=True)
+        return pruned, freed
+
+    async def _keep_output_within_limits(self) -> None:
+        """The node's retention settings, applied as each task finishes."""
+        if self.node.keep_output_for is None and self.node.keep_output_bytes is None:
+            return
+        try:
+            # Not what finished a moment ago: its followers may still be reading it.
+            await self.prune_output(spare_recent=SPARE_RECENT_OUTPUT)
+        except OSError as exc:  # a full or read-only disk must not take the node down
+            log.warning("cannot prune task output in %s: %s", self.output_dir, exc)
 
     # --- input and terminals ------------------------------------------------------------
 
