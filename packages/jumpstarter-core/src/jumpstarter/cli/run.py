@@ -59,8 +59,9 @@ def run(state, node, session, endpoint, token_file, tls_ca, select, duration, wa
 
     -t runs the task on a terminal of the node (for shells, editors, python3): jmp's
     terminal is put in raw mode and restored when jmp exits, its size follows
-    yours, and every key goes to the program: Ctrl-C interrupts the program, not
-    the task; Ctrl-D (or `exit`) ends a shell. Output arrives as one stream.
+    yours, and every key goes to the program, Ctrl-C included (it interrupts what
+    runs there, as on any terminal, instead of making jmp stop the task); Ctrl-D
+    or `exit` ends a shell. Output arrives as one stream.
 
     \b
     Examples:
