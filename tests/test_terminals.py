@@ -232,12 +232,13 @@ def test_jmp_run_t_runs_an_interactive_shell_on_a_pty(data_dir: Path) -> None:
                 break
         else:
             raise AssertionError("the task's terminal never got the new size")
-        child.sendline("sleep 100")
-        child.expect_exact("sleep 100\r\n")
+        # Markers the shell computes, so that the echo of what was typed never matches.
+        child.sendline("echo sleeping-$((1 + 1)); sleep 100")
+        child.expect_exact("sleeping-2\r\n")
         child.sendcontrol("c")  # goes to the program: sleep ends, the shell lives on
         child.expect_exact(PROMPT)
-        child.sendline("echo still here")
-        child.expect_exact("still here\r\n")
+        child.sendline("echo still-$((40 + 2))")
+        child.expect_exact("still-42\r\n")
         child.expect_exact(PROMPT)
         child.sendline("exit 3")
         child.expect_exact("EXIT=3\r\n")

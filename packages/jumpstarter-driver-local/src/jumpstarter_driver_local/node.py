@@ -291,7 +291,14 @@ class LocalProcess(RunningProcess):
         try:
             os.killpg(self.pid, signum)
         except ProcessLookupError:
-            return False
+            if not self._terminal or self.process.returncode is not None:
+                return False
+            # On a terminal the task makes its session itself (setsid --ctty): in the
+            # moment before, it has no group of its own yet; the process itself has.
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                return False
         except PermissionError:
             return True
         return True
