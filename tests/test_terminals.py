@@ -274,7 +274,7 @@ def test_a_terminal_task_killed_from_outside_still_restores_the_terminal(data_di
     try:
         before = _stty(child, "BEFORE-END")
         child.expect_exact("READY")
-        jmp_pid = subprocess.run(["pgrep", "-P", str(child.pid)], capture_output=True, text=True).stdout.split()
+        jmp_pid = Path(f"/proc/{child.pid}/task/{child.pid}/children").read_text().split()  # bash's child
         assert len(jmp_pid) == 1
         os.kill(int(jmp_pid[0]), signal.SIGTERM)  # the task is stopped, the terminal put back
         child.expect(r"EXIT=(\d+)\r\n")
