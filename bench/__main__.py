@@ -59,8 +59,8 @@ def table(figures: list[Figure]) -> str:
                 f"{_number(f.ours)} {f.unit}",
                 f"{_number(f.baseline)} {f.unit}" if f.baseline is not None else "-",
                 f"{f.ratio:.2f}x" if f.ratio is not None else "-",
-                f.target,
-                "yes" if f.met else "NO",
+                f.target or "(info)",
+                "-" if f.met is None else "yes" if f.met else "NO",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]

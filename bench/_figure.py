@@ -13,7 +13,8 @@ class Figure:
     """``ours`` and ``baseline`` in ``unit``; ``ratio`` is ours / baseline.
 
     ``target`` reads like "<= 3x" or ">= 0.5x" (against the ratio) or "<= 50 ms"
-    (against ``ours``, when there is no baseline)."""
+    (against ``ours``, when there is no baseline); empty for a row shown as
+    information, whose ratio is not judged."""
 
     name: str
     ours: float
@@ -27,7 +28,9 @@ class Figure:
         return None if not self.baseline else self.ours / self.baseline
 
     @property
-    def met(self) -> bool:
+    def met(self) -> bool | None:
+        if not self.target:
+            return None
         op, _, rest = self.target.partition(" ")
         limit = float(rest.split()[0].rstrip("x"))
         value = self.ratio if rest.strip().endswith("x") else self.ours

@@ -33,7 +33,7 @@ def test_node_info(runner: CliRunner) -> None:
         ["node", "local"],
         ["driver", "local"],
         ["labels", "-"],
-        ["capabilities", "exec shell env cwd timeout process-group files"],
+        ["capabilities", "exec shell env cwd timeout process-group files stdin pty"],
         ["limits", "max_message_size=16777216 output_chunk=1048576 max_transfer=17179869184"],
         ["protocol", "1"],
         ["jumpstarter", __version__],

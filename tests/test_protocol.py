@@ -70,6 +70,15 @@ from jumpstarter_protocol import (
     decode,
     encode,
     json_schema,
+    # --- input and terminals
+    CloseInput,
+    InputWritten,
+    ResizeTerminal,
+    TerminalResized,
+    WriteInput,
+    # --- output retention
+    OutputPruned,
+    PruneOutput,
     negotiate_version,
     # files
     AddArtifacts,
@@ -326,6 +335,15 @@ MESSAGE_STRATEGIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
     FileWritten: derived(FileWritten, sha256=sha256s),
     ArtifactList: derived(ArtifactList),
     Error: derived(Error),
+    # --- input and terminals
+    WriteInput: derived(WriteInput),
+    CloseInput: derived(CloseInput),
+    ResizeTerminal: derived(ResizeTerminal),
+    InputWritten: derived(InputWritten),
+    TerminalResized: derived(TerminalResized),
+    # --- output retention
+    PruneOutput: derived(PruneOutput),
+    OutputPruned: derived(OutputPruned),
 }
 any_message = st.one_of(*MESSAGE_STRATEGIES.values())
 by_name = pytest.mark.parametrize("cls", list(MESSAGE_STRATEGIES), ids=lambda cls: cls.__name__)
@@ -335,7 +353,8 @@ by_name = pytest.mark.parametrize("cls", list(MESSAGE_STRATEGIES), ids=lambda cl
 
 
 def test_every_message_type_has_a_strategy() -> None:
-    assert len(MESSAGE_TYPES) == len(set(MESSAGE_TYPES)) == 50
+    # 35, + 15 for files, + 5 for input and terminals, + 2 for output retention
+    assert len(MESSAGE_TYPES) == len(set(MESSAGE_TYPES)) == 35 + 15 + 5 + 2
     assert set(MESSAGE_STRATEGIES) == set(MESSAGE_TYPES)
 
 
@@ -419,7 +438,7 @@ def test_every_prefix_of_a_frame_is_refused(message: BaseModel) -> None:
     for cut in range(end):
         with pytest.raises(ProtocolError, match="^truncated message: "):
             decode(encoded[:cut])
-    if isinstance(message, OutputChunk):
+    if isinstance(message, (OutputChunk, WriteInput)):
         # The frame has no payload length: a transport must keep frames whole. A cut
         # inside the payload is indistinguishable from a shorter chunk.
         for cut in range(end, len(encoded)):
@@ -708,6 +727,16 @@ def test_timestamps_travel_in_utc() -> None:
 # --- 4. output travels raw -------------------------------------------------------------
 
 
+def test_input_data_travels_raw_beside_the_header() -> None:
+    data = bytes(range(256)) * 4
+    frame = encode(WriteInput(task_id="t", offset=5, data=data))
+    assert frame.endswith(data) and b'"data"' not in frame
+    assert decode(frame) == WriteInput(task_id="t", offset=5, data=data)
+    header = b'{"type":"write_input","task_id":"t","offset":0,"data":"aGk="}'
+    with pytest.raises(ProtocolError, match="^invalid write_input message: data must follow the header raw"):
+        decode(struct.pack(">I", len(header)) + header)
+
+
 def test_output_chunk_data_travels_raw() -> None:
     data = bytes(range(256)) * 4096  # 1 MiB, every byte value, not valid UTF-8
     chunk = OutputChunk(task_id="t" * 128, offset=2**40, stream="stderr", data=data)
@@ -787,6 +816,7 @@ def test_json_schema_covers_every_message() -> None:
     # the payload is not part of the JSON header, so not part of its schema
     assert "data" not in schema["$defs"]["OutputChunk"]["properties"]
     assert "data" not in schema["$defs"]["FileChunk"]["properties"]
+    assert "data" not in schema["$defs"]["WriteInput"]["properties"]
     assert json_schema() == schema  # a fresh copy each time, not a shared dict
 
 

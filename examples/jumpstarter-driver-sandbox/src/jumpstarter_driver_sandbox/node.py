@@ -124,7 +124,12 @@ class SandboxNodeDriver(LocalNodeDriver):
     and are fetched from it: the workspace is the node's files root, and a node
     without a workspace has no ``files`` capability."""
 
-    capabilities = [*LocalNodeDriver.capabilities, "sandbox", "limits"]
+    # Its tasks run under a launcher with stdin from /dev/null: no input, no terminal.
+    capabilities = [
+        *(c for c in LocalNodeDriver.capabilities if c not in ("stdin", "pty")),
+        "sandbox",
+        "limits",
+    ]
 
     def __init__(self, node: NodeConfig) -> None:
         super().__init__(node)

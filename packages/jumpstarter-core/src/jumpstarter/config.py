@@ -50,6 +50,12 @@ class NodeConfig(BaseModel):
         default=None, description="where this node may put and fetch files; default: anywhere its user may"
     )
     max_transfer: int | None = Field(default=None, gt=0, description="bytes one file transfer may carry")
+    keep_output_for: float | None = Field(
+        default=None, gt=0, description="seconds a finished task's output is kept (default: for ever)"
+    )
+    keep_output_bytes: int | None = Field(
+        default=None, ge=0, description="most bytes of finished tasks' output kept, oldest deleted first"
+    )
 
 
 class RegistryConfig(BaseModel):

@@ -25,6 +25,7 @@ import anyio
 from jumpstarter.errors import ConfigError
 from jumpstarter.node import NodeConnection, NodeServer
 from jumpstarter_protocol import (
+    CloseInput,
     ConnectionInfo,
     Error,
     ErrorCode,
@@ -33,6 +34,8 @@ from jumpstarter_protocol import (
     OutputChunk,
     ProtocolError,
     ReadOutput,
+    ResizeTerminal,
+    WriteInput,
     decode,
     encode,
 )
@@ -42,6 +45,7 @@ from ._wire import (
     DEFAULT_KEEPALIVE,
     DEFAULT_PORT,
     GET_FILE_METHOD,
+    INPUT_METHOD,
     KEEPALIVE_KEY,
     PUT_FILE_METHOD,
     READ_OUTPUT_METHOD,
@@ -97,6 +101,7 @@ class NodeService:
                 READ_OUTPUT_METHOD: grpc.unary_stream_rpc_method_handler(self.read_output),
                 PUT_FILE_METHOD: grpc.stream_unary_rpc_method_handler(self.put_file),
                 GET_FILE_METHOD: grpc.unary_stream_rpc_method_handler(self.get_file),
+                INPUT_METHOD: grpc.stream_stream_rpc_method_handler(self.input),
             },
         )
 
@@ -135,8 +140,10 @@ class NodeService:
             )
             return
         client = await self._client(context)
+        # A terminal's output is for a person at a keyboard: each echo goes at once.
+        wait = 0.0 if self.server.tasks.has_terminal(request.task_id) else SMALL_CHUNK_WAIT
         with self._in_call(client):
-            async for frame in self._frames(client.connection.read_output(request)):
+            async for frame in self._frames(client.connection.read_output(request), wait):
                 yield frame
 
     # --- files ----------------------------------------------------------------------------
@@ -183,7 +190,35 @@ class NodeService:
                 async for message in messages:
                     yield self._encode(message)
 
-    async def _frames(self, messages: AsyncGenerator[Any, None]) -> AsyncIterator[bytes]:
+    # --- input and terminals ----------------------------------------------------------------
+
+    async def input(
+        self, frames: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[bytes]:
+        """Input frames in (``WriteInput``, ``CloseInput``, ``ResizeTerminal``), one
+        reply frame out for each."""
+        if not self._authorized(context):
+            yield self._refused
+            return
+        client = await self._client(context)
+        with self._in_call(client):
+            async for data in frames:
+                try:
+                    message = decode(data, max_size=self.server.max_message_size)
+                except ProtocolError as exc:
+                    yield encode(Error(code=ErrorCode(exc.code), message=str(exc)))
+                    continue
+                if not isinstance(message, (WriteInput, CloseInput, ResizeTerminal)):
+                    yield encode(
+                        Error(code=ErrorCode.BAD_REQUEST, message=f"{message.type} is not task input")
+                    )
+                    continue
+                client.last_seen = time.monotonic()
+                yield self._encode(await client.connection.handle(message))
+
+    async def _frames(
+        self, messages: AsyncGenerator[Any, None], small_chunk_wait: float = SMALL_CHUNK_WAIT
+    ) -> AsyncIterator[bytes]:
         """``messages`` as frames, small output chunks merged into larger ones.
 
         A task writing fast wakes the reader for every write, and each message costs
@@ -218,11 +253,11 @@ class NodeService:
                 while size < self.merge_up_to:
                     if not queue.empty():
                         after = queue.get_nowait()
-                    elif size < SMALL_CHUNK:
+                    elif size < SMALL_CHUNK and small_chunk_wait:
                         # Caught up with a task that writes: a moment's wait turns many
                         # tiny frames into one (as Nagle's algorithm does for TCP).
                         try:
-                            after = await asyncio.wait_for(queue.get(), SMALL_CHUNK_WAIT)
+                            after = await asyncio.wait_for(queue.get(), small_chunk_wait)
                         except TimeoutError:
                             break
                     else:

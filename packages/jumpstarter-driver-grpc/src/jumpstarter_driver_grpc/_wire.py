@@ -15,6 +15,9 @@ Service ``jumpstarter.v1.Node``:
 ``GetFile`` (server streaming)
     one ``GetFile`` frame in; ``FileChunk`` frames, then one ``FileEnd`` (or
     ``Error``) frame out.
+``Input`` (bidirectional streaming)
+    ``WriteInput``, ``CloseInput`` and ``ResizeTerminal`` frames in, one reply frame
+    out for each, in order: a task's input (keystrokes) without a call per write.
 
 Metadata on every call:
 
@@ -84,6 +87,7 @@ def _import_grpc() -> ModuleType:
 SERVICE = "jumpstarter.v1.Node"
 REQUEST_METHOD = "Request"
 READ_OUTPUT_METHOD = "ReadOutput"
+INPUT_METHOD = "Input"
 REQUEST_PATH = f"/{SERVICE}/{REQUEST_METHOD}"
 READ_OUTPUT_PATH = f"/{SERVICE}/{READ_OUTPUT_METHOD}"
 # --- files
@@ -91,6 +95,7 @@ PUT_FILE_METHOD = "PutFile"
 GET_FILE_METHOD = "GetFile"
 PUT_FILE_PATH = f"/{SERVICE}/{PUT_FILE_METHOD}"
 GET_FILE_PATH = f"/{SERVICE}/{GET_FILE_METHOD}"
+INPUT_PATH = f"/{SERVICE}/{INPUT_METHOD}"
 
 TOKEN_KEY = "authorization"
 CONNECTION_KEY = "jmp-connection"

@@ -13,7 +13,9 @@ Every unary call has a deadline (``deadline`` seconds, plus the time the request
 itself asks to wait). Once a node was reached, a broken connection is retried with
 backoff for up to ``reconnect_timeout`` seconds: requests that are safe to repeat are
 sent again, and an output stream resumes from the offset it had reached, so nothing
-is lost and nothing doubled. If the node forgot the connection (it restarted, or the
+is lost and nothing doubled. A task's input goes over one ``Input`` stream per
+connection; each write names its offset in the input, so after a break it is sent
+again (as a plain request) and the node skips what it had. If the node forgot the connection (it restarted, or the
 client was silent past its keep-alive), the transport shakes hands again and retakes
 the lease it held. A background ``Ping`` keeps the connection (and lease) alive.
 """
@@ -38,6 +40,7 @@ from jumpstarter.plugins import ClientContext
 from jumpstarter_protocol import (
     MAX_MESSAGE_SIZE,
     AddResult,
+    CloseInput,
     ConnectionEstablished,
     ConnectionInfo,
     ConnectNode,
@@ -61,9 +64,11 @@ from jumpstarter_protocol import (
     ReadOutput,
     ReleaseNode,
     StatFile,
+    ResizeTerminal,
     StopTask,
     TaskStatus,
     WaitTask,
+    WriteInput,
     decode,
     encode,
 )
@@ -73,6 +78,7 @@ from ._wire import (
     CONNECTION_KEY,
     DEFAULT_PORT,
     GET_FILE_PATH,
+    INPUT_PATH,
     KEEPALIVE_KEY,
     PUT_FILE_PATH,
     READ_OUTPUT_PATH,
@@ -111,7 +117,12 @@ _REPEATABLE = (
     StatFile,
     ListFiles,
     ListArtifacts,
+    # The node skips input it has already (each write names its offset).
+    WriteInput,
+    CloseInput,
+    ResizeTerminal,
 )
+_INPUT = (WriteInput, CloseInput, ResizeTerminal)
 
 
 def _repeatable(message: Any) -> bool:
@@ -262,6 +273,9 @@ class GrpcTransport(Transport):
         self._stream = channel.unary_stream(READ_OUTPUT_PATH)
         self._put_file = channel.stream_unary(PUT_FILE_PATH)
         self._get_file = channel.unary_stream(GET_FILE_PATH)
+        self._input_stub = channel.stream_stream(INPUT_PATH)
+        self._input_call: Any = None  # the open Input stream, made by the first write
+        self._input_lock = asyncio.Lock()
         self._reached = False  # once true, a broken connection is retried, not fatal
         self._connection_id: str | None = None
         self._handshake: InitializeConnection | None = None
@@ -312,7 +326,10 @@ class GrpcTransport(Transport):
             frame = encode(message, max_size=MAX_MESSAGE_SIZE)
         except ProtocolError as exc:
             return Error(code=ErrorCode(exc.code), message=str(exc))
-        reply = await self._call(message, frame)
+        if isinstance(message, _INPUT):
+            reply = await self._input(message, frame)
+        else:
+            reply = await self._call(message, frame)
         if isinstance(message, ConnectNode) and isinstance(reply, ConnectionEstablished):
             self._lease = message.model_copy(update={"wait": None})
         elif isinstance(message, ReleaseNode) and isinstance(reply, NodeReleased):
@@ -390,10 +407,33 @@ class GrpcTransport(Transport):
             finally:
                 call.cancel()
 
+    async def _input(self, message: Any, frame: bytes) -> Any:
+        """Send input over the ``Input`` stream, one reply per frame. If the stream
+        breaks, the frame goes again as a plain request, retried and re-handshaken as
+        any other; the next write opens a new stream."""
+        async with self._input_lock:
+            try:
+                if self._input_call is None:
+                    self._input_call = self._input_stub(metadata=self._metadata())
+                await self._input_call.write(frame)
+                data = await self._input_call.read()
+                if data is not grpc.aio.EOF:
+                    return self._explain(self._decode(data))
+            except grpc.aio.AioRpcError:
+                pass
+            except grpc.aio.UsageError:  # written to a stream that already ended
+                pass
+            if self._input_call is not None:
+                self._input_call.cancel()
+                self._input_call = None
+        return await self._call(message, frame)
+
     async def aclose(self) -> None:
         if self._closed:
             return
         self._closed = True
+        if self._input_call is not None:
+            self._input_call.cancel()
         if self._keepalive is not None:
             self._keepalive.cancel()
             await asyncio.wait([self._keepalive])

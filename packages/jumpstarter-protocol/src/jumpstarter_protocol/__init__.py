@@ -79,6 +79,13 @@ from ._messages import (
     PutFile,
     StatFile,
     UploadReady,
+    WriteInput,
+    CloseInput,
+    ResizeTerminal,
+    InputWritten,
+    TerminalResized,
+    PruneOutput,
+    OutputPruned,
 )
 from ._schema import json_schema
 

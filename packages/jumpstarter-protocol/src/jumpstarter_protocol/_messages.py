@@ -528,6 +528,55 @@ class AddArtifacts(_Model):
 class ListArtifacts(_Model):
     type: Literal["list_artifacts"] = "list_artifacts"
     task_id: Id
+# --- input and terminals: requests ----------------------------------------------------
+
+
+class WriteInput(_Model):
+    """Write bytes to a running task's input (a task started with ``stdin`` or ``pty``).
+
+    ``offset`` is where ``data`` starts in the task's whole input. The node skips what
+    it already has, so a client that sends a write again after a broken connection
+    doubles nothing; a write beyond what the node has (a gap) is refused. ``data``
+    travels raw beside the JSON header, as output chunks do. Only the session holding
+    the node's lease may write."""
+
+    type: Literal["write_input"] = "write_input"
+    task_id: Id
+    offset: int = Field(ge=0)
+    data: bytes = b""
+
+
+class CloseInput(_Model):
+    """End a task's input (EOF) once the node has ``offset`` bytes of it; closing
+    twice is not an error."""
+
+    type: Literal["close_input"] = "close_input"
+    task_id: Id
+    offset: int = Field(ge=0)
+
+
+class ResizeTerminal(_Model):
+    """Set the size of a task's terminal (a task started with ``pty``); the program
+    gets SIGWINCH."""
+
+    type: Literal["resize_terminal"] = "resize_terminal"
+    task_id: Id
+    size: TerminalSize
+
+
+# --- output retention: request -------------------------------------------------------
+
+
+class PruneOutput(_Model):
+    """Delete the output of finished tasks: what is older than ``older_than``
+    seconds, then the oldest until at most ``max_bytes`` of output are kept. Without
+    either, the node's own retention settings apply. Running tasks keep theirs; a
+    task's state, exit code and results stay."""
+
+    type: Literal["prune_output"] = "prune_output"
+    older_than: float | None = Field(default=None, ge=0)
+    max_bytes: int | None = Field(default=None, ge=0)
+    dry_run: bool = False
 
 
 # --- replies -----------------------------------------------------------------------
@@ -701,6 +750,38 @@ class ArtifactList(_Model):
     artifacts: list[ArtifactInfo]
 
 
+# --- input and terminals: replies ------------------------------------------------------
+
+
+class InputWritten(_Model):
+    """How much of the task's input the node has (the offset the next write starts
+    at), and whether the input is closed. Answers ``WriteInput`` and ``CloseInput``."""
+
+    type: Literal["input_written"] = "input_written"
+    task_id: Id
+    offset: int = Field(ge=0)
+    closed: bool = False
+
+
+class TerminalResized(_Model):
+    type: Literal["terminal_resized"] = "terminal_resized"
+    task_id: Id
+    size: TerminalSize
+
+
+# --- output retention: reply ----------------------------------------------------------
+
+
+class OutputPruned(_Model):
+    """The tasks whose output was deleted (or would be, with ``dry_run``), oldest
+    first, and how many bytes that freed."""
+
+    type: Literal["output_pruned"] = "output_pruned"
+    task_ids: list[str]
+    bytes: int = Field(ge=0)
+    dry_run: bool = False
+
+
 class Error(_Model):
     """The one error reply. ``code`` is stable; ``message`` is for a person."""
 
@@ -741,6 +822,10 @@ Request = Annotated[
         GetFile,
         AddArtifacts,
         ListArtifacts,
+        WriteInput,
+        CloseInput,
+        ResizeTerminal,
+        PruneOutput,
     ],
     Field(discriminator="type"),
 ]
@@ -770,6 +855,9 @@ Reply = Annotated[
         UploadReady,
         FileWritten,
         ArtifactList,
+        InputWritten,
+        TerminalResized,
+        OutputPruned,
         Error,
     ],
     Field(discriminator="type"),

@@ -14,8 +14,9 @@ def json_schema() -> dict[str, Any]:
     """The JSON Schema of :data:`~jumpstarter_protocol.Message` (every message) as it
     appears in a frame's JSON header.
 
-    ``output_chunk.data`` and ``file_chunk.data`` are not part of the header (the codec refuses them there):
-    their bytes follow the header raw (see :mod:`jumpstarter_protocol._codec`)."""
+    ``output_chunk.data``, ``file_chunk.data`` and ``write_input.data`` are not part of the
+    header (the codec refuses them there): their bytes follow the header raw (see
+    :mod:`jumpstarter_protocol._codec`)."""
     schema = TypeAdapter(Message).json_schema(mode="serialization")
     for model, field in _PAYLOAD_FIELD.items():
         # The header never holds the payload; a client built from this schema must not
@@ -27,7 +28,7 @@ def json_schema() -> dict[str, Any]:
     schema["title"] = "Jumpstarter protocol message"
     schema["description"] = (
         f"Protocol version {PROTOCOL_VERSION}. A frame is a 4-byte big-endian header "
-        "length, this JSON header, then the raw bytes of output_chunk.data "
-        "(and of file_chunk.data)."
+        "length, this JSON header, then the raw bytes of output_chunk.data, "
+        "file_chunk.data or write_input.data."
     )
     return schema

@@ -40,6 +40,7 @@ execute / not found, 128+N killed by signal N, 130 after Ctrl-C).
     commands={
         "run": ("jumpstarter.cli.run:run", "Run a command on a node and stream its output."),
         "cp": ("jumpstarter.cli.cp:cp", "Copy files to and from a node (NODE:PATH)."),
+        "shell": ("jumpstarter.cli.shell:shell", "Open a login shell on a node, on a terminal."),
         "task": ("jumpstarter.cli.task:task", "Create, start, stop, wait for, follow and list tasks."),
         "result": ("jumpstarter.cli.result:result", "Add, query, import, compare and report results."),
         "node": ("jumpstarter.cli.node:node", "Describe a node, or serve this machine as one."),

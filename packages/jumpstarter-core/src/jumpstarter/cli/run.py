@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import sys
 
@@ -18,7 +20,7 @@ WAIT_FOREVER = 10 * 365 * 86400.0
 
 
 @click.command(context_settings={"allow_interspersed_args": False})
-@click.option("-n", "--node", shell_complete=complete_node, help="Node to run on (default: the config's default_node, 'local').")
+@click.option("--node", shell_complete=complete_node, help="Node to run on (default: the config's default_node, 'local').")
 @click.option("-s", "--session", default="run", shell_complete=complete_session, show_default=True, help="Session name.")
 @click.option("--endpoint", metavar="URL",
               help="Reach the node at grpc://HOST:PORT (or grpcs:// for TLS) instead of through the config.")
@@ -30,7 +32,12 @@ WAIT_FOREVER = 10 * 365 * 86400.0
 @click.option("--duration", type=Seconds(), metavar="SECONDS", help="End the lease after SECONDS.")
 @click.option("--wait", type=Seconds(), is_flag=False, flag_value=WAIT_FOREVER, metavar="[SECONDS]",
               help="When another session holds the node, wait in line for it (up to SECONDS) instead of failing.")
-@click.option("-t", "--timeout", type=click.FloatRange(min=0, min_open=True), help="Stop after SECONDS; exit 124.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), help="Stop after SECONDS; exit 124.")
+@click.option("-n", "--no-stdin", is_flag=True, help="Give the task /dev/null as stdin instead of jmp's own.")
+@click.option("-i", "--interactive", is_flag=True,
+              help="Forward jmp's stdin to the task (the default; so that -it reads as with ssh and docker).")
+@click.option("-t", "--tty", is_flag=True,
+              help="Run the task on a terminal (a PTY) on the node, with jmp's terminal in raw mode.")
 @click.option("-e", "--env", multiple=True, metavar="K=V", help="Set an environment variable (repeatable).")
 @click.option("--cwd", help="Working directory of the task, on the node.")
 @click.option("--name", help="A name for the task.")
@@ -52,8 +59,8 @@ WAIT_FOREVER = 10 * 365 * 86400.0
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_obj
 @handle_errors
-def run(state, node, session, endpoint, token_file, tls_ca, select, duration, wait, timeout, env, cwd, name, label,
-        shell, grace, puts, gets, get_to, junit, command) -> None:
+def run(state, node, session, endpoint, token_file, tls_ca, select, duration, wait, timeout, no_stdin, interactive,
+        tty, env, cwd, name, label, shell, grace, puts, gets, get_to, junit, command) -> None:
     """Run COMMAND on a node and stream its output.
 
     stdout and stderr of the task go to jmp's stdout and stderr as they come. jmp
@@ -61,9 +68,20 @@ def run(state, node, session, endpoint, token_file, tls_ca, select, duration, wa
     exist). Ctrl-C stops the task (SIGTERM to its process group, SIGKILL after
     --grace seconds); a second Ctrl-C kills it at once.
 
+    jmp's stdin goes to the task, and its end reaches the task as EOF, as with ssh;
+    -n gives the task /dev/null instead.
+
+    -t runs the task on a terminal of the node (for shells, editors, python3): jmp's
+    terminal is put in raw mode and restored when jmp exits, its size follows
+    yours, and every key goes to the program, Ctrl-C included (it interrupts what
+    runs there, as on any terminal, instead of making jmp stop the task); Ctrl-D
+    or `exit` ends a shell. Output arrives as one stream.
+
     \b
     Examples:
       jmp run -- pytest -q
+      tar c src | jmp run --node lab1 -- tar x -C /tmp
+      jmp run -it --node lab1 -- python3
       jmp run --timeout 60 --env BOARD=rpi4 -- ./flash.sh image.bin
       jmp run --shell -- 'make -j2 && ./run-tests'
       jmp run --endpoint grpcs://lab1.example:7100 --token-file lab1.token -- ./flash.sh
@@ -86,12 +104,16 @@ def run(state, node, session, endpoint, token_file, tls_ca, select, duration, wa
         node = endpoint_node(state.protocol, endpoint, node, token_file, tls_ca)
     elif token_file is not None or tls_ca is not None:
         raise click.UsageError("--token-file and --tls-ca go with --endpoint (a configured node has them in its config)")
+    if tty and no_stdin:
+        raise click.UsageError("-t reads the terminal on stdin: give it without -n")
+    if tty and not os.isatty(0):
+        raise click.UsageError("-t needs a terminal, and stdin is not one (leave -t out to pipe input)")
     argv, spec = make_spec(command, env, cwd, timeout, name, label, shell, grace)
     files = TaskFiles.from_options(puts, gets, get_to, junit, cwd)
     import anyio
 
     connect = {"wait": wait, "duration": duration, "select": selector}
-    code = anyio.run(_run, state.protocol, node, session, argv, spec, grace, connect, files)
+    code = anyio.run(_run, state.protocol, node, session, argv, spec, grace, connect, files, not no_stdin, tty)
     sys.exit(code)
 
 
@@ -115,43 +137,64 @@ def endpoint_node(protocol, endpoint: str, name: str | None, token_file: str | N
     return name
 
 
-async def _run(protocol, node_name, session_name, argv, spec, grace, connect, files) -> int:
+async def _run(protocol, node_name, session_name, argv, spec, grace, connect, files, stdin=False, tty=False) -> int:
     import anyio
+
+    from jumpstarter.errors import BadRequest
+
+    from . import _terminal
 
     async with protocol.create_async_session(session_name) as session:
         node = await session.connect(node_name, **connect)
         await files.put(node)
-        task = await node.start(argv, **spec)
+        if tty:
+            spec = {**spec, "pty": _terminal.terminal_size(0)}
+            if "TERM" in os.environ:  # as ssh does: the program knows what it draws on
+                spec["env"] = {"TERM": os.environ["TERM"], **spec["env"]}
+        elif stdin and "stdin" not in (node.info.capabilities if node.info else ["stdin"]):
+            if _terminal.carries_data(0):
+                raise BadRequest(
+                    f"node {node.name!r} has no 'stdin' capability: its tasks cannot read jmp's input "
+                    "(give -n to run without it)"
+                )
+            stdin = False  # a terminal or /dev/null: nothing is lost
+        task = await node.start(argv, stdin=stdin and not tty, **spec)
         interrupted = 0
-        async with anyio.create_task_group() as tg:
+        with _terminal.raw_terminal(0) if tty else contextlib.nullcontext():
+            async with anyio.create_task_group() as tg:
 
-            async def on_signals() -> None:
-                nonlocal interrupted
-                with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for signum in signals:
-                        first = not interrupted
-                        interrupted = interrupted or signum
-                        # First signal: a polite stop. Any later one: kill now.
-                        tg.start_soon(task.stop, grace if first else 0)
+                async def on_signals() -> None:
+                    nonlocal interrupted
+                    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                        async for signum in signals:
+                            first = not interrupted
+                            interrupted = interrupted or signum
+                            # First signal: a polite stop. Any later one: kill now.
+                            tg.start_soon(task.stop, grace if first else 0)
 
-            tg.start_soon(on_signals)
-            streams = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
-            try:
-                async for chunk in task.output():
-                    stream = streams[chunk.stream]
-                    stream.write(chunk.data)
-                    stream.flush()
-            except BrokenPipeError:
-                # The reader went away (`jmp run … | head`): as a command in a
-                # pipeline would, the task stops and jmp exits 141 (128 + SIGPIPE).
-                from ._output import quiet_stdout
+                tg.start_soon(on_signals)
+                if tty:
+                    tg.start_soon(_terminal.forward_input, task, 0, False)
+                    tg.start_soon(_terminal.follow_window_size, task, 0)
+                elif stdin:
+                    tg.start_soon(_terminal.forward_input, task, 0)
+                streams = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+                try:
+                    async for chunk in task.output():
+                        stream = streams[chunk.stream]
+                        stream.write(chunk.data)
+                        stream.flush()
+                except BrokenPipeError:
+                    # The reader went away (`jmp run … | head`): as a command in a
+                    # pipeline would, the task stops and jmp exits 141 (128 + SIGPIPE).
+                    from ._output import quiet_stdout
 
-                quiet_stdout()
-                with anyio.CancelScope(shield=True):
-                    await task.stop(grace)
+                    quiet_stdout()
+                    with anyio.CancelScope(shield=True):
+                        await task.stop(grace)
+                    tg.cancel_scope.cancel()
+                    return EXIT_PIPE
                 tg.cancel_scope.cancel()
-                return EXIT_PIPE
-            tg.cancel_scope.cancel()
         end = task.end
         assert end is not None
         # Fetched whatever the outcome: a failed run's logs matter most.

@@ -353,3 +353,66 @@ def get_(state, node, target, task_id, path) -> None:
 
     done = call_node(state, fetch, node=node)
     click.echo(done.target)
+class Size(click.ParamType):
+    """A number of bytes: ``500000``, ``200K``, ``100M``, ``10G`` (powers of 1024)."""
+
+    name = "size"
+    _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        text = str(value).strip().upper().removesuffix("B")
+        number, unit = (text[:-1], text[-1]) if text[-1:] in self._UNITS else (text, "")
+        try:
+            size = float(number) * self._UNITS[unit]
+        except ValueError:
+            self.fail(f"expected a size like 500000, 200K, 100M or 10G, got {value!r}", param, ctx)
+        if size < 0:
+            self.fail(f"a size cannot be negative: {value!r}", param, ctx)
+        return int(size)
+
+
+@task.command(short_help="Delete the output of finished tasks (by age or total size).")
+@node_option
+@session_option
+@click.option("--older-than", metavar="AGE|WHEN",
+              help="Output last written before this: an age (12h, 7d, 4w) or a date (2024-05-01).")
+@click.option("--max-bytes", type=Size(), metavar="SIZE",
+              help="Keep at most SIZE of output (100M, 10G); the oldest goes first.")
+@click.option("--dry-run", is_flag=True, help="Print what would be deleted; delete nothing.")
+@click.pass_obj
+@handle_errors
+def prune(state, node, session, older_than, max_bytes, dry_run) -> None:
+    """Delete the output logs of finished tasks on a node.
+
+    Without --older-than and --max-bytes the node's own settings apply
+    (keep_output_for, in seconds, and keep_output_bytes in its [nodes.NAME] config;
+    a node applies them itself whenever a task finishes). Running tasks keep their
+    output; a pruned task keeps its state, exit code and results, and its logs are
+    empty. Prints each pruned task's id, then what was freed.
+
+    \b
+    Examples:
+      jmp task prune --older-than 7d
+      jmp task prune --max-bytes 10G --dry-run
+    """
+    from datetime import UTC, datetime
+
+    from jumpstarter_protocol import PruneOutput
+
+    from ._params import parse_when
+
+    age = None
+    if older_than is not None:
+        try:
+            age = max((datetime.now(UTC) - parse_when(older_than)).total_seconds(), 0.0)
+        except ValueError:
+            raise click.BadParameter(
+                f"expected an age (12h, 7d) or a date (2024-05-01), got {older_than!r}", param_hint="--older-than"
+            ) from None
+    request = PruneOutput(older_than=age, max_bytes=max_bytes, dry_run=dry_run)
+    reply = call_node(state, lambda n: n.request(request), node=node, session=session, lease=True)
+    for task_id in reply.task_ids:
+        click.echo(task_id)
+    verb = "would free" if dry_run else "freed"
+    count = len(reply.task_ids)
+    click.echo(f"{verb} {reply.bytes:,} bytes of output of {count} task{'s' if count != 1 else ''}", err=True)

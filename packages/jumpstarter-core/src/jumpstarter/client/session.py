@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from jumpstarter_protocol import (
     AddResult,
+    CloseInput,
     ConnectionEstablished,
     ConnectNode,
     Error,
@@ -48,6 +49,7 @@ from jumpstarter_protocol import (
     QueryResults,
     ReadOutput,
     ReleaseNode,
+    ResizeTerminal,
     ResultsData,
     ResultSpec,
     StartRequest,
@@ -55,6 +57,7 @@ from jumpstarter_protocol import (
     TaskInfo,
     TaskSpec,
     TaskState,
+    TerminalSize,
     WaitTask,
     # files
     AddArtifacts,
@@ -63,6 +66,7 @@ from jumpstarter_protocol import (
     ListArtifacts,
     ListFiles,
     StatFile,
+    WriteInput,
 )
 from pydantic import ValidationError
 
@@ -74,6 +78,9 @@ if TYPE_CHECKING:
     from jumpstarter.client.files import Transferred
     from jumpstarter.node.server import NodeServer
     from jumpstarter.protocol import JumpStarterProtocol
+
+INPUT_CHUNK = 4 * 1024 * 1024
+"""Most bytes of input sent in one ``WriteInput``."""
 
 
 class AsyncSession:
@@ -306,6 +313,13 @@ class AsyncNode:
         ``labels`` and ``name``. Returns as soon as it runs. A spec the protocol
         refuses (``[]``, ``timeout=-1``) raises :class:`~jumpstarter.errors.BadRequest`.
 
+        ``stdin=True``: the task reads what :meth:`AsyncTask.write_input` writes, up
+        to :meth:`AsyncTask.close_input` (without it, stdin is ``/dev/null``).
+        ``pty=(rows, cols)``: it runs on a terminal of that size on the node (stdin,
+        stdout and stderr; its output is one stream, ``stdout``), written to the same
+        way and resized with :meth:`AsyncTask.resize`. A node without the ``stdin``
+        or ``pty`` capability refuses with an error naming the node and capability.
+
         ``detach=True``: the task outlives this session and this process, and any
         process can follow, wait for or stop it by id. On a node served in this
         process (the local node) it runs under an agent process of its own (see
@@ -424,6 +438,9 @@ class AsyncTask:
         self.id = task_id
         self.info = info
         self.end: OutputEnd | None = None
+        self.input_offset = 0
+        """Bytes of input the node has taken so far."""
+        self._input_lock = anyio.Lock()
 
     def __repr__(self) -> str:
         return f"<AsyncTask {self.id} on {self.node.name}>"
@@ -485,6 +502,31 @@ class AsyncTask:
     async def artifacts(self) -> list[ArtifactInfo]:
         """The files the task recorded as its artifacts, oldest first."""
         return (await self.node.request(ListArtifacts(task_id=self.id))).artifacts
+    # --- input and terminals ------------------------------------------------------------
+
+    async def write_input(self, data: bytes) -> None:
+        """Write ``data`` to the task's input (a task started with ``stdin`` or
+        ``pty``), in order; returns once the node has handed it to the task. Each
+        write names its offset, so a transport that sends one again after a broken
+        connection doubles nothing."""
+        view = memoryview(data)
+        async with self._input_lock:
+            for start in range(0, len(view), INPUT_CHUNK):
+                chunk = bytes(view[start : start + INPUT_CHUNK])
+                reply = await self.node.request(WriteInput(task_id=self.id, offset=self.input_offset, data=chunk))
+                self.input_offset = reply.offset
+
+    async def close_input(self) -> None:
+        """End the task's input: EOF on its stdin (on a terminal, the end-of-file
+        character). Closing twice is not an error."""
+        async with self._input_lock:
+            await self.node.request(CloseInput(task_id=self.id, offset=self.input_offset))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Set the size of the task's terminal (a task started with ``pty``)."""
+        with _valid_request():
+            request = ResizeTerminal(task_id=self.id, size=TerminalSize(rows=rows, cols=cols))
+        await self.node.request(request)
 
 
 @contextmanager
@@ -518,4 +560,7 @@ def _spec(argv: Sequence[str] | str | None, spec: dict[str, Any]) -> TaskSpec:
         raise TypeError("pass argv as a list, or a shell command as shell='…'")
     if argv is not None:
         spec["argv"] = list(argv)
+    if isinstance(spec.get("pty"), tuple | list):
+        rows, cols = spec["pty"]
+        spec["pty"] = {"rows": rows, "cols": cols}
     return TaskSpec(**spec)

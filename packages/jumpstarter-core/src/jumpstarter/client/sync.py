@@ -197,3 +197,12 @@ class Task:
 
     def artifacts(self) -> list[Any]:
         return self.node.session._call(self.aio.artifacts)
+    def write_input(self, data: bytes) -> None:
+        """Write to the task's input; see ``AsyncTask.write_input``."""
+        self.node.session._call(self.aio.write_input, data)
+
+    def close_input(self) -> None:
+        self.node.session._call(self.aio.close_input)
+
+    def resize(self, rows: int, cols: int) -> None:
+        self.node.session._call(self.aio.resize, rows, cols)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from jumpstarter_protocol import (
     AddResult,
+    CloseInput,
     CloseTask,
     ConfigData,
     ConnectionEstablished,
@@ -30,18 +31,22 @@ from jumpstarter_protocol import (
     FetchConfig,
     GetTaskStatus,
     InitializeConnection,
+    InputWritten,
     ListSessions,
     ListTasks,
     NewTask,
     NodeReleased,
     OpenTask,
     Ping,
+    OutputPruned,
     Pong,
     ProtocolError,
+    PruneOutput,
     QueryHistory,
     QueryResults,
     ReadOutput,
     ReleaseNode,
+    ResizeTerminal,
     ResultAdded,
     SessionList,
     StartRequest,
@@ -52,7 +57,9 @@ from jumpstarter_protocol import (
     TaskStarted,
     TaskStatus,
     TaskStopped,
+    TerminalResized,
     WaitTask,
+    WriteInput,
     decode,
     # files
     AddArtifacts,
@@ -117,6 +124,12 @@ class NodeConnection:
             OpenUpload: self._open_upload,
             AddArtifacts: self._add_artifacts,
             ListArtifacts: self._list_artifacts,
+            # --- input and terminals
+            WriteInput: self._write_input,
+            CloseInput: self._close_input,
+            ResizeTerminal: self._resize,
+            # --- output retention
+            PruneOutput: self._prune_output,
         }
 
     async def handle(self, request: Any) -> Any:
@@ -379,3 +392,29 @@ class NodeConnection:
         self._require_init()
         await self.server.store.get_task(request.task_id)
         return ArtifactList(task_id=request.task_id, artifacts=await self.server.store.list_artifacts(request.task_id))
+    # --- input and terminals ----------------------------------------------------------------
+    # Only the session holding the lease types into the node's tasks.
+
+    async def _write_input(self, request: WriteInput) -> InputWritten:
+        self._require_lease()
+        offset, closed = await self.server.tasks.write_input(request.task_id, request.offset, request.data)
+        return InputWritten(task_id=request.task_id, offset=offset, closed=closed)
+
+    async def _close_input(self, request: CloseInput) -> InputWritten:
+        self._require_lease()
+        offset, closed = await self.server.tasks.close_input(request.task_id, request.offset)
+        return InputWritten(task_id=request.task_id, offset=offset, closed=closed)
+
+    async def _resize(self, request: ResizeTerminal) -> TerminalResized:
+        self._require_lease()
+        await self.server.tasks.resize(request.task_id, request.size.rows, request.size.cols)
+        return TerminalResized(task_id=request.task_id, size=request.size)
+
+    # --- output retention -----------------------------------------------------------------
+
+    async def _prune_output(self, request: PruneOutput) -> OutputPruned:
+        self._require_lease()  # it deletes: the node's holder decides
+        task_ids, freed = await self.server.tasks.prune_output(
+            request.older_than, request.max_bytes, dry_run=request.dry_run
+        )
+        return OutputPruned(task_ids=task_ids, bytes=freed, dry_run=request.dry_run)

@@ -32,7 +32,7 @@ from jumpstarter_protocol import (
 )
 
 from jumpstarter.config import NodeConfig
-from jumpstarter.errors import Conflict, NodeError
+from jumpstarter.errors import BadRequest, Conflict, NodeError, NotFound
 from jumpstarter.node.agent import alive as agent_alive
 from jumpstarter.node.agent import kill_left_behind, request_stop
 from jumpstarter.node.output import OutputLog, give_back_reserved
@@ -48,6 +48,8 @@ POLL_INTERVAL = 0.05
 STOP_GRACE_ON_SHUTDOWN = 2.0
 STORE_RETRY = 1.0
 """Seconds between two tries to record a task's end in a store that cannot commit."""
+SPARE_RECENT_OUTPUT = 10.0
+"""Seconds a finished task's output is safe from the node's own retention settings."""
 
 Detacher = Callable[[str, str], Awaitable[None]]
 """Starts the pending task ``task_id`` of node ``node`` under an agent process of its
@@ -86,6 +88,10 @@ class _Running:
     done: anyio.Event = field(default_factory=anyio.Event)
     stop_requested: bool = False
     timed_out: bool = False
+    input_offset: int = 0
+    """Bytes of input written to the process so far."""
+    input_closed: bool = False
+    input_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
 
 class Tasks:
@@ -198,9 +204,16 @@ class Tasks:
 
     def check_spec(self, spec: TaskSpec) -> None:
         """:class:`BadRequest` for a spec no task can run with (a missing working
-        directory); checked before anything is stored for it, by the node driver
-        (the directory is the one of the machine its tasks run on)."""
+        directory, input or a terminal the node driver cannot give); checked before
+        anything is stored for it, the directory by the node driver (it is the one of
+        the machine its tasks run on)."""
         self.driver.check_spec(spec)
+        for wanted, capability in ((spec.stdin, "stdin"), (spec.pty is not None, "pty")):
+            if wanted and capability not in self.driver.capabilities:
+                raise BadRequest(
+                    f"node {self.node.name!r} has no {capability!r} capability",
+                    details={"capability": capability},
+                )
 
     async def new_task(self, spec: TaskSpec, session_id: str | None, *, starting: bool = False) -> TaskInfo:
         """A new pending task. ``starting``: created by a start that goes on to run it,
@@ -268,6 +281,12 @@ class Tasks:
         if task.state is not TaskState.PENDING:
             raise Conflict(f"task {task.id} is {task.state.value}, not pending; it cannot start again")
         self.check_spec(task.spec)
+        if task.spec.stdin or task.spec.pty is not None:
+            # The agent runs it in a process of its own that no connection reaches.
+            raise BadRequest(
+                f"a detached task on node {self.node.name!r} takes no input here: "
+                "start it attached, or on a node served by 'jmp node serve'"
+            )
         try:
             await self.detach(self.node.name, task.id)
         except BaseException:
@@ -369,6 +388,7 @@ class Tasks:
             running.done.set()
             running.output.wake()
             self.hook.jmp_task_finished(task=running.task)
+            await self._keep_output_within_limits()
 
     async def _finish(
         self, task: TaskInfo, state: TaskState, exit_code: int | None, message: str | None
@@ -437,6 +457,133 @@ class Tasks:
                     return task
                 return await self._lose(task)
             await anyio.sleep(POLL_INTERVAL)
+
+    # --- output retention ----------------------------------------------------------------
+
+    async def prune_output(
+        self,
+        older_than: float | None = None,
+        max_bytes: int | None = None,
+        *,
+        dry_run: bool = False,
+        spare_recent: float = 0.0,
+    ) -> tuple[list[str], int]:
+        """Delete the output logs of finished tasks older than ``older_than`` seconds
+        (by their last write), then the oldest until at most ``max_bytes`` are kept;
+        without either, the node's ``keep_output_for`` and ``keep_output_bytes``.
+        Logs written within ``spare_recent`` seconds are kept whatever the limits.
+        The ids of the tasks pruned, oldest first, and the bytes freed."""
+        if older_than is None and max_bytes is None:
+            older_than, max_bytes = self.node.keep_output_for, self.node.keep_output_bytes
+        if older_than is None and max_bytes is None:
+            return [], 0
+        logs = []  # (last write, task id, bytes) of each finished task's log
+        for path in self.output_dir.glob("*.out"):
+            task_id = path.stem
+            try:
+                stat = path.stat()
+                index = path.with_suffix(".idx")
+                size = stat.st_size + (index.stat().st_size if index.exists() else 0)
+            except FileNotFoundError:
+                continue  # pruned meanwhile
+            logs.append((stat.st_mtime, task_id, size))
+        logs.sort()
+        # Only finished tasks: one that runs (here or under an agent) is writing its log.
+        finished = []
+        for mtime, task_id, size in logs:
+            if task_id in _LIVE:
+                continue
+            try:
+                task = await self.store.get_task(task_id)
+            except NotFound:
+                task = None  # a log whose task is gone from the store: nobody can read it
+            if task is None or task.state.finished:
+                finished.append((mtime, task_id, size))
+        now = time.time()
+        kept = sum(size for _, _, size in finished)
+        pruned: list[str] = []
+        freed = 0
+        for mtime, task_id, size in finished:
+            too_old = older_than is not None and now - mtime > older_than
+            too_much = max_bytes is not None and kept > max_bytes
+            if not (too_old or too_much) or now - mtime < spare_recent:
+                continue
+            pruned.append(task_id)
+            freed += size
+            kept -= size
+            if not dry_run:
+                for suffix in (".out", ".idx"):
+                    (self.output_dir / f"{task_id}{suffix}").unlink(missing_ok=True)
+        return pruned, freed
+
+    async def _keep_output_within_limits(self) -> None:
+        """The node's retention settings, applied as each task finishes."""
+        if self.node.keep_output_for is None and self.node.keep_output_bytes is None:
+            return
+        try:
+            # Not what finished a moment ago: its followers may still be reading it.
+            await self.prune_output(spare_recent=SPARE_RECENT_OUTPUT)
+        except OSError as exc:  # a full or read-only disk must not take the node down
+            log.warning("cannot prune task output in %s: %s", self.output_dir, exc)
+
+    # --- input and terminals ------------------------------------------------------------
+
+    def _with_input(self, task_id: str, *, terminal: bool = False) -> _Running:
+        """The running task ``task_id`` if it takes input (a terminal with
+        ``terminal``); :class:`Conflict` once it has finished."""
+        running = self._running.get(task_id)
+        if running is None:
+            raise Conflict(f"task {task_id} is not running on node {self.node.name!r}; it takes no input")
+        spec = running.task.spec
+        if terminal and spec.pty is None:
+            raise BadRequest(f"task {task_id} has no terminal (start it with pty)")
+        if not (spec.stdin or spec.pty is not None):
+            raise BadRequest(f"task {task_id} takes no input (start it with stdin)")
+        return running
+
+    async def write_input(self, task_id: str, offset: int, data: bytes) -> tuple[int, bool]:
+        """Write ``data``, which starts at ``offset`` of the task's input, skipping
+        what was written already; the input's offset afterwards and whether it is
+        closed."""
+        running = self._with_input(task_id)
+        async with running.input_lock:  # writes go in order, each once
+            if offset > running.input_offset:
+                raise BadRequest(
+                    f"input of task {task_id} written up to byte {running.input_offset}, "
+                    f"not {offset}: send from there"
+                )
+            fresh = data[running.input_offset - offset :]
+            if fresh:
+                if running.input_closed:
+                    raise BadRequest(f"input of task {task_id} is closed")
+                await running.process.write_input(fresh)
+                running.input_offset += len(fresh)
+            return running.input_offset, running.input_closed
+
+    async def close_input(self, task_id: str, offset: int) -> tuple[int, bool]:
+        """EOF on the task's input once it holds ``offset`` bytes (a close sent
+        before a write it follows is refused, not applied early)."""
+        running = self._with_input(task_id)
+        async with running.input_lock:
+            if offset != running.input_offset and not running.input_closed:
+                raise BadRequest(
+                    f"input of task {task_id} written up to byte {running.input_offset}, "
+                    f"not {offset}: write the rest before closing"
+                )
+            if not running.input_closed:
+                await running.process.close_input()
+                running.input_closed = True
+            return running.input_offset, True
+
+    async def resize(self, task_id: str, rows: int, cols: int) -> None:
+        running = self._with_input(task_id, terminal=True)
+        await running.process.resize(rows, cols)
+
+    def has_terminal(self, task_id: str) -> bool:
+        """True for a task running here on a terminal: its output is for a person,
+        so a transport sends it at once rather than gathering more."""
+        running = self._running.get(task_id)
+        return running is not None and running.task.spec.pty is not None
 
     async def wait_task(self, task_id: str, timeout: float | None) -> TaskInfo:
         with anyio.move_on_after(timeout):
