@@ -224,6 +224,11 @@ class TaskFiles:
         self.puts, self.gets, self.get_to, self.junit, self.cwd = puts, gets, get_to, junit, cwd
 
     @classmethod
+    def none(cls) -> TaskFiles:
+        """No files asked for (``jmp shell``)."""
+        return cls([], [], None, None, None)
+
+    @classmethod
     def from_options(cls, puts, gets, get_to, junit, cwd) -> TaskFiles:
         """The options checked before anything runs: every local file to put exists."""
         import os

@@ -37,8 +37,8 @@ def shell(state, node, session, grace) -> None:
         raise click.UsageError("a shell needs a terminal, and stdin is not one (pipe commands to 'jmp run' instead)")
     import anyio
 
-    from .run import _run
+    from .run import TaskFiles, _run
 
     spec = {"shell": LOGIN_SHELL, "env": {}, "name": "shell"}
     connect = {"wait": None, "duration": None, "select": None}
-    sys.exit(anyio.run(_run, state.protocol, node, session, None, spec, grace, connect, True, True))
+    sys.exit(anyio.run(_run, state.protocol, node, session, None, spec, grace, connect, TaskFiles.none(), True, True))
