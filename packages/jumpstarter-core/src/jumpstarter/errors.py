@@ -5,6 +5,7 @@
     ├── ConfigError          a config file or value is wrong; names the file and key
     ├── PluginError          a plugin failed to load, or a transport/driver is unknown
     ├── TransportError       a node could not be reached, or the connection broke
+    │   └── NodeOffline      the registry says the node is offline
     └── NodeError            a node answered with an Error reply; ``code`` says which
         ├── BadRequest
         ├── NotFound
@@ -33,6 +34,7 @@ __all__ = [
     "ConfigError",
     "PluginError",
     "TransportError",
+    "NodeOffline",
     "NodeError",
     "BadRequest",
     "NotFound",
@@ -58,6 +60,27 @@ class PluginError(JumpstarterError):
 
 class TransportError(JumpstarterError):
     """Raised when a node cannot be reached or the connection to it breaks."""
+
+
+class NodeOffline(TransportError):
+    """Raised when the shared registry says a node is offline (its agent stopped, or
+    sent no heartbeat for the timeout), before anything tries to reach it. ``node``
+    names it; ``since`` is its last heartbeat (epoch seconds), None if its agent
+    stopped cleanly."""
+
+    def __init__(self, node: str, since: float | None) -> None:
+        self.node = node
+        self.since = since
+        super().__init__(f"node {node!r} is {self.offline}")
+
+    @property
+    def offline(self) -> str:
+        """``offline since 2024-05-01T14:30:00+00:00`` (or ``offline (its agent stopped)``)."""
+        if not self.since:
+            return "offline (its agent stopped)"
+        from datetime import UTC, datetime
+
+        return f"offline since {datetime.fromtimestamp(self.since, UTC).isoformat(timespec='seconds')}"
 
 
 class NodeError(JumpstarterError):

@@ -138,7 +138,7 @@ class AsyncSession:
                 self, dict(select), duration=duration, wait=wait
             )
         else:
-            config = self.protocol.config.node(node)
+            config = await self.protocol.resolve_node(node)
         try:
             transport_cls = self.protocol.plugins.transport(config.transport)
             transport = await transport_cls.connect(config, self)

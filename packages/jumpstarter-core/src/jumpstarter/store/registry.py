@@ -413,7 +413,6 @@ async def lease_for_session(
     import os
     import socket
 
-    from jumpstarter.config import NodeConfig
     from jumpstarter.errors import ConfigError
     from jumpstarter.store.base import open_store
 
@@ -454,15 +453,7 @@ async def lease_for_session(
             finally:
                 await store.aclose()
 
-    known = config.nodes.get(record.name) or config.registry
-    node = NodeConfig(
-        name=record.name,
-        transport=record.transport,
-        driver=record.driver,
-        endpoint=record.endpoint,
-        token_file=known.token_file,
-        tls_ca=known.tls_ca,
-        labels=record.labels,
-        options=known.options,
+    node = config.registered_node(
+        record.name, transport=record.transport, endpoint=record.endpoint, driver=record.driver, labels=record.labels
     )
     return node, release
