@@ -5,6 +5,7 @@ server, real ``jmp`` clients with data dirs of their own."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -12,9 +13,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import run_jmp
+from conftest import JMP, run_jmp
 from jumpstarter.cli import cli
 from stores import postgres_url  # noqa: F401  (fixture)
+from test_grpc import agents  # noqa: F401  (fixture)
 from test_many_machines import FAST, _wait_registered, lab  # noqa: F401  (fixture)
 
 
@@ -97,3 +99,124 @@ def test_any_task_by_id_from_a_third_machine(lab, postgres_url: str, tmp_path: P
     assert gone.stdout == ""
     status = run_jmp("task", "status", task_id, **ci)
     assert status.returncode == 5 and status.stderr.startswith(f"jmp: error: task {task_id} is on node 'rpi-b', offline since")
+
+
+# --- a board is never handed on under a running task of another session ----------------------
+
+# Each task takes the board by creating MARK with O_EXCL (the shell's noclobber); the
+# first lets go of it only as it ends. Had the second started while the first ran,
+# it would find MARK there and say OVERLAP.
+FIRST = 'set -C; : > "$MARK" || exit 99; trap \'rm -f "$MARK"; exit 143\' TERM; sleep {sleep} & wait $!; rm -f "$MARK"'
+SECOND = 'set -C; : > "$MARK" || {{ echo OVERLAP; exit 99; }}; rm -f "$MARK"; echo second'
+
+
+def _task(script: str, env: dict[str, str], **values: object) -> str:
+    # The task runs on the node, with the node's environment: the path goes in the script.
+    return f'MARK="{env["MARK"]}"; ' + script.format(**values)
+
+
+@pytest.fixture(params=["memory", "registry"])
+def board(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """One node, ``lab1``, served by a ``jmp node serve`` agent whose clients lose
+    their lease a second after they vanish; the lease kept in the agent's memory
+    (its own SQLite store) or in the registry (the PostgreSQL store). Returns the
+    CI machine's environment, how to pick the node, and how to read its tasks."""
+    if request.param == "memory":
+        agent = request.getfixturevalue("agents")("--keepalive", "1")
+        home = tmp_path / "ci"
+        home.mkdir()
+        (home / "jumpstarter.toml").write_text(f'[nodes.lab1]\ntransport = "grpc"\nendpoint = "{agent.url}"\n')
+        env = {**os.environ, "JMP_DATA_DIR": str(home), "JMP_CONFIG": str(home / "jumpstarter.toml")}
+        env.pop("JMP_STORE", None)
+        store = f"sqlite:///{request.getfixturevalue('data_dir') / 'jumpstarter.db'}"
+        pick = ["--node", "lab1"]
+    else:
+        store = request.getfixturevalue("postgres_url")
+        request.getfixturevalue("lab")("lab1", "pool=p", args=("--keepalive", "1"))
+        _wait_registered(store, {"lab1"})
+        env = _ci(tmp_path, store)
+        pick = ["--select", "pool=p"]
+    env["MARK"] = str(tmp_path / "board-in-use")
+
+    def tasks() -> list[tuple[str, str | None, float, float | None]]:
+        """(state, message, started, finished) of every task of lab1, oldest first."""
+        sql = "SELECT state, message, started_at, finished_at FROM tasks ORDER BY created_at"
+        if store.startswith("sqlite"):
+            import sqlite3
+
+            with sqlite3.connect(store.removeprefix("sqlite:///")) as db:
+                return db.execute(sql).fetchall()
+        import psycopg
+
+        with psycopg.connect(store) as db:
+            return db.execute(sql).fetchall()
+
+    return request.param, env, pick, tasks
+
+
+def _second_waits_its_turn(env: dict[str, str], pick: list[str], tasks) -> None:
+    second = run_jmp("run", *pick, "--wait", "60", "--session", "second", "--", "sh", "-c", _task(SECOND, env), env=env)
+    assert (second.returncode, second.stdout) == (0, "second\n"), second.stderr
+    (_, _, _, first_end), (state, _, second_start, _) = tasks()
+    assert state == "succeeded" and first_end is not None and first_end <= second_start
+
+
+def test_a_lease_that_runs_out_stops_its_task_before_the_next_session(board, tmp_path: Path) -> None:
+    kind, env, pick, tasks = board
+    first = subprocess.Popen(
+        [JMP, "run", *pick, "--duration", "2", "--session", "first", "--", "sh", "-c", _task(FIRST, env, sleep=30)],
+        env=env,
+    )
+    try:
+        _until(lambda: Path(env["MARK"]).exists(), "the first task took the board")
+        _second_waits_its_turn(env, pick, tasks)
+        assert first.wait(30) == 143
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    state, message, *_ = tasks()[0]
+    assert (state, message) == ("stopped", "the lease of session 'first' ran out")
+
+
+def test_a_released_lease_lets_its_task_finish_and_the_node_drains(board, tmp_path: Path) -> None:
+    kind, env, pick, tasks = board
+    node = ["--node", "lab1"]
+    started = run_jmp("task", "start", *node, "--session", "first", "--", "sh", "-c", _task(FIRST, env, sleep=8), env=env)
+    assert started.returncode == 0, started.stderr  # jmp exits: the lease is released
+    if kind == "registry":
+        listing = run_jmp("node", "list", env=env)
+        assert listing.stdout.splitlines()[1].split()[:2] == ["lab1", "draining"], listing.stdout
+    busy = run_jmp("run", *pick, "--", "true", env=env)
+    expected = {
+        "memory": r"jmp: error: node 'lab1' is draining: tasks of session 'first' \(\w+\) still run on it\n",
+        "registry": r"jmp: error: no free node matches pool=p: lab1 \(draining\)\n",
+    }
+    assert busy.returncode == 4 and re.fullmatch(expected[kind], busy.stderr), busy.stderr
+    _second_waits_its_turn(env, pick, tasks)
+
+
+def test_a_vanished_client_s_task_finishes_before_the_next_session(board, tmp_path: Path) -> None:
+    kind, env, pick, tasks = board
+    first = subprocess.Popen([JMP, "run", *pick, "--session", "first", "--", "sh", "-c", _task(FIRST, env, sleep=4)], env=env)
+    _until(lambda: Path(env["MARK"]).exists(), "the first task took the board")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    _second_waits_its_turn(env, pick, tasks)
+
+
+def test_lease_release_stop_stops_a_draining_node_s_tasks(lab, postgres_url: str, tmp_path: Path) -> None:
+    lab("lab1", "pool=p")
+    _wait_registered(postgres_url, {"lab1"})
+    env = _ci(tmp_path, postgres_url)
+    started = run_jmp("task", "start", "--node", "lab1", "--session", "first", "--", "sleep", "30", env=env)
+    assert started.returncode == 0, started.stderr
+    task_id = started.stdout.strip()
+    released = run_jmp("lease", "release", "--stop", "lab1", env=env)
+    assert released.returncode == 0, released.stderr
+    assert re.fullmatch(r"stopping the tasks of lease \d+ on node lab1\n", released.stdout)
+    waited = run_jmp("task", "wait", task_id, env=env)
+    assert waited.returncode == 128 + signal.SIGTERM
+    status = run_jmp("task", "status", task_id, env=env)
+    assert "message   the lease of session 'first' was released with --stop" in status.stdout, status.stdout
+    _until(lambda: run_jmp("node", "list", env=env).stdout.splitlines()[1].split()[:2] == ["lab1", "free"], "free")

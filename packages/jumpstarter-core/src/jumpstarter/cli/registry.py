@@ -110,23 +110,35 @@ def lease_list(state: State, fmt: str) -> None:
 
 
 @click.command("release")
+@click.option("--stop", is_flag=True,
+              help="Also stop the lease's tasks still running on the node (else they run to their end).")
 @click.argument("lease")
 @click.pass_obj
 @handle_errors
-def lease_release(state: State, lease: str) -> None:
-    """End LEASE (a lease id, or the name of the node it holds)."""
-    from jumpstarter.errors import NotFound
+def lease_release(state: State, stop: bool, lease: str) -> None:
+    """End LEASE (a lease id, or the name of the node it holds).
 
-    async def release(registry: Any) -> int:
+    The node goes to the next session once the lease's tasks have ended; meanwhile
+    'jmp node list' shows it draining. With --stop, the node's agent stops them
+    (SIGTERM, then SIGKILL), also on a node whose lease has ended already.
+    """
+    from jumpstarter.errors import NotFound
+    from jumpstarter.store.registry import RELEASED_STOP
+
+    async def release(registry: Any) -> str:
         if lease.isdigit():
             lease_id = int(lease)
         else:
             live = await registry.live_lease(lease)
             if live is None:
+                if stop and (await registry.node(lease)).status == "draining":
+                    ended = await registry.stop_tasks_of_last_lease(lease)
+                    return f"stopping the tasks of lease {ended} on node {lease}"
                 raise NotFound(f"no live lease on node {lease!r}")
             lease_id = live.id
-        if not await registry.release(lease_id, "released by jmp lease release"):
+        reason = RELEASED_STOP if stop else "released by jmp lease release"
+        if not await registry.release(lease_id, reason):
             raise NotFound(f"no live lease with id {lease_id}")
-        return lease_id
+        return f"released lease {lease_id}" + (" and stopping its tasks" if stop else "")
 
-    click.echo(f"released lease {with_registry(state, release)}")
+    click.echo(with_registry(state, release))

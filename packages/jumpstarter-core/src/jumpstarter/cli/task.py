@@ -164,7 +164,8 @@ def stop(state, node, session, grace, fmt, task_id) -> None:
     Waits until it has stopped and prints its final state. A task that has finished
     already is left alone; a pending one is marked stopped.
     """
-    info = call_task_node(state, task_id, lambda n: n.task(task_id).stop(grace), node=node, session=session, lease=True)
+    # No lease asked for: the node lets a stop through unless another session holds it.
+    info = call_task_node(state, task_id, lambda n: n.task(task_id).stop(grace), node=node, session=session)
     print_task(info, fmt)
 
 

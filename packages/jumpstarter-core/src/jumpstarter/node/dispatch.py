@@ -228,7 +228,13 @@ class NodeConnection:
         return task
 
     async def _stop(self, request: StopTask) -> TaskStopped:
-        self._require_lease()
+        # The holder of the lease may stop any task; anyone may when no other
+        # session holds the node (a task that keeps a drained lease's node busy).
+        self._require_init()
+        if not (self.leased and self.server.leases.held_by(self.session_id)):
+            holder = await self.server.leases.live()
+            if holder is not None and holder.session_id != self.session_id:
+                raise self.server.leases.conflict(holder)
         await self._own_task(request.task_id)
         return TaskStopped(task=await self.server.tasks.stop_task(request.task_id, request.grace))
 

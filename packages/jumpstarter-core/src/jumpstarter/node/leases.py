@@ -4,6 +4,12 @@ A node served on its own keeps its lease here, in memory: one holder at a time, 
 queue served first come, first served. A node whose store is shared (``jmp node serve
 --store postgresql://…``) keeps it in the registry instead, where clients that select
 nodes by label take leases too: one live lease per node, whoever asks.
+
+Either way a node is never handed on while a task of another session runs on it.
+When a lease ends the node is ``draining`` until the tasks of its session have ended:
+a lease whose duration ran out stops them (SIGTERM, then SIGKILL after a grace; each
+ends ``stopped`` saying why); a released or abandoned one (its client stopped sending
+keep-alives) lets them finish.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -56,18 +63,67 @@ class Leases:
         self._changed = anyio.Event()
         self._queue: deque[_LeaseWaiter] = deque()
         self._tg: TaskGroup | None = None
+        self._names: dict[str, str] = {}  # session id -> name, of the sessions that held it
+        # What runs on the node, from its tasks (the node server sets both).
+        self.sessions_running: Callable[[], set[str | None]] = set
+        self.stop_session: Callable[[str | None, str], Any] = lambda session_id, reason: 0
 
     def serve_in(self, tg: TaskGroup) -> None:
-        """Where work that outlives a call runs (a registry release)."""
+        """Where work that outlives a call runs (a registry release, ending leases
+        whose duration ran out)."""
         self._tg = tg
+        tg.start_soon(self._watch)
+
+    async def _watch(self) -> None:
+        # A lease whose duration ran out ends (and stops its tasks) even when no one looks.
+        while True:
+            lease = self._lease
+            patience = 1.0
+            if lease is not None and lease.expires_at is not None:
+                patience = min(patience, max(0.0, lease.expires_at - time.time()) + 0.01)
+            with anyio.move_on_after(patience):
+                await self._changed.wait()
+            self.current()
 
     def current(self) -> Lease | None:
-        """The live lease, if any; one whose duration ran out ends when looked at."""
+        """The live lease, if any; one whose duration ran out ends when looked at,
+        and its session's tasks are stopped."""
         lease = self._lease
         if lease and lease.expires_at is not None and lease.expires_at <= time.time():
+            self.stop_session(lease.session_id, f"the lease of session {lease.session_name!r} ran out")
+            if self.registry is not None:
+                self._lease = None  # the registry ends it and hands the node on
+                return None
             self._set(None)
-            return self._lease  # handed to the next session in the queue, if any
+            return self._lease  # handed to the next session in the queue, once drained
         return lease
+
+    async def live(self) -> Lease | None:
+        """The live lease of the node, wherever it is kept."""
+        if self.registry is None:
+            return self.current()
+        record = await self.registry.live_lease(self.node)
+        if record is None:
+            return None
+        return Lease(str(record.id), record.session_id, record.session_name, record.since, record.expires_at)
+
+    def conflict(self, holder: Lease | None) -> Conflict:
+        """The error for a session that wants the node ``holder`` holds (None: the
+        node is draining)."""
+        return self._conflict(holder)
+
+    def draining(self) -> bool:
+        """No lease, but tasks still run: the node goes to no one until they end."""
+        return self.current() is None and bool(self.sessions_running())
+
+    def _busy_for(self, session_id: str | None) -> set[str | None]:
+        """The other sessions whose tasks run on the node."""
+        return self.sessions_running() - {session_id}
+
+    def task_ended(self) -> None:
+        """A task of the node ended: a drained node goes to the next in line."""
+        if self.registry is None and self._lease is None and self._queue:
+            self._set(None)
 
     def held_by(self, session_id: str | None) -> bool:
         holder = self.current()
@@ -76,7 +132,7 @@ class Leases:
     def _set(self, lease: Lease | None) -> None:
         # A lease let go of goes straight to the session that has waited longest, so
         # waiting is first come, first served, and no one can slip in between.
-        if lease is None and self._queue:
+        if lease is None and self._queue and not self._busy_for(self._queue[0].session_id):
             waiter = self._queue.popleft()
             lease = waiter.lease = self._new(waiter.session_id, waiter.session_name, waiter.duration)
             waiter.granted.set()
@@ -84,12 +140,22 @@ class Leases:
         self._changed.set()
         self._changed = anyio.Event()
 
-    @staticmethod
-    def _new(session_id: str, session_name: str, duration: float | None) -> Lease:
+    def _new(self, session_id: str, session_name: str, duration: float | None) -> Lease:
+        if len(self._names) > 1000:
+            self._names.clear()  # only the last few holders' tasks can still run
+        self._names[session_id] = session_name
         now = time.time()
         return Lease(secrets.token_hex(8), session_id, session_name, now, now + duration if duration else None)
 
-    def _conflict(self, holder: Lease) -> Conflict:
+    def _conflict(self, holder: Lease | None) -> Conflict:
+        if holder is None:
+            others = ", ".join(
+                sorted(f"{self._names.get(s, '?')!r} ({s})" for s in self.sessions_running() if s is not None)
+            )
+            return Conflict(
+                f"node {self.node!r} is draining: tasks of session {others} still run on it",
+                details={"draining": True, "waiting": len(self._queue)},
+            )
         since = datetime.fromtimestamp(holder.since, UTC).isoformat(timespec="seconds")
         return Conflict(
             f"node {self.node!r} is leased by session {holder.session_name!r} "
@@ -109,7 +175,8 @@ class Leases:
             lease = Lease(holder.id, session_id, session_name, holder.since, expires)
             self._set(lease)
             return lease
-        if holder is None:  # free; the queue is empty then, a released lease goes to it
+        free = holder is None and not self._queue and not self._busy_for(session_id)
+        if free:  # a lease let go of goes to the queue first
             lease = self._new(session_id, session_name, request.duration)
             self._set(lease)
             return lease
@@ -135,7 +202,7 @@ class Leases:
             elif not taken and self._lease is waiter.lease:
                 self._set(None)  # granted as this call was cancelled: pass it on
         holder = self.current()
-        if holder is None:
+        if holder is None and not self._busy_for(session_id):
             lease = self._new(session_id, session_name, request.duration)
             self._set(lease)
             return lease

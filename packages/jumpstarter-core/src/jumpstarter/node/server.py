@@ -80,7 +80,10 @@ class NodeServer:
             agent=self.agent,
             detach=detach,
             on_session_deleted=self._session_deleted,
+            on_task_finished=self.leases.task_ended,
         )
+        self.leases.sessions_running = self.tasks.sessions_running
+        self.leases.stop_session = self.tasks.stop_session
         self._closed = anyio.Event()
         self._connections: weakref.WeakSet[NodeConnection] = weakref.WeakSet()
 
@@ -149,6 +152,10 @@ class NodeServer:
                 # offline (its tasks lost) within the timeout even when no one looks.
                 await registry.sweep()
                 await self.leases.keep_alive_in_registry()
+                # Tasks of a lease that ran out (or was released with --stop), which
+                # may have ended elsewhere (a client's or another agent's sweep).
+                for session_id, why in await registry.tasks_to_stop(self.node.name):
+                    self.tasks.stop_session(session_id, why)
         finally:
             with anyio.CancelScope(shield=True):
                 await registry.go_offline(self.node.name)

@@ -72,6 +72,7 @@ class _Running:
     output: OutputLog
     done: anyio.Event = field(default_factory=anyio.Event)
     stop_requested: bool = False
+    stop_reason: str | None = None  # why it was stopped, when not asked by a client
     timed_out: bool = False
 
 
@@ -94,6 +95,7 @@ class Tasks:
         agent: str,
         detach: Detacher | None = None,
         on_session_deleted: Callable[[str], None] = lambda session_id: None,
+        on_task_finished: Callable[[], None] = lambda: None,
     ) -> None:
         self.node = node
         self.driver = driver
@@ -104,6 +106,7 @@ class Tasks:
         self.agent = agent
         self.detach = detach
         self.on_session_deleted = on_session_deleted
+        self.on_task_finished = on_task_finished
         self._running: dict[str, _Running] = {}
         self._open: dict[str, str | None] = {}  # tasks opened with OpenTask → their session
         self._agents_checked: dict[str, float] = {}  # task id -> when its agent was last looked at
@@ -117,6 +120,24 @@ class Tasks:
         """The state of a task running here, as its supervisor knows it."""
         running = self._running.get(task_id)
         return running.task if running else None
+
+    def sessions_running(self) -> set[str | None]:
+        """The sessions that have a task running here."""
+        return {running.task.session_id for running in self._running.values()}
+
+    def stop_session(self, session_id: str | None, reason: str, grace: float = TIMEOUT_GRACE) -> int:
+        """Stop every task of ``session_id`` running here (SIGTERM, SIGKILL after
+        ``grace``), without waiting; each ends ``stopped`` with ``reason`` as its
+        message. How many were asked to stop."""
+        assert self._tg is not None, "the node server is not running"
+        count = 0
+        for running in list(self._running.values()):
+            if running.task.session_id == session_id and not running.stop_requested:
+                running.stop_reason = reason
+                running.stop_requested = True
+                self._tg.start_soon(self._stop, running, grace)
+                count += 1
+        return count
 
     # --- life ---------------------------------------------------------------------------
 
@@ -298,6 +319,7 @@ class Tasks:
             message = f"node driver failed: {exc}"
         if running.stop_requested:
             state = TaskState.STOPPED
+            message = running.stop_reason or message
         elif running.timed_out:
             state = TaskState.TIMED_OUT
         elif exit_code == 0:
@@ -312,6 +334,7 @@ class Tasks:
             running.done.set()
             running.output.wake()
             self.hook.jmp_task_finished(task=running.task)
+            self.on_task_finished()
 
     async def _stop(self, running: _Running, grace: float) -> TaskInfo:
         if not running.done.is_set():

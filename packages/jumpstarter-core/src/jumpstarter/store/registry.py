@@ -12,6 +12,10 @@ registry for a lease. The database is the only coordinator:
 - A lease ends on release, when its duration runs out, or when its holder stops
   sending keep-alives. A node whose heartbeat stops is offline: its lease ends and
   its running tasks are marked ``lost``.
+- A node is never leased while a task of another session runs on it: after its
+  lease ended it is ``draining`` until those tasks end. The agent serving it stops
+  them when the lease ran out (:data:`STOP_REASONS`); a released or abandoned lease
+  lets them finish unless ``jmp lease release --stop`` asks otherwise.
 """
 
 from __future__ import annotations
@@ -34,6 +38,16 @@ HEARTBEAT_INTERVAL = float(os.environ.get("JMP_HEARTBEAT_INTERVAL", "2"))
 HEARTBEAT_TIMEOUT = float(os.environ.get("JMP_HEARTBEAT_TIMEOUT", "10"))
 """A node not heard of for this long is offline; a lease or request not kept alive
 for this long ends (``JMP_HEARTBEAT_TIMEOUT``)."""
+
+EXPIRED = "expired"
+RELEASED_STOP = "released, its tasks stopped"
+STOP_REASONS = {
+    EXPIRED: "the lease of session {session!r} ran out",
+    RELEASED_STOP: "the lease of session {session!r} was released with --stop",
+}
+"""How a lease may end that stops its tasks, and the message those tasks then get."""
+# Nodes on which a task of another session than %s runs: leased to no one else.
+_BUSY = "SELECT DISTINCT node FROM tasks WHERE state = 'running' AND session_id IS DISTINCT FROM %s"
 
 _SCHEDULE_LOCK = 7413520922
 _CHANNEL = "jmp_leases"
@@ -69,10 +83,17 @@ class NodeRecord:
     last_seen: float
     online: bool
     lease: LeaseRecord | None = None
+    running: bool = False
     status: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.status = "offline" if not self.online else ("leased" if self.lease else "free")
+        if not self.online:
+            self.status = "offline"
+        elif self.lease:
+            self.status = "leased"
+        else:
+            # No lease, but tasks of an ended one still run: no one gets it meanwhile.
+            self.status = "draining" if self.running else "free"
 
 
 def format_selector(selector: dict[str, str]) -> str:
@@ -127,7 +148,8 @@ class NodeRegistry:
                 await db.execute(
                     "SELECT n.name, n.labels, n.endpoint, n.transport, n.driver, n.agent, n.last_seen,"
                     " l.id, l.session_id, l.session_name, l.holder, l.since, l.expires_at,"
-                    f" n.last_seen >= {_NOW} - %s"
+                    f" n.last_seen >= {_NOW} - %s,"
+                    " EXISTS (SELECT 1 FROM tasks t WHERE t.node = n.name AND t.state = 'running')"
                     " FROM nodes n LEFT JOIN leases l ON l.node = n.name AND l.ended_at IS NULL"
                     " ORDER BY n.name",
                     (self.heartbeat_timeout,),
@@ -143,6 +165,7 @@ class NodeRegistry:
                 agent=r[5],
                 last_seen=r[6],
                 online=r[13],
+                running=r[14],
                 lease=LeaseRecord(r[7], r[0], r[8], r[9], r[10], r[11], r[12]) if r[7] else None,
             )
             for r in rows
@@ -254,6 +277,19 @@ class NodeRegistry:
                     f"node {node!r} is leased by session {live[2]!r} ({live[1]}) since {since}",
                     details={"session_id": live[1], "since": since},
                 )
+            others = await (
+                await db.execute(
+                    "SELECT DISTINCT t.session_id, s.name FROM tasks t LEFT JOIN sessions s ON s.id = t.session_id"
+                    " WHERE t.node = %s AND t.state = 'running' AND t.session_id IS DISTINCT FROM %s",
+                    (node, session_id),
+                )
+            ).fetchall()
+            if others:
+                sessions = ", ".join(f"{name!r} ({sid})" for sid, name in others)
+                raise Conflict(
+                    f"node {node!r} is draining: tasks of session {sessions} still run on it",
+                    details={"draining": True},
+                )
             (lease_id,) = await (
                 await db.execute(
                     "INSERT INTO leases (node, session_id, session_name, holder, since, expires_at, keepalive_at)"
@@ -297,6 +333,38 @@ class NodeRegistry:
             await self._schedule(None)  # hand the node to whoever waits for it
         return row is not None
 
+    async def stop_tasks_of_last_lease(self, node: str) -> int | None:
+        """``jmp lease release --stop`` on a node whose lease has ended already: the
+        tasks of that lease are to be stopped (by the node's agent, within a
+        heartbeat). The id of that lease, or None if the node never had one."""
+        async with self.pool.connection() as db:
+            row = await (
+                await db.execute(
+                    "UPDATE leases SET end_reason = %s WHERE id ="
+                    " (SELECT id FROM leases WHERE node = %s AND ended_at IS NOT NULL ORDER BY id DESC LIMIT 1)"
+                    " RETURNING id",
+                    (RELEASED_STOP, node),
+                )
+            ).fetchone()
+        return row[0] if row else None
+
+    async def tasks_to_stop(self, node: str) -> list[tuple[str, str]]:
+        """Sessions whose tasks still run on ``node`` although their lease there ended
+        in a way that stops them (ran out, released with ``--stop``), and no newer
+        lease of theirs holds it: ``(session id, why)`` for each."""
+        async with self.pool.connection() as db:
+            rows = await (
+                await db.execute(
+                    "SELECT DISTINCT l.session_id, l.session_name, l.end_reason FROM leases l"
+                    " JOIN tasks t ON t.node = l.node AND t.session_id = l.session_id AND t.state = 'running'"
+                    " WHERE l.node = %s AND l.end_reason = ANY(%s) AND NOT EXISTS"
+                    " (SELECT 1 FROM leases m WHERE m.node = l.node AND m.session_id = l.session_id"
+                    " AND m.ended_at IS NULL)",
+                    (node, list(STOP_REASONS)),
+                )
+            ).fetchall()
+        return [(sid, STOP_REASONS[reason].format(session=name)) for sid, name, reason in rows]
+
     async def leases(self) -> list[LeaseRecord]:
         await self.sweep()
         async with self.pool.connection() as db:
@@ -329,9 +397,9 @@ class NodeRegistry:
             now = await _db_now(db)
             stale = now - self.heartbeat_timeout
             await db.execute(
-                "UPDATE leases SET ended_at = %s, end_reason = 'expired'"
+                "UPDATE leases SET ended_at = %s, end_reason = %s"
                 " WHERE ended_at IS NULL AND expires_at IS NOT NULL AND expires_at <= %s",
-                (now, now),
+                (now, EXPIRED, now),
             )
             await db.execute(
                 "UPDATE leases SET ended_at = %s, end_reason = 'holder gone'"
@@ -376,9 +444,15 @@ class NodeRegistry:
                 )
             ).fetchall()
             mine = None
+            busy: dict[str, set[str]] = {}  # session id -> nodes where others' tasks run
             for rid, selector, session_id, session_name, holder, duration, lease_id in waiting:
                 if lease_id is None:
-                    pick = next((n for n in free if _matches(n[1], selector)), None)
+                    if session_id not in busy:
+                        rows = await (await db.execute(_BUSY, (session_id,))).fetchall()
+                        busy[session_id] = {row[0] for row in rows}
+                    pick = next(
+                        (n for n in free if n[0] not in busy[session_id] and _matches(n[1], selector)), None
+                    )
                     if pick is None:
                         continue
                     free.remove(pick)
