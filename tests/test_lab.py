@@ -220,3 +220,54 @@ def test_lease_release_stop_stops_a_draining_node_s_tasks(lab, postgres_url: str
     status = run_jmp("task", "status", task_id, env=env)
     assert "message   the lease of session 'first' was released with --stop" in status.stdout, status.stdout
     _until(lambda: run_jmp("node", "list", env=env).stdout.splitlines()[1].split()[:2] == ["lab1", "free"], "free")
+
+
+# --- jmp run: which task, and SIGHUP --------------------------------------------------------
+
+
+def test_sighup_stops_the_remote_task_and_the_id_file_names_it(agents, data_dir: Path, tmp_path: Path) -> None:
+    agent = agents()
+    config = tmp_path / "client.toml"
+    config.write_text(f'[nodes.lab1]\ntransport = "grpc"\nendpoint = "{agent.url}"\n')
+    env = {**os.environ, "JMP_CONFIG": str(config), "JMP_DATA_DIR": str(tmp_path / "ci")}
+    id_file = tmp_path / "task.id"
+    run = subprocess.Popen([JMP, "run", "--node", "lab1", "--id-file", str(id_file), "--", "sleep", "30"],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _until(lambda: id_file.exists() and id_file.read_text().endswith("\n"), "the id is written")
+    task_id = id_file.read_text().strip()
+    run.send_signal(signal.SIGHUP)  # the terminal (or ssh connection) closed
+    out, err = run.communicate(timeout=30)
+    assert (run.returncode, out, err) == (128 + signal.SIGHUP, b"", b"")  # not a terminal: nothing said
+    status = run_jmp("task", "status", "--node", "lab1", "--format", "json", task_id, env=env)
+    assert '"state": "stopped"' in status.stdout, status.stdout
+
+
+def test_jmp_run_names_its_task_on_a_terminal_and_refuses_an_id_file_it_cannot_write(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    import pty
+
+    primary, secondary = pty.openpty()
+    try:
+        done = subprocess.run([JMP, "run", "--", "echo", "hi"], stdout=subprocess.PIPE, stderr=secondary, timeout=60)
+        os.close(secondary)
+        said = b""
+        while True:
+            try:
+                chunk = os.read(primary, 4096)
+            except OSError:  # EIO: every writer has closed the terminal
+                break
+            if not chunk:
+                break
+            said += chunk
+    finally:
+        os.close(primary)
+    assert (done.returncode, done.stdout) == (0, b"hi\n")
+    assert re.fullmatch(rb"jmp: task [0-9a-f]{12} on node local\r\n", said), said
+    quiet = run_jmp("run", "-q", "--", "true")
+    assert (quiet.returncode, quiet.stderr) == (0, "")
+    bad = run_jmp("run", "--id-file", str(tmp_path / "no" / "such" / "dir" / "id"), "--", "touch", "ran")
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("jmp: error: Invalid value for --id-file: cannot write ")
+    assert not (tmp_path / "ran").exists()
+    assert len(run_jmp("task", "list").stdout.splitlines()) == 1 + 2  # the header, echo and true: nothing new
