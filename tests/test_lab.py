@@ -271,3 +271,87 @@ def test_jmp_run_names_its_task_on_a_terminal_and_refuses_an_id_file_it_cannot_w
     assert bad.stderr.startswith("jmp: error: Invalid value for --id-file: cannot write ")
     assert not (tmp_path / "ran").exists()
     assert len(run_jmp("task", "list").stdout.splitlines()) == 1 + 2  # the header, echo and true: nothing new
+
+
+# --- lease hooks; node remove; requests in line -------------------------------------------------
+
+
+def _row(env: dict[str, str], node: str) -> list[str]:
+    """The line of ``jmp node list`` for ``node``, split on runs of two spaces or more."""
+    listing = run_jmp("node", "list", env=env)
+    assert listing.returncode == 0, listing.stderr
+    line = next(line for line in listing.stdout.splitlines() if line.startswith(node + " "))
+    return re.split(r"\s{2,}", line.strip())
+
+
+def test_a_failing_lease_hook_makes_the_node_unhealthy_until_it_succeeds_or_is_cleared(
+    lab, postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ready, after = tmp_path / "board-ready", tmp_path / "after.log"
+    agent_config = tmp_path / "agent.toml"
+    agent_config.write_text(
+        f'[nodes.lab1]\nbefore_lease = "cat {ready}"\nafter_lease = "echo $JMP_SESSION >> {after}"\n'
+    )
+    monkeypatch.setenv("JMP_CONFIG", str(agent_config))
+    lab("lab1", "pool=p")
+    _wait_registered(postgres_url, {"lab1"})
+    env = _ci(tmp_path, postgres_url)
+    failed = run_jmp("run", "--node", "lab1", "--", "touch", str(tmp_path / "ran"), env=env)
+    error = f"before_lease failed (exit 1): cat: {ready}: No such file or directory"
+    assert (failed.returncode, failed.stderr) == (5, (
+        f"jmp: error: node 'lab1' is unhealthy: {error} (it is leased again once its before_lease hook "
+        "succeeds, or after 'jmp node clear lab1')\n"
+    ))
+    assert not (tmp_path / "ran").exists() and not after.exists()
+    row = _row(env, "lab1")
+    assert (row[1], row[-1]) == ("unhealthy", error)
+    by_label = run_jmp("run", "--select", "pool=p", "--", "true", env=env)
+    assert (by_label.returncode, by_label.stderr) == (4, "jmp: error: no free node matches pool=p: lab1 (unhealthy)\n")
+    # Fixed: the next session that asks for it by name gets it.
+    ready.write_text("ok\n")
+    done = run_jmp("run", "--node", "lab1", "--session", "fixed", "--", "echo", "leased", env=env)
+    assert (done.returncode, done.stdout) == (0, "leased\n"), done.stderr
+    _until(lambda: after.exists() and after.read_text() == "fixed\n", "after_lease ran")
+    _until(lambda: _row(env, "lab1")[1] == "free", "free")
+    by_label = run_jmp("run", "--select", "pool=p", "--", "true", env=env)
+    assert by_label.returncode == 0, by_label.stderr
+    # Broken again; an operator clears it.
+    ready.unlink()
+    assert run_jmp("run", "--node", "lab1", "--", "true", env=env).returncode == 5
+    cleared = run_jmp("node", "clear", "lab1", env=env)
+    assert (cleared.returncode, cleared.stdout) == (0, f"node lab1 cleared (it was unhealthy: {error})\n")
+    assert _row(env, "lab1")[1] == "free"
+
+
+def test_requests_in_line_and_removing_a_node_that_will_not_come_back(lab, postgres_url: str, tmp_path: Path) -> None:
+    agent = lab("lab1", "pool=p")
+    _wait_registered(postgres_url, {"lab1"})
+    env = _ci(tmp_path, postgres_url)
+    holder = subprocess.Popen([JMP, "run", "--select", "pool=p", "--session", "holder", "--", "sleep", "30"], env=env)
+    waiter = None
+    try:
+        _until(lambda: _row(env, "lab1")[1] == "leased", "leased")
+        waiter = subprocess.Popen(
+            [JMP, "run", "--select", "pool=p", "--wait", "60", "--session", "patient", "--", "true"], env=env
+        )
+        _until(lambda: "waiting #1" in run_jmp("lease", "list", env=env).stdout, "in line")
+        listing = run_jmp("lease", "list", env=env).stdout.splitlines()
+        assert re.split(r"\s{2,}", listing[1])[1:3][0] == "lab1" and "holder (" in listing[1]
+        assert re.split(r"\s{2,}", listing[2])[:3][:2] == ["waiting #1", "pool=p"] and "patient (" in listing[2]
+        online = run_jmp("node", "remove", "lab1", env=env)
+        assert (online.returncode, online.stderr) == (
+            4, "jmp: error: node 'lab1' is leased: only an offline node can be removed\n"
+        )
+    finally:
+        for process in (holder, waiter):
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGINT)
+                process.wait(30)
+    agent.send_signal(signal.SIGKILL)
+    agent.wait()
+    _until(lambda: _row(env, "lab1")[1] == "offline", "offline")
+    removed = run_jmp("node", "remove", "lab1", env=env)
+    assert (removed.returncode, removed.stdout) == (0, "node lab1 removed\n"), removed.stderr
+    assert run_jmp("node", "list", env=env).stdout.count("lab1") == 0
+    gone = run_jmp("node", "remove", "lab1", env=env)
+    assert (gone.returncode, gone.stderr) == (3, "jmp: error: no node named 'lab1' in the registry\n")

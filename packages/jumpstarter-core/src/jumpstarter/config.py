@@ -46,6 +46,9 @@ class NodeConfig(BaseModel):
     tls_ca: Path | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     options: dict[str, Any] = Field(default_factory=dict, description="passed to the driver")
+    before_lease: str | None = Field(default=None, description="shell command run before each lease (node side)")
+    after_lease: str | None = Field(default=None, description="shell command run after each lease (node side)")
+    hook_timeout: float = Field(default=300.0, gt=0, description="seconds a lease hook may take")
 
 
 class RegistryConfig(BaseModel):

@@ -49,7 +49,9 @@ FORMAT = click.option("--format", "fmt", type=click.Choice(["table", "json"]), d
 @click.pass_obj
 @handle_errors
 def node_list(state: State, fmt: str) -> None:
-    """Every registered node: free, leased (by whom, since when) or offline."""
+    """Every registered node: free, leased (by whom, since when), draining (its lease
+    ended, its tasks or after_lease hook still run), unhealthy (a lease hook failed:
+    PROBLEM says how; 'jmp node clear NAME' once fixed) or offline."""
 
     async def nodes(registry: Any) -> Any:
         return await registry.nodes()
@@ -60,6 +62,7 @@ def node_list(state: State, fmt: str) -> None:
             {
                 "name": n.name, "status": n.status, "labels": n.labels, "endpoint": n.endpoint,
                 "transport": n.transport, "driver": n.driver, "last_seen": n.last_seen,
+                "unhealthy": n.unhealthy,
                 "lease": None if n.lease is None else {
                     "id": n.lease.id, "session_id": n.lease.session_id,
                     "session_name": n.lease.session_name, "since": n.lease.since,
@@ -75,14 +78,46 @@ def node_list(state: State, fmt: str) -> None:
             ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())),
             f"{n.lease.session_name} since {_when(n.lease.since)}" if n.lease else "-",
             n.endpoint or "-",
+            n.unhealthy or "-",
         ]
         for n in records
     ]
-    print_table(["NODE", "STATUS", "LABELS", "LEASED BY", "ENDPOINT"], rows)
+    print_table(["NODE", "STATUS", "LABELS", "LEASED BY", "ENDPOINT", "PROBLEM"], rows)
+
+
+@click.command("clear")
+@click.argument("name")
+@click.pass_obj
+@handle_errors
+def node_clear(state: State, name: str) -> None:
+    """Mark node NAME healthy again, once what made its lease hook fail is fixed."""
+
+    async def clear(registry: Any) -> str | None:
+        was = (await registry.node(name)).unhealthy
+        await registry.set_health(name, None)
+        return was
+
+    was = with_registry(state, clear)
+    click.echo(f"node {name} cleared" + (f" (it was unhealthy: {was})" if was else " (it was healthy)"))
+
+
+@click.command("remove")
+@click.argument("name")
+@click.pass_obj
+@handle_errors
+def node_remove(state: State, name: str) -> None:
+    """Forget node NAME, which is offline and will not come back. Its tasks and
+    results stay in the store; an agent that serves it again registers it anew."""
+
+    async def remove(registry: Any) -> None:
+        await registry.remove(name)
+
+    with_registry(state, remove)
+    click.echo(f"node {name} removed")
 
 
 @click.group(cls=JmpGroup, commands={
-    "list": ("jumpstarter.cli.registry:lease_list", "Live leases: node, session, since, expiry."),
+    "list": ("jumpstarter.cli.registry:lease_list", "Live leases, and the requests waiting in line."),
     "release": ("jumpstarter.cli.registry:lease_release", "End a lease by id or node name."),
 })
 def lease() -> None:
@@ -94,19 +129,27 @@ def lease() -> None:
 @click.pass_obj
 @handle_errors
 def lease_list(state: State, fmt: str) -> None:
-    """Live leases: node, session, since, expiry."""
+    """Live leases (node, session, since, expiry), then the requests waiting in line
+    for a node by label, in the order they will be served."""
 
     async def leases(registry: Any) -> Any:
         return await registry.leases()
 
-    records = with_registry(state, leases)
+    async def both(registry: Any) -> Any:
+        return await registry.leases(), await registry.waiting()
+
+    records, waiting = with_registry(state, both)
     if fmt == "json":
-        click.echo(json.dumps([r.__dict__ for r in records], indent=2))
+        click.echo(json.dumps({"leases": [r.__dict__ for r in records], "waiting": waiting}, indent=2))
         return
-    print_table(
-        ["LEASE", "NODE", "SESSION", "SINCE", "EXPIRES"],
-        [[str(r.id), r.node, f"{r.session_name} ({r.session_id})", _when(r.since), _when(r.expires_at)] for r in records],
-    )
+    from jumpstarter.store.registry import format_selector
+
+    rows = [[str(r.id), r.node, f"{r.session_name} ({r.session_id})", _when(r.since), _when(r.expires_at)]
+            for r in records]
+    # Requests in line, in the order they will be served: no node yet, the labels they asked for.
+    rows += [[f"waiting #{n}", format_selector(w["selector"]), f"{w['session_name']} ({w['session_id']})",
+              _when(w["since"]), "-"] for n, w in enumerate(waiting, 1)]
+    print_table(["LEASE", "NODE", "SESSION", "SINCE", "EXPIRES"], rows)
 
 
 @click.command("release")

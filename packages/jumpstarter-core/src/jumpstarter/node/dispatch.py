@@ -58,7 +58,7 @@ from jumpstarter_protocol import (
     negotiate_version,
 )
 
-from jumpstarter.errors import BadRequest, Conflict, NodeError, NotFound, Unauthorized
+from jumpstarter.errors import BadRequest, Conflict, NodeError, NotFound, Unauthorized, Unavailable
 
 if TYPE_CHECKING:
     from jumpstarter.node.server import NodeServer
@@ -182,7 +182,20 @@ class NodeConnection:
 
     async def _connect_node(self, request: ConnectNode) -> ConnectionEstablished:
         self._require_init()
-        lease = await self.server.leases.acquire(self.session_id or "", self.session_name or "", request)
+        leases = self.server.leases
+        renewing = leases.held_by(self.session_id)
+        lease = await leases.acquire(self.session_id or "", self.session_name or "", request)
+        if not renewing:
+            error = await leases.before(lease)
+            if error is not None:
+                self.leased = True
+                self.close()  # gives the lease back: the node is no one's while unhealthy
+                name = self.server.node.name
+                raise Unavailable(
+                    f"node {name!r} is unhealthy: {error} (it is leased again once its before_lease hook "
+                    f"succeeds, or after 'jmp node clear {name}')",
+                    details={"unhealthy": error},
+                )
         self.leased = True
         expires = datetime.fromtimestamp(lease.expires_at, UTC) if lease.expires_at else None
         return ConnectionEstablished(node=self.server.info, lease_id=lease.id, expires_at=expires)

@@ -27,6 +27,7 @@ from anyio.abc import TaskGroup
 from jumpstarter_protocol import ConnectNode
 
 from jumpstarter.errors import Conflict
+from jumpstarter.node.hooks import LeaseHooks
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Lease:
     session_name: str
     since: float
     expires_at: float | None
+    ready: bool = True  # False once its before_lease hook failed: nothing to clean up after
 
 
 @dataclass
@@ -64,6 +66,10 @@ class Leases:
         self._queue: deque[_LeaseWaiter] = deque()
         self._tg: TaskGroup | None = None
         self._names: dict[str, str] = {}  # session id -> name, of the sessions that held it
+        self.hooks: LeaseHooks | None = None
+        self.unhealthy: str | None = None  # the last failed hook's error
+        self._to_clean: list[Lease] = []  # ended leases whose after_lease hook is due
+        self._cleaning = False
         # What runs on the node, from its tasks (the node server sets both).
         self.sessions_running: Callable[[], set[str | None]] = set
         self.stop_session: Callable[[str | None, str], Any] = lambda session_id, reason: 0
@@ -93,6 +99,7 @@ class Leases:
             self.stop_session(lease.session_id, f"the lease of session {lease.session_name!r} ran out")
             if self.registry is not None:
                 self._lease = None  # the registry ends it and hands the node on
+                self._ended(lease)
                 return None
             self._set(None)
             return self._lease  # handed to the next session in the queue, once drained
@@ -117,11 +124,66 @@ class Leases:
         return self.current() is None and bool(self.sessions_running())
 
     def _busy_for(self, session_id: str | None) -> set[str | None]:
-        """The other sessions whose tasks run on the node."""
-        return self.sessions_running() - {session_id}
+        """The other sessions whose tasks run on the node (and the after_lease hook,
+        as one more, while it is due)."""
+        busy = self.sessions_running() - {session_id}
+        return busy | {"after_lease"} if self._to_clean else busy
 
     def task_ended(self) -> None:
         """A task of the node ended: a drained node goes to the next in line."""
+        self._clean_soon()
+        if self.registry is None and self._lease is None and self._queue:
+            self._set(None)
+
+    # --- hooks ----------------------------------------------------------------------
+
+    async def before(self, lease: Lease) -> str | None:
+        """Before ``lease`` (new to its session) is used: run the ``before_lease``
+        hook. None if the node may be used; else why not (the hook's error, or the
+        error that left the node unhealthy when it has no such hook)."""
+        if self.hooks is None or not self.hooks.before_lease:
+            return self.unhealthy
+        error = await self.hooks.run("before_lease", session_name=lease.session_name, lease_id=lease.id)
+        lease.ready = error is None
+        await self.set_health(error)
+        return error
+
+    async def set_health(self, error: str | None) -> None:
+        """Mark the node unhealthy with ``error``, or healthy (None)."""
+        self.unhealthy = error
+        if self.registry is not None:
+            await self.registry.set_health(self.node, error)
+
+    def _ended(self, lease: Lease) -> None:
+        """``lease`` has ended: its after_lease hook runs once its tasks have."""
+        if self.hooks is not None and self.hooks.after_lease and lease.ready:
+            self._to_clean.append(lease)
+            self._clean_soon()
+
+    def _clean_soon(self) -> None:
+        if self._cleaning or not self._to_clean or self._tg is None:
+            return
+        lease = self._to_clean[0]
+        if lease.session_id in self.sessions_running():
+            return  # when its last task ends
+        self._cleaning = True
+        self._tg.start_soon(self._after, lease)
+
+    async def _after(self, lease: Lease) -> None:
+        assert self.hooks is not None
+        if self.registry is not None:
+            await self.registry.set_hook_running(self.node, True)
+        try:
+            error = await self.hooks.run("after_lease", session_name=lease.session_name, lease_id=lease.id)
+            if error is not None:
+                await self.set_health(error)
+        finally:
+            if self.registry is not None:
+                with anyio.CancelScope(shield=True):
+                    await self.registry.set_hook_running(self.node, False)
+            self._to_clean.remove(lease)
+            self._cleaning = False
+        self._clean_soon()
         if self.registry is None and self._lease is None and self._queue:
             self._set(None)
 
@@ -132,6 +194,9 @@ class Leases:
     def _set(self, lease: Lease | None) -> None:
         # A lease let go of goes straight to the session that has waited longest, so
         # waiting is first come, first served, and no one can slip in between.
+        previous = self._lease
+        if previous is not None and (lease is None or lease.id != previous.id):
+            self._ended(previous)
         if lease is None and self._queue and not self._busy_for(self._queue[0].session_id):
             waiter = self._queue.popleft()
             lease = waiter.lease = self._new(waiter.session_id, waiter.session_name, waiter.duration)
@@ -148,6 +213,11 @@ class Leases:
         return Lease(secrets.token_hex(8), session_id, session_name, now, now + duration if duration else None)
 
     def _conflict(self, holder: Lease | None) -> Conflict:
+        if holder is None and self._to_clean and not self._busy_for(None) - {"after_lease"}:
+            return Conflict(
+                f"node {self.node!r} is draining: its after_lease hook runs",
+                details={"draining": True, "waiting": len(self._queue)},
+            )
         if holder is None:
             others = ", ".join(
                 sorted(f"{self._names.get(s, '?')!r} ({s})" for s in self.sessions_running() if s is not None)
@@ -216,6 +286,7 @@ class Leases:
         if self.registry is not None and self._tg is not None:
             self._lease = None
             self._tg.start_soon(self.registry.release, int(holder.id))
+            self._ended(holder)
             return
         self._set(None)
 
@@ -246,3 +317,4 @@ class Leases:
         if lease is not None and not await self.registry.keepalive(int(lease.id)):
             if self._lease is lease:
                 self._lease = None
+                self._ended(lease)

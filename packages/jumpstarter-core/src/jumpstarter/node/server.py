@@ -23,6 +23,7 @@ from jumpstarter_protocol import MAX_MESSAGE_SIZE, NodeInfo
 from jumpstarter._version import __version__
 from jumpstarter.config import NodeConfig
 from jumpstarter.node.dispatch import NodeConnection
+from jumpstarter.node.hooks import LeaseHooks
 from jumpstarter.node.leases import Leases
 from jumpstarter.node.tasks import OUTPUT_CHUNK, Detacher, Tasks
 from jumpstarter.plugins.interfaces import NodeDriver
@@ -82,6 +83,8 @@ class NodeServer:
             on_session_deleted=self._session_deleted,
             on_task_finished=self.leases.task_ended,
         )
+        if node.before_lease or node.after_lease:
+            self.leases.hooks = LeaseHooks(node.name, node.before_lease, node.after_lease, node.hook_timeout)
         self.leases.sessions_running = self.tasks.sessions_running
         self.leases.stop_session = self.tasks.stop_session
         self._closed = anyio.Event()

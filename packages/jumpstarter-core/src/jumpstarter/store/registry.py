@@ -84,6 +84,8 @@ class NodeRecord:
     online: bool
     lease: LeaseRecord | None = None
     running: bool = False
+    unhealthy: str | None = None  # the error of the lease hook that failed
+    hook_running: bool = False
     status: str = field(init=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +93,10 @@ class NodeRecord:
             self.status = "offline"
         elif self.lease:
             self.status = "leased"
+        elif self.unhealthy:
+            self.status = "unhealthy"
+        elif self.hook_running:
+            self.status = "draining"
         else:
             # No lease, but tasks of an ended one still run: no one gets it meanwhile.
             self.status = "draining" if self.running else "free"
@@ -141,6 +147,43 @@ class NodeRegistry:
         async with self.pool.connection() as db:
             await db.execute("UPDATE nodes SET last_seen = 0 WHERE name = %s", (name,))
 
+    async def set_health(self, name: str, error: str | None) -> None:
+        """Mark node ``name`` unhealthy with a lease hook's ``error`` (it is leased by
+        label to no one), or healthy again (None: a hook succeeded, ``jmp node clear``)."""
+        async with self.pool.connection() as db:
+            await db.execute("UPDATE nodes SET unhealthy = %s WHERE name = %s", (error, name))
+
+    async def set_hook_running(self, name: str, running: bool) -> None:
+        """While node ``name`` runs its after_lease hook, it is leased to no one."""
+        async with self.pool.connection() as db:
+            await db.execute("UPDATE nodes SET hook_running = %s WHERE name = %s", (int(running), name))
+
+    async def remove(self, name: str) -> None:
+        """Forget node ``name`` (one that will not come back): :class:`Conflict` while
+        it is online, or holds a lease; its tasks and results stay."""
+        record = await self.node(name)
+        if record.online or record.lease is not None:
+            raise Conflict(f"node {name!r} is {record.status}: only an offline node can be removed")
+        async with self.pool.connection() as db, db.transaction():
+            await db.execute("DELETE FROM lease_requests WHERE lease_id IN (SELECT id FROM leases WHERE node = %s)", (name,))
+            await db.execute("DELETE FROM leases WHERE node = %s", (name,))
+            await db.execute("DELETE FROM nodes WHERE name = %s", (name,))
+
+    async def waiting(self) -> list[dict[str, Any]]:
+        """Requests waiting in line for a node, oldest first."""
+        await self.sweep()
+        async with self.pool.connection() as db:
+            rows = await (
+                await db.execute(
+                    "SELECT id, selector, session_id, session_name, holder, requested_at FROM lease_requests"
+                    " WHERE lease_id IS NULL ORDER BY id"
+                )
+            ).fetchall()
+        return [
+            {"request": r[0], "selector": r[1], "session_id": r[2], "session_name": r[3], "holder": r[4], "since": r[5]}
+            for r in rows
+        ]
+
     async def nodes(self) -> list[NodeRecord]:
         await self.sweep()
         async with self.pool.connection() as db:
@@ -149,7 +192,8 @@ class NodeRegistry:
                     "SELECT n.name, n.labels, n.endpoint, n.transport, n.driver, n.agent, n.last_seen,"
                     " l.id, l.session_id, l.session_name, l.holder, l.since, l.expires_at,"
                     f" n.last_seen >= {_NOW} - %s,"
-                    " EXISTS (SELECT 1 FROM tasks t WHERE t.node = n.name AND t.state = 'running')"
+                    " EXISTS (SELECT 1 FROM tasks t WHERE t.node = n.name AND t.state = 'running'),"
+                    " n.unhealthy, n.hook_running"
                     " FROM nodes n LEFT JOIN leases l ON l.node = n.name AND l.ended_at IS NULL"
                     " ORDER BY n.name",
                     (self.heartbeat_timeout,),
@@ -166,6 +210,8 @@ class NodeRegistry:
                 last_seen=r[6],
                 online=r[13],
                 running=r[14],
+                unhealthy=r[15],
+                hook_running=bool(r[16]),
                 lease=LeaseRecord(r[7], r[0], r[8], r[9], r[10], r[11], r[12]) if r[7] else None,
             )
             for r in rows
@@ -277,6 +323,9 @@ class NodeRegistry:
                     f"node {node!r} is leased by session {live[2]!r} ({live[1]}) since {since}",
                     details={"session_id": live[1], "since": since},
                 )
+            hook = await (await db.execute("SELECT hook_running FROM nodes WHERE name = %s", (node,))).fetchone()
+            if hook and hook[0]:
+                raise Conflict(f"node {node!r} is draining: its after_lease hook runs", details={"draining": True})
             others = await (
                 await db.execute(
                     "SELECT DISTINCT t.session_id, s.name FROM tasks t LEFT JOIN sessions s ON s.id = t.session_id"
@@ -438,7 +487,8 @@ class NodeRegistry:
             ).fetchall()
             free = await (
                 await db.execute(
-                    "SELECT name, labels FROM nodes WHERE last_seen >= %s AND name NOT IN"
+                    "SELECT name, labels FROM nodes WHERE last_seen >= %s AND unhealthy IS NULL"
+                    " AND hook_running = 0 AND name NOT IN"
                     " (SELECT node FROM leases WHERE ended_at IS NULL) ORDER BY name",
                     (stale,),
                 )

@@ -126,6 +126,12 @@ _MIGRATIONS = [
     ALTER TABLE results ADD COLUMN file TEXT;
     ALTER TABLE results ADD COLUMN line INTEGER;
     """,
+    # 4: lease hooks: a node whose hook failed is unhealthy (the hook's error), and a
+    # node running its after_lease hook goes to no one meanwhile.
+    """
+    ALTER TABLE nodes ADD COLUMN unhealthy TEXT;
+    ALTER TABLE nodes ADD COLUMN hook_running INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 VERSION = len(_MIGRATIONS)
