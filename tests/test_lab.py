@@ -355,3 +355,63 @@ def test_requests_in_line_and_removing_a_node_that_will_not_come_back(lab, postg
     assert run_jmp("node", "list", env=env).stdout.count("lab1") == 0
     gone = run_jmp("node", "remove", "lab1", env=env)
     assert (gone.returncode, gone.stderr) == (3, "jmp: error: no node named 'lab1' in the registry\n")
+
+
+# --- one session per run, results where the session is -----------------------------------------
+
+SUITE = """
+def test_boots():
+    pass
+
+def test_flashes():
+    assert False, "bad checksum"
+"""
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-store", "own-stores"])
+def test_pytest_inside_jmp_run_records_into_the_run_s_session_under_the_agent_s_name(
+    shared: bool, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    import sys
+
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    (suite / "test_board.py").write_text(SUITE)
+    if shared:
+        store = request.getfixturevalue("postgres_url")
+        request.getfixturevalue("lab")("rpi-b", "pool=p")
+        _wait_registered(store, {"rpi-b"})
+        env = _ci(tmp_path, store)
+    else:
+        agent = request.getfixturevalue("agents")(name="rpi-b")
+        home = tmp_path / "ci"
+        home.mkdir()
+        (home / "jumpstarter.toml").write_text(f'[nodes.rpi-b]\ntransport = "grpc"\nendpoint = "{agent.url}"\n')
+        env = {**os.environ, "JMP_DATA_DIR": str(home), "JMP_CONFIG": str(home / "jumpstarter.toml")}
+        env.pop("JMP_STORE", None)
+    script = (
+        f"{sys.executable} -m pytest -q -p no:cacheprovider --jmp-session nightly {suite};"
+        " jmp result add --name suite/extra --outcome passed"
+    )
+    done = run_jmp("run", "--node", "rpi-b", "--session", "nightly", "--shell", "--", script, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr  # the last command's exit code
+    assert "recorded in session 'nightly' on node 'rpi-b'" in done.stdout, done.stdout
+    query = run_jmp("result", "query", "--session", "nightly", "--format", "json", env=env, cwd=tmp_path)
+    assert query.returncode == 0, query.stderr
+    import json
+
+    results = json.loads(query.stdout)["results"]
+    assert sorted((r["name"], r["outcome"], r["node"]) for r in results) == [
+        ("suite/extra", "passed", "rpi-b"),
+        ("suite/test_board.py::test_boots", "passed", "rpi-b"),
+        ("suite/test_board.py::test_flashes", "failed", "rpi-b"),
+    ]
+    # One session, one task: the run's own, not one pytest opened beside it.
+    assert len({r["session_id"] for r in results}) == 1 and len({r["task_id"] for r in results}) == 1
+    if not shared:  # the node that has them goes away: the answer says it is incomplete
+        agent.stop()
+        gone = run_jmp("result", "query", "--session", "nightly", env=env, cwd=tmp_path)
+        assert gone.returncode == 5
+        assert gone.stderr.endswith(
+            "jmp: error: results of session 'nightly' from node rpi-b are missing: it could not be reached\n"
+        ), gone.stderr

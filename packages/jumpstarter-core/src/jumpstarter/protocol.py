@@ -35,6 +35,10 @@ class JumpStarterProtocol:
         self.config = config if config is not None else load_config(config_path, env)
         self._plugins = plugins
         self._env = env
+        from jumpstarter.enclosing import EnclosingTask
+
+        self.enclosing = EnclosingTask.from_env(env)
+        """The task this process runs in (from ``JMP_TASK_ID`` and the rest), or None."""
 
     @property
     def plugins(self) -> Plugins:
@@ -75,6 +79,10 @@ class JumpStarterProtocol:
         registered node that is offline. Never takes such an entry for a local node."""
         config = self.config
         name = name or config.default_node
+        enclosing = self.enclosing
+        if enclosing is not None and enclosing.url and name == enclosing.node:
+            # Inside a task of that node: reached the way the node told the task.
+            return NodeConfig(name=name, transport=enclosing.transport or "grpc", endpoint=enclosing.url)
         entry = config.nodes.get(name)
         if entry is not None and config.is_complete(entry):
             return entry
@@ -119,7 +127,11 @@ class JumpStarterProtocol:
             await store.aclose()
 
     def token_for(self, node: NodeConfig) -> str | None:
-        """The token to present to ``node``, read from its ``token_file``."""
+        """The token to present to ``node``, read from its ``token_file`` (inside a
+        task of that node, the task's own token)."""
+        enclosing = self.enclosing
+        if enclosing is not None and enclosing.url and node.endpoint == enclosing.url and node.token_file is None:
+            return enclosing.token
         if node.token_file is None:
             return None
         try:

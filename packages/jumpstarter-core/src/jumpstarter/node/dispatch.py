@@ -78,6 +78,7 @@ class NodeConnection:
         self.leased = False
         self.client = "jumpstarter"
         self._session_recorded = False
+        self.task_scope: str | None = None  # a task's own token: only that task's results
         self._handlers: dict[type, Callable[[Any], Any]] = {
             FetchConfig: self._fetch_config,
             InitializeConnection: self._initialize,
@@ -104,6 +105,8 @@ class NodeConnection:
             handler = self._handlers.get(type(request))
             if handler is None:
                 raise BadRequest(f"{getattr(request, 'type', type(request).__name__)} is not a request")
+            if self.task_scope is not None:
+                self._check_scope(request)
             return await handler(request)
         except NodeError as exc:
             return exc.to_reply()
@@ -148,6 +151,18 @@ class NodeConnection:
             self.server.leases.release(self.session_id)
             self.leased = False
 
+    _IN_SCOPE = (FetchConfig, InitializeConnection, Ping, QueryResults, ListSessions, QueryHistory)
+
+    def _check_scope(self, request: Any) -> None:
+        """A connection made with a task's token (``JMP_TASK_TOKEN``) reads results
+        and adds them to that task, and does nothing else."""
+        task_id = getattr(request, "task_id", None)
+        if isinstance(request, self._IN_SCOPE) or (
+            isinstance(request, AddResult | GetTaskStatus) and task_id == self.task_scope
+        ):
+            return
+        raise Unauthorized(f"a task's token only records results of task {self.task_scope}")
+
     # --- handlers --------------------------------------------------------------------------
 
     def _require_init(self) -> None:
@@ -166,10 +181,12 @@ class NodeConnection:
 
     async def _initialize(self, request: InitializeConnection) -> ConnectionInfo:
         expected = self.server.token
-        if expected is not None and not hmac.compare_digest(
+        scope = self.server.task_of_token(request.token)
+        if scope is None and expected is not None and not hmac.compare_digest(
             (request.token or "").encode(), expected.encode()
         ):
             raise Unauthorized("invalid or missing token")
+        self.task_scope = scope
         try:
             version = negotiate_version(request.min_version, request.max_version)
         except ProtocolError as exc:
@@ -228,11 +245,12 @@ class NodeConnection:
         else:
             assert request.task_id is not None
             task = await self._own_task(request.task_id)
+        env = self.server.task_env(task, self.session_name or "")
         if request.detach:
-            await tasks.start_detached(task, created_here=created_here)
+            await tasks.start_detached(task, created_here=created_here, env=env)
             started = await self.server.store.get_task(task.id)
             return TaskStarted(task_id=task.id, started_at=started.started_at or started.created_at, pid=None)
-        return await tasks.start_task(task, created_here=created_here)
+        return await tasks.start_task(task, created_here=created_here, env=env)
 
     async def _own_task(self, task_id: str) -> TaskInfo:
         task = await self.server.store.get_task(task_id)

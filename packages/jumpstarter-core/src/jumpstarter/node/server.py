@@ -10,7 +10,9 @@ Every transport serves this same object: it opens one
 
 from __future__ import annotations
 
+import hmac
 import os
+import secrets
 import socket
 import weakref
 from pathlib import Path
@@ -87,6 +89,10 @@ class NodeServer:
             self.leases.hooks = LeaseHooks(node.name, node.before_lease, node.after_lease, node.hook_timeout)
         self.leases.sessions_running = self.tasks.sessions_running
         self.leases.stop_session = self.tasks.stop_session
+        self.url: str | None = None
+        """Where a task on this machine reaches this server (``jmp node serve`` sets it)."""
+        self.transport: str | None = None
+        self._task_tokens: dict[str, str] = {}  # token -> task id
         self._closed = anyio.Event()
         self._connections: weakref.WeakSet[NodeConnection] = weakref.WeakSet()
 
@@ -121,6 +127,35 @@ class NodeServer:
 
     def close(self) -> None:
         self._closed.set()
+
+    def task_env(self, task: Any, session_name: str) -> dict[str, str]:
+        """The environment that tells ``task`` where it runs (see
+        :mod:`jumpstarter.enclosing`), with a token of its own when this server is
+        reachable from the task."""
+        from jumpstarter.enclosing import EnclosingTask
+
+        token = None
+        if self.url is not None:
+            token = secrets.token_urlsafe(24)
+            self._task_tokens[token] = task.id
+        return EnclosingTask(
+            node=self.node.name,
+            session=session_name,
+            session_id=task.session_id or "",
+            task_id=task.id,
+            url=self.url,
+            transport=self.transport if self.url else None,
+            token=token,
+        ).env()
+
+    def task_of_token(self, token: str | None) -> str | None:
+        """The task whose own token ``token`` is, or None."""
+        if not token:
+            return None
+        for known, task_id in self._task_tokens.items():
+            if hmac.compare_digest(known.encode(), token.encode()):
+                return task_id
+        return None
 
     def connect(self) -> NodeConnection:
         """A new client connection."""

@@ -213,14 +213,19 @@ class Tasks:
         self.hook.jmp_task_created(task=task)
         return task
 
-    async def start_task(self, task: TaskInfo, *, created_here: bool) -> TaskStarted:
+    async def start_task(
+        self, task: TaskInfo, *, created_here: bool, env: dict[str, str] | None = None
+    ) -> TaskStarted:
+        """Start the pending ``task``; ``env`` is added to its environment as it
+        starts (where it runs: :mod:`jumpstarter.enclosing`), not stored with it."""
         if task.state is not TaskState.PENDING:
             raise Conflict(f"task {task.id} is {task.state.value}, not pending; it cannot start again")
         self.check_spec(task.spec)  # again: the directory may have gone since it was created
         assert self._tg is not None, "the node server is not running"
         output = OutputLog.create(self.output_dir, task.id)
+        spec = task.spec.model_copy(update={"env": {**(env or {}), **task.spec.env}}) if env else task.spec
         try:
-            process = await self.driver.spawn(task.spec, output)
+            process = await self.driver.spawn(spec, output)
         except BaseException:
             output.remove()
             if created_here:
@@ -235,12 +240,14 @@ class Tasks:
         self._tg.start_soon(self._supervise, running)
         return TaskStarted(task_id=task.id, started_at=running.task.started_at or _now(), pid=process.pid)
 
-    async def start_detached(self, task: TaskInfo, *, created_here: bool) -> None:
+    async def start_detached(
+        self, task: TaskInfo, *, created_here: bool, env: dict[str, str] | None = None
+    ) -> None:
         """Start the pending ``task`` so that it outlives the client that asks: under
         an agent of its own where this node is served inside the client's process,
         here otherwise (this process outlives its clients)."""
         if self.detach is None:
-            await self.start_task(task, created_here=created_here)
+            await self.start_task(task, created_here=created_here, env=env)
             return
         if task.state is not TaskState.PENDING:
             raise Conflict(f"task {task.id} is {task.state.value}, not pending; it cannot start again")
