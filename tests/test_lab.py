@@ -415,3 +415,25 @@ def test_pytest_inside_jmp_run_records_into_the_run_s_session_under_the_agent_s_
         assert gone.stderr.endswith(
             "jmp: error: results of session 'nightly' from node rpi-b are missing: it could not be reached\n"
         ), gone.stderr
+
+
+def test_session_list_shows_nodes_tasks_and_results(protocol) -> None:
+    for name, outcome in (("nightly-1", "passed"), ("nightly-2", "failed"), ("other", "passed")):
+        with protocol.create_session(name) as session:
+            task = session.connect("local").start(["true"])
+            task.wait()
+            session.add_result(task.id, name="boot", outcome=outcome)
+    runner = CliRunner()
+    listed = runner.invoke(cli, ["session", "list", "--name", "nightly-*"])
+    assert listed.exit_code == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert re.split(r"\s{2,}", lines[0]) == ["ID", "NAME", "CREATED", "NODES", "TASKS", "RESULTS"]
+    rows = [re.split(r"\s{2,}", line.strip()) for line in lines[1:]]
+    assert [(r[1], r[3], r[4], r[5]) for r in rows] == [
+        ("nightly-2", "local", "1", "1 failed"), ("nightly-1", "local", "1", "1 passed"),
+    ]
+    import json
+
+    data = json.loads(runner.invoke(cli, ["session", "list", "--format", "json"]).stdout)
+    assert [s["name"] for s in data["sessions"]] == ["other", "nightly-2", "nightly-1"]
+    assert data["sessions"][0]["results"] == {"passed": 1} and data["sessions"][0]["nodes"] == ["local"]
