@@ -78,17 +78,17 @@ def test_any_task_by_id_from_a_third_machine(lab, postgres_url: str, tmp_path: P
     started = run_jmp("task", "start", "--node", "rpi-b", "--", "sh", "-c", "echo hello from rpi-b; sleep 30", **ci)
     assert started.returncode == 0, started.stderr
     task_id = started.stdout.strip()
-    for node in ([], ["--node", "rpi-b"]):
-        _until(lambda: run_jmp("task", "logs", *node, task_id, **ci).stdout == "hello from rpi-b\n", "logs")  # noqa: B023
-        status = run_jmp("task", "status", *node, task_id, **ci)
-        assert status.returncode == 0, status.stderr
-        assert "state     running" in status.stdout and "node      rpi-b" in status.stdout, status.stdout
+    _until(lambda: run_jmp("task", "logs", task_id, **ci).stdout == "hello from rpi-b\n", "logs")
+    by_name = run_jmp("task", "logs", "--node", "rpi-b", task_id, **ci)
+    assert (by_name.returncode, by_name.stdout) == (0, "hello from rpi-b\n"), by_name.stderr
+    status = run_jmp("task", "status", task_id, **ci)
+    assert status.returncode == 0, status.stderr
+    assert "state     running" in status.stdout and "node      rpi-b" in status.stdout, status.stdout
     stopped = run_jmp("task", "stop", task_id, **ci)
     assert stopped.returncode == 0, stopped.stderr
     assert "stopped" in stopped.stdout
-    for node in ([], ["--node", "rpi-b"]):
-        waited = run_jmp("task", "wait", *node, task_id, **ci)
-        assert waited.returncode == 128 + signal.SIGTERM, waited.stderr
+    waited = run_jmp("task", "wait", "--node", "rpi-b", task_id, **ci)
+    assert waited.returncode == 128 + signal.SIGTERM, waited.stderr
     # The node goes away: the output is there, and the client says so.
     agent.send_signal(signal.SIGKILL)
     agent.wait()
@@ -106,7 +106,9 @@ def test_any_task_by_id_from_a_third_machine(lab, postgres_url: str, tmp_path: P
 # Each task takes the board by creating MARK with O_EXCL (the shell's noclobber); the
 # first lets go of it only as it ends. Had the second started while the first ran,
 # it would find MARK there and say OVERLAP.
-FIRST = 'set -C; : > "$MARK" || exit 99; trap \'rm -f "$MARK"; exit 143\' TERM; sleep {sleep} & wait $!; rm -f "$MARK"'
+FIRST = 'set -C; : > "$MARK" || exit 99; trap \'rm -f "$MARK"; exit 143\' TERM; {hold}; rm -f "$MARK"'
+HOLD_LONG = "sleep 30 & wait $!"
+HOLD_UNTIL_GO = 'until [ -e "$MARK.go" ]; do sleep 0.1; done'  # the test says when it may end
 SECOND = 'set -C; : > "$MARK" || {{ echo OVERLAP; exit 99; }}; rm -f "$MARK"; echo second'
 
 
@@ -154,17 +156,41 @@ def board(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.Mo
     return request.param, env, pick, tasks
 
 
-def _second_waits_its_turn(env: dict[str, str], pick: list[str], tasks) -> None:
-    second = run_jmp("run", *pick, "--wait", "60", "--session", "second", "--", "sh", "-c", _task(SECOND, env), env=env)
-    assert (second.returncode, second.stdout) == (0, "second\n"), second.stderr
+def _second_waits_its_turn(env: dict[str, str], pick: list[str], tasks, *, let_first_end: bool = False) -> None:
+    """A second session asks for the board and waits in line; it runs only after the
+    first task has ended (told to, with ``let_first_end``, once the second waits)."""
+    second = subprocess.Popen(
+        [JMP, "run", *pick, "--wait", "60", "--session", "second", "--", "sh", "-c", _task(SECOND, env)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        if let_first_end:
+            _until(lambda: _waiting(env, pick), "the second session waits in line")
+            assert second.poll() is None  # the first still runs: the second cannot have
+            Path(env["MARK"] + ".go").touch()
+        out, err = second.communicate(timeout=60)
+    finally:
+        if second.poll() is None:
+            second.kill()
+            second.communicate()
+    assert (second.returncode, out) == (0, "second\n"), err
     (_, _, _, first_end), (state, _, second_start, _) = tasks()
     assert state == "succeeded" and first_end is not None and first_end <= second_start
+
+
+def _waiting(env: dict[str, str], pick: list[str]) -> bool:
+    """True once the second session is in line: a request in the registry's queue
+    (or, for a node's own lease, once it had time to ask: there is nothing to see)."""
+    if pick[0] == "--select":
+        return "waiting #1" in run_jmp("lease", "list", env=env).stdout
+    time.sleep(1)
+    return True
 
 
 def test_a_lease_that_runs_out_stops_its_task_before_the_next_session(board, tmp_path: Path) -> None:
     kind, env, pick, tasks = board
     first = subprocess.Popen(
-        [JMP, "run", *pick, "--duration", "2", "--session", "first", "--", "sh", "-c", _task(FIRST, env, sleep=30)],
+        [JMP, "run", *pick, "--duration", "2", "--session", "first", "--", "sh", "-c", _task(FIRST, env, hold=HOLD_LONG)],
         env=env,
     )
     try:
@@ -182,7 +208,7 @@ def test_a_lease_that_runs_out_stops_its_task_before_the_next_session(board, tmp
 def test_a_released_lease_lets_its_task_finish_and_the_node_drains(board, tmp_path: Path) -> None:
     kind, env, pick, tasks = board
     node = ["--node", "lab1"]
-    started = run_jmp("task", "start", *node, "--session", "first", "--", "sh", "-c", _task(FIRST, env, sleep=8), env=env)
+    started = run_jmp("task", "start", *node, "--session", "first", "--", "sh", "-c", _task(FIRST, env, hold=HOLD_UNTIL_GO), env=env)
     assert started.returncode == 0, started.stderr  # jmp exits: the lease is released
     if kind == "registry":
         listing = run_jmp("node", "list", env=env)
@@ -193,16 +219,16 @@ def test_a_released_lease_lets_its_task_finish_and_the_node_drains(board, tmp_pa
         "registry": r"jmp: error: no free node matches pool=p: lab1 \(draining\)\n",
     }
     assert busy.returncode == 4 and re.fullmatch(expected[kind], busy.stderr), busy.stderr
-    _second_waits_its_turn(env, pick, tasks)
+    _second_waits_its_turn(env, pick, tasks, let_first_end=True)
 
 
 def test_a_vanished_client_s_task_finishes_before_the_next_session(board, tmp_path: Path) -> None:
     kind, env, pick, tasks = board
-    first = subprocess.Popen([JMP, "run", *pick, "--session", "first", "--", "sh", "-c", _task(FIRST, env, sleep=4)], env=env)
+    first = subprocess.Popen([JMP, "run", *pick, "--session", "first", "--", "sh", "-c", _task(FIRST, env, hold=HOLD_UNTIL_GO)], env=env)
     _until(lambda: Path(env["MARK"]).exists(), "the first task took the board")
     first.send_signal(signal.SIGKILL)
     first.wait()
-    _second_waits_its_turn(env, pick, tasks)
+    _second_waits_its_turn(env, pick, tasks, let_first_end=True)
 
 
 def test_lease_release_stop_stops_a_draining_node_s_tasks(lab, postgres_url: str, tmp_path: Path) -> None:
