@@ -463,3 +463,23 @@ def test_session_list_shows_nodes_tasks_and_results(protocol) -> None:
     data = json.loads(runner.invoke(cli, ["session", "list", "--format", "json"]).stdout)
     assert [s["name"] for s in data["sessions"]] == ["other", "nightly-2", "nightly-1"]
     assert data["sessions"][0]["results"] == {"passed": 1} and data["sessions"][0]["nodes"] == ["local"]
+
+
+def test_lease_hooks_of_a_node_served_in_this_process(data_dir: Path, tmp_path: Path) -> None:
+    from jumpstarter.config import Config
+    from jumpstarter.errors import Unavailable
+    from jumpstarter.protocol import JumpStarterProtocol
+
+    log = tmp_path / "hooks.log"
+    hooks = {
+        "before_lease": f'echo "before $JMP_SESSION" >> {log}; [ "$JMP_SESSION" != broken ] || {{ echo no board >&2; exit 3; }}',
+        "after_lease": f'echo "after $JMP_SESSION" >> {log}',
+    }
+    protocol = JumpStarterProtocol(Config.model_validate({"data_dir": str(data_dir), "nodes": {"local": hooks}}))
+    with protocol.create_session("broken") as session:
+        with pytest.raises(Unavailable, match=r"^node 'local' is unhealthy: before_lease failed \(exit 3\): no board \("):
+            session.connect("local")
+    with protocol.create_session("fine") as session:
+        assert session.connect("local").start(["true"]).wait().state == "succeeded"
+    _until(lambda: log.read_text().endswith("after fine\n"), "after_lease ran")
+    assert log.read_text() == "before broken\nbefore fine\nafter fine\n"  # none after a lease never given

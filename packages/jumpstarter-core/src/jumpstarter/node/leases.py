@@ -154,6 +154,19 @@ class Leases:
         if self.registry is not None:
             await self.registry.set_health(self.node, error)
 
+    def release_all(self) -> None:
+        """The node server stops: its lease, if any, ends (hooks due for it run)."""
+        if self._lease is not None:
+            self.release(self._lease.session_id)
+
+    async def settle(self) -> None:
+        """Wait for the after_lease hooks that are due (the node server stops: its
+        tasks have been stopped, so each can run now)."""
+        self._clean_soon()
+        while self._to_clean:
+            await anyio.sleep(0.05)
+            self._clean_soon()
+
     def _ended(self, lease: Lease) -> None:
         """``lease`` has ended: its after_lease hook runs once its tasks have."""
         if self.hooks is not None and self.hooks.after_lease and lease.ready:

@@ -119,6 +119,8 @@ class NodeServer:
                 await self._closed.wait()
                 with anyio.CancelScope(shield=True):
                     await self.tasks.shut_down()
+                    self.leases.release_all()  # a lease still held ends with the server
+                    await self.leases.settle()  # after_lease hooks due run to their end
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
