@@ -46,8 +46,8 @@ STOP_REASONS = {
     RELEASED_STOP: "the lease of session {session!r} was released with --stop",
 }
 """How a lease may end that stops its tasks, and the message those tasks then get."""
-# Nodes on which a task of another session than %s runs: leased to no one else.
-_BUSY = "SELECT DISTINCT node FROM tasks WHERE state = 'running' AND session_id IS DISTINCT FROM %s"
+# Who runs what: a node with a running task of another session is leased to no one else.
+_RUNNING = "SELECT DISTINCT node, session_id FROM tasks WHERE state = 'running'"
 
 _SCHEDULE_LOCK = 7413520922
 _CHANNEL = "jmp_leases"
@@ -494,15 +494,11 @@ class NodeRegistry:
                 )
             ).fetchall()
             mine = None
-            busy: dict[str, set[str]] = {}  # session id -> nodes where others' tasks run
+            running = await (await db.execute(_RUNNING)).fetchall() if waiting else []
             for rid, selector, session_id, session_name, holder, duration, lease_id in waiting:
                 if lease_id is None:
-                    if session_id not in busy:
-                        rows = await (await db.execute(_BUSY, (session_id,))).fetchall()
-                        busy[session_id] = {row[0] for row in rows}
-                    pick = next(
-                        (n for n in free if n[0] not in busy[session_id] and _matches(n[1], selector)), None
-                    )
+                    busy = {node for node, owner in running if owner != session_id}
+                    pick = next((n for n in free if n[0] not in busy and _matches(n[1], selector)), None)
                     if pick is None:
                         continue
                     free.remove(pick)

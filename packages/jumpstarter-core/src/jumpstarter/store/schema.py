@@ -131,6 +131,8 @@ _MIGRATIONS = [
     """
     ALTER TABLE nodes ADD COLUMN unhealthy TEXT;
     ALTER TABLE nodes ADD COLUMN hook_running INTEGER NOT NULL DEFAULT 0;
+    -- What runs on each node: a node is leased to no one else while another session's task runs.
+    CREATE INDEX tasks_running ON tasks (node, session_id) WHERE state = 'running';
     """,
 ]
 
