@@ -483,3 +483,13 @@ def test_lease_hooks_of_a_node_served_in_this_process(data_dir: Path, tmp_path: 
         assert session.connect("local").start(["true"]).wait().state == "succeeded"
     _until(lambda: log.read_text().endswith("after fine\n"), "after_lease ran")
     assert log.read_text() == "before broken\nbefore fine\nafter fine\n"  # none after a lease never given
+
+
+def test_a_task_knows_where_it_runs(data_dir: Path) -> None:
+    show = 'echo "$JMP_NODE $JMP_SESSION $JMP_TASK_ID ${JMP_TASK_TOKEN:-no-token}"'
+    ran = run_jmp("run", "--session", "nightly", "--id-file", "id", "--shell", "--", show)
+    assert ran.stdout == f"local nightly {Path('id').read_text().strip()} no-token\n", ran.stderr
+    started = run_jmp("task", "start", "--session", "detached", "--shell", "--", show)  # under an agent of its own
+    task_id = started.stdout.strip()
+    assert run_jmp("task", "wait", task_id).returncode == 0
+    assert run_jmp("task", "logs", task_id).stdout == f"local detached {task_id} no-token\n"
