@@ -50,7 +50,9 @@ def add(state, task_id, name, outcome, duration, message, metrics, labels, node,
     if task_id is None:
         enclosing = state.protocol.enclosing
         if enclosing is None:
-            raise click.UsageError("missing TASK (it is the enclosing task's only inside one: JMP_TASK_ID is not set)")
+            raise click.UsageError(
+                "missing TASK (it is the enclosing task's only inside one: JMP_TASK_ID is not set)"
+            )
         task_id, node = enclosing.task_id, node or enclosing.node
     result = {
         "name": name,
@@ -142,7 +144,8 @@ def _query_every_node(state: Any, filters: dict[str, Any], unreachable: list[str
     from jumpstarter.errors import NotFound, TransportError
 
     config = state.protocol.config
-    names = [config.default_node] + [n for n, c in config.nodes.items() if n != config.default_node and config.is_complete(c)]
+    others = [n for n, c in config.nodes.items() if n != config.default_node and config.is_complete(c)]
+    names = [config.default_node, *others]
 
     async def main() -> Any:
         async with state.protocol.create_async_session("cli") as s:

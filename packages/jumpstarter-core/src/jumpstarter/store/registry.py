@@ -165,7 +165,9 @@ class NodeRegistry:
         if record.online or record.lease is not None:
             raise Conflict(f"node {name!r} is {record.status}: only an offline node can be removed")
         async with self.pool.connection() as db, db.transaction():
-            await db.execute("DELETE FROM lease_requests WHERE lease_id IN (SELECT id FROM leases WHERE node = %s)", (name,))
+            await db.execute(
+                "DELETE FROM lease_requests WHERE lease_id IN (SELECT id FROM leases WHERE node = %s)", (name,)
+            )
             await db.execute("DELETE FROM leases WHERE node = %s", (name,))
             await db.execute("DELETE FROM nodes WHERE name = %s", (name,))
 
@@ -180,7 +182,10 @@ class NodeRegistry:
                 )
             ).fetchall()
         return [
-            {"request": r[0], "selector": r[1], "session_id": r[2], "session_name": r[3], "holder": r[4], "since": r[5]}
+            {
+                "request": r[0], "selector": r[1], "session_id": r[2],
+                "session_name": r[3], "holder": r[4], "since": r[5],
+            }
             for r in rows
         ]
 
