@@ -119,10 +119,6 @@ class Leases:
         node is draining)."""
         return self._conflict(holder)
 
-    def draining(self) -> bool:
-        """No lease, but tasks still run: the node goes to no one until they end."""
-        return self.current() is None and bool(self.sessions_running())
-
     def _busy_for(self, session_id: str | None) -> set[str | None]:
         """The other sessions whose tasks run on the node (and the after_lease hook,
         as one more, while it is due)."""
