@@ -34,16 +34,16 @@ def lab(postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> I
     monkeypatch.setattr("jumpstarter.store.registry.HEARTBEAT_TIMEOUT", 2.0)
     started: list[subprocess.Popen[bytes]] = []
 
-    def start(name: str, *labels: str) -> subprocess.Popen[bytes]:
+    def start(name: str, *labels: str, args: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
         log = tmp_path / f"{name}.log"
         home = tmp_path / name
         home.mkdir()
         env = {**os.environ, **FAST, "JMP_STORE": postgres_url, "JMP_DATA_DIR": str(home)}
-        args = [JMP, "node", "serve", "--listen", "127.0.0.1:0", "--name", name]
+        argv = [JMP, "node", "serve", "--listen", "127.0.0.1:0", "--name", name, *args]
         for label in labels:
-            args += ["--label", label]
+            argv += ["--label", label]
         with open(log, "wb") as out:
-            process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=home, env=env)
+            process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=home, env=env)
         started.append(process)
         deadline = time.monotonic() + 60
         while not re.search(r"listening on \S+\n", log.read_text()):

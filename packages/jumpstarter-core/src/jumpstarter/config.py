@@ -56,6 +56,9 @@ class NodeConfig(BaseModel):
     keep_output_bytes: int | None = Field(
         default=None, ge=0, description="most bytes of finished tasks' output kept, oldest deleted first"
     )
+    before_lease: str | None = Field(default=None, description="shell command run before each lease (node side)")
+    after_lease: str | None = Field(default=None, description="shell command run after each lease (node side)")
+    hook_timeout: float = Field(default=300.0, gt=0, description="seconds a lease hook may take")
 
 
 class RegistryConfig(BaseModel):
@@ -110,6 +113,37 @@ class Config(BaseModel):
         else:
             where = f" in {self.source}" if self.source else ""
         raise UnknownNode(f"unknown node {name!r}{where}; known nodes: {known}")
+
+    def is_complete(self, node: NodeConfig) -> bool:
+        """True when ``node`` says how it is reached or run here (a ``transport``,
+        ``endpoint`` or ``driver`` of its own, or it is ``local``). An entry holding
+        only credentials or labels is for a node the registry describes."""
+        return node.name == "local" or bool(node.model_fields_set & {"transport", "endpoint", "driver"})
+
+    def registered_node(
+        self, name: str, *, transport: str, endpoint: str | None, driver: str, labels: dict[str, str]
+    ) -> NodeConfig:
+        """How to reach the node ``name`` that the registry describes: its transport
+        and endpoint from there, its credentials from ``[registry]``, each overridden
+        by a ``[nodes.NAME]`` entry that sets it."""
+        entry = self.nodes.get(name)
+        own = entry.model_fields_set if entry is not None else set()
+        registry = self.registry
+        return NodeConfig(
+            name=name,
+            transport=transport,
+            driver=driver,
+            endpoint=endpoint,
+            token_file=entry.token_file if entry is not None and "token_file" in own else registry.token_file,
+            tls_ca=entry.tls_ca if entry is not None and "tls_ca" in own else registry.tls_ca,
+            labels=labels,
+            options={**registry.options, **(entry.options if entry is not None else {})},
+        )
+
+    @property
+    def shared_store(self) -> bool:
+        """True for a ``postgresql://`` store: the one that holds the lab's registry."""
+        return self.store_url.startswith(("postgresql://", "postgres://"))
 
 
 def user_config_path() -> Path:

@@ -5,6 +5,7 @@
     ├── ConfigError          a config file or value is wrong; names the file and key
     ├── PluginError          a plugin failed to load, or a transport/driver is unknown
     ├── TransportError       a node could not be reached, or the connection broke
+    │   └── NodeOffline      the registry says the node is offline
     ├── LocalFileError       a file to send is missing, or a fetched one cannot be written here
     └── NodeError            a node answered with an Error reply; ``code`` says which
         ├── BadRequest
@@ -35,6 +36,7 @@ __all__ = [
     "PluginError",
     "TransportError",
     "LocalFileError",
+    "NodeOffline",
     "NodeError",
     "BadRequest",
     "NotFound",
@@ -65,6 +67,27 @@ class TransportError(JumpstarterError):
 class LocalFileError(JumpstarterError):
     """Raised when a local file to put on a node is missing or unreadable (or a
     directory without ``recursive``), or a fetched file cannot be written here."""
+
+
+class NodeOffline(TransportError):
+    """Raised when the shared registry says a node is offline (its agent stopped, or
+    sent no heartbeat for the timeout), before anything tries to reach it. ``node``
+    names it; ``since`` is its last heartbeat (epoch seconds), None if its agent
+    stopped cleanly."""
+
+    def __init__(self, node: str, since: float | None) -> None:
+        self.node = node
+        self.since = since
+        super().__init__(f"node {node!r} is {self.offline}")
+
+    @property
+    def offline(self) -> str:
+        """``offline since 2024-05-01T14:30:00+00:00`` (or ``offline (its agent stopped)``)."""
+        if not self.since:
+            return "offline (its agent stopped)"
+        from datetime import UTC, datetime
+
+        return f"offline since {datetime.fromtimestamp(self.since, UTC).isoformat(timespec='seconds')}"
 
 
 class NodeError(JumpstarterError):

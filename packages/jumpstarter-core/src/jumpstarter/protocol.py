@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from jumpstarter.config import Config, NodeConfig, load_config
 from jumpstarter.errors import ConfigError
@@ -35,6 +35,10 @@ class JumpStarterProtocol:
         self.config = config if config is not None else load_config(config_path, env)
         self._plugins = plugins
         self._env = env
+        from jumpstarter.enclosing import EnclosingTask
+
+        self.enclosing = EnclosingTask.from_env(env)
+        """The task this process runs in (from ``JMP_TASK_ID`` and the rest), or None."""
 
     @property
     def plugins(self) -> Plugins:
@@ -64,8 +68,70 @@ class JumpStarterProtocol:
 
         return await lease_for_session(session, selector, duration=duration, wait=wait)
 
+    async def resolve_node(self, name: str | None = None) -> NodeConfig:
+        """How to reach the node ``name`` (default: ``default_node``), wherever it is
+        described: a config entry of its own (``[nodes.NAME]`` with a transport,
+        endpoint or driver, or ``local``), else the shared registry, with credentials
+        from ``[registry]`` overridden by a ``[nodes.NAME]`` entry that holds only
+        those. Raises :class:`~jumpstarter.config.UnknownNode` for a name nothing
+        describes, :class:`ConfigError` naming the file and key for an entry the
+        registry cannot complete, :class:`~jumpstarter.errors.NodeOffline` for a
+        registered node that is offline. Never takes such an entry for a local node."""
+        config = self.config
+        name = name or config.default_node
+        enclosing = self.enclosing
+        if enclosing is not None and enclosing.url and name == enclosing.node:
+            # Inside a task of that node: reached the way the node told the task.
+            return NodeConfig(name=name, transport=enclosing.transport or "grpc", endpoint=enclosing.url)
+        entry = config.nodes.get(name)
+        if entry is not None and config.is_complete(entry):
+            return entry
+        if entry is None and name == "local":
+            return config.node(name)
+        record = await self._registered(name)
+        if record is None:
+            if entry is None:
+                config.node(name)  # UnknownNode, saying where it looked
+            where = config.source or "config"
+            why = (
+                f"and no node {name!r} is registered in the shared store"
+                if config.shared_store
+                else "and the store is not a shared postgresql:// store whose registry could say where it is"
+            )
+            raise ConfigError(f"{where}: nodes.{name}: no transport, endpoint or driver of its own, {why}")
+        if not record.online:
+            from jumpstarter.errors import NodeOffline
+
+            raise NodeOffline(name, record.last_seen or None)
+        return config.registered_node(
+            name, transport=record.transport, endpoint=record.endpoint, driver=record.driver, labels=record.labels
+        )
+
+    async def _registered(self, name: str) -> Any:
+        """The registry's record of node ``name`` (a
+        :class:`~jumpstarter.store.registry.NodeRecord`), or None (no shared store,
+        or not registered there)."""
+        if not self.config.shared_store:
+            return None
+        from jumpstarter.errors import NotFound
+        from jumpstarter.store.base import open_store
+        from jumpstarter.store.registry import NodeRegistry
+
+        store = open_store(self.config.store_url)
+        await store.open()
+        try:
+            return await NodeRegistry(store).node(name)
+        except NotFound:
+            return None
+        finally:
+            await store.aclose()
+
     def token_for(self, node: NodeConfig) -> str | None:
-        """The token to present to ``node``, read from its ``token_file``."""
+        """The token to present to ``node``, read from its ``token_file`` (inside a
+        task of that node, the task's own token)."""
+        enclosing = self.enclosing
+        if enclosing is not None and enclosing.url and node.endpoint == enclosing.url and node.token_file is None:
+            return enclosing.token
         if node.token_file is None:
             return None
         try:

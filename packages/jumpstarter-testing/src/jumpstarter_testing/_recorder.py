@@ -42,6 +42,7 @@ class Recorder:
         self.task_id: str | None = None
         self.sender: Sender | None = None
         self.close_error: Exception | None = None
+        self.enclosing_task: str | None = None  # the jmp task this pytest runs as, if any
         self._reports: dict[str, list[pytest.TestReport]] = {}
         self._attempts: dict[str, list[Attempt]] = {}  # failed runs before a rerun
         self._collected: set[str] = set()  # collection errors and skips recorded
@@ -57,11 +58,24 @@ class Recorder:
         params = self.config.invocation_params
         spec = TaskSpec(argv=["pytest", *params.args], cwd=str(params.dir), name="pytest")
         try:
-            session = JumpStarterProtocol().create_session(self.session_name)
+            protocol = JumpStarterProtocol()
+            enclosing = protocol.enclosing
+            if enclosing is not None and enclosing.session == self.session_name and self.node_name in (
+                None,
+                enclosing.node,
+            ):
+                # Run as a task of that session (jmp run --session S -- pytest --jmp-session S):
+                # record into that task, through the node that runs it.
+                self.enclosing_task = enclosing.task_id
+                self.node_name = enclosing.node
+            session = protocol.create_session(self.session_name)
             session.__enter__()
             try:
                 self.node = session.connect(self.node_name, lease=False)  # recording needs no lease
-                self.task_id = self.node.request(OpenTask(spec=spec)).task.id
+                if self.enclosing_task is not None:
+                    self.task_id = self.enclosing_task
+                else:
+                    self.task_id = self.node.request(OpenTask(spec=spec)).task.id
             except BaseException:
                 session.__exit__(None, None, None)
                 raise
@@ -141,11 +155,12 @@ class Recorder:
         except ValueError:
             name = f"exit status {code}"
         try:
-            self.node.request(
-                CloseTask(
-                    task_id=self.task_id, state=state, exit_code=code, message=f"pytest: {name}"
+            if self.enclosing_task is None:  # an enclosing task ends when pytest exits
+                self.node.request(
+                    CloseTask(
+                        task_id=self.task_id, state=state, exit_code=code, message=f"pytest: {name}"
+                    )
                 )
-            )
         except JumpstarterError as exc:
             self.close_error = exc
         if self.sender.pending or self.close_error is not None:

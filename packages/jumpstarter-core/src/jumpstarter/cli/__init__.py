@@ -43,6 +43,7 @@ execute / not found, 128+N killed by signal N, 130 after Ctrl-C).
         "shell": ("jumpstarter.cli.shell:shell", "Open a login shell on a node, on a terminal."),
         "task": ("jumpstarter.cli.task:task", "Create, start, stop, wait for, follow and list tasks."),
         "result": ("jumpstarter.cli.result:result", "Add, query, import, compare and report results."),
+        "session": ("jumpstarter.cli.session:session", "List sessions: their nodes, tasks and results."),
         "node": ("jumpstarter.cli.node:node", "Describe a node, or serve this machine as one."),
         "lease": ("jumpstarter.cli.registry:lease", "List or release leases in a shared store."),
         "drivers": ("jumpstarter.cli.drivers:drivers", "List installed plugins and what they register."),

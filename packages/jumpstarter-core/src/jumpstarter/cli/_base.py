@@ -202,7 +202,10 @@ def require_named_store(state: State, node: str | None) -> None:
 
     config = state.protocol.config
     store = config.store
-    if store is None or config.node(node).transport != "local":
+    name = node or config.default_node
+    entry = config.nodes.get(name)
+    on_this_machine = name == "local" if entry is None else config.is_complete(entry) and entry.transport == "local"
+    if store is None or not on_this_machine:
         return  # the default store, which no run has made yet, or another machine's
     if "://" in store and not store.startswith("sqlite:///"):
         return  # PostgreSQL: the server says what it has
@@ -276,6 +279,71 @@ def task_exit_code(state: str, exit_code: int | None) -> int:
     if exit_code < 0:
         return 128 - exit_code
     return exit_code
+
+
+def node_of_task(state: State, task_id: str) -> str | None:
+    """The node that ran ``task_id``, as this machine's store of record knows it (a
+    shared store knows every node's tasks); None when the store has no such task or
+    there is no store yet."""
+    from pathlib import Path
+
+    import anyio
+
+    from jumpstarter.errors import NotFound
+    from jumpstarter.store.base import open_store
+
+    config = state.protocol.config
+    url = config.store_url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        return None  # nothing ran here yet; opening it would make it
+
+    async def main() -> str | None:
+        store = open_store(url)
+        await store.open()
+        try:
+            return (await store.get_task(task_id)).node
+        except NotFound:
+            return None
+        finally:
+            await store.aclose()
+
+    return anyio.run(main)
+
+
+def call_task_node(
+    state: State,
+    task_id: str,
+    fn: Callable[[Any], Any],
+    *,
+    node: str | None,
+    what: str = "task {id}",
+    session: str = "cli",
+    lease: bool = False,
+) -> Any:
+    """:func:`call_node` on the node that has task ``task_id``: ``node`` when given,
+    else the node the store says ran it, else the default node. A node that is
+    offline or cannot be reached is one error naming the task and the node
+    (``what``: what is there, e.g. ``the output of task {id}``)."""
+    from jumpstarter.config import UnknownNode
+    from jumpstarter.errors import NodeOffline, NotFound, TransportError
+
+    ran_on = node_of_task(state, task_id) if node is None else None
+    target = node or ran_on
+    subject = what.format(id=task_id)
+    try:
+        return call_node(state, fn, node=target, session=session, lease=lease)
+    except NodeOffline as exc:
+        raise TransportError(f"{subject} is on node {exc.node!r}, {exc.offline}") from None
+    except UnknownNode:
+        if ran_on is None:
+            raise
+        raise NotFound(
+            f"task {task_id} ran on node {ran_on!r}, which neither the config nor the shared registry describes"
+        ) from None
+    except TransportError as exc:
+        if target is None:
+            raise
+        raise TransportError(f"{subject} is on node {target!r}, which cannot be reached: {exc}") from None
 
 
 def call_node(

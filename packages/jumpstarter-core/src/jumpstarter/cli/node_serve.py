@@ -182,6 +182,7 @@ def serve(
         "tls_key": tls_key,
         "keepalive": keepalive,
         "ready": ready,
+        "transport": transport,
     }
     registered = (transport, endpoint, listening)
     anyio.run(_serve, protocol, node, token, transport_cls, options, registered)
@@ -191,6 +192,18 @@ async def _serve(protocol, node, token, transport_cls, options, registered) -> N
     import anyio
 
     server = protocol.make_node_server(node, token=token)
+    # Tasks on this machine reach the server at the address it listens on (loopback
+    # for one that listens everywhere), as soon as it is known.
+    server.transport = options.pop("transport")
+    ready = options["ready"]
+
+    def ready_and_known(url: str) -> None:
+        ready(url)
+        for anywhere in ("0.0.0.0", "[::]"):
+            url = url.replace(f"//{anywhere}:", "//127.0.0.1:", 1)
+        server.url = url
+
+    options["ready"] = ready_and_known
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(server.run)

@@ -49,7 +49,9 @@ FORMAT = click.option("-o", "--format", "fmt", type=click.Choice(["table", "json
 @click.pass_obj
 @handle_errors
 def node_list(state: State, fmt: str) -> None:
-    """Every registered node: free, leased (by whom, since when) or offline."""
+    """Every registered node: free, leased (by whom, since when), draining (its lease
+    ended, its tasks or after_lease hook still run), unhealthy (a lease hook failed:
+    PROBLEM says how; 'jmp node clear NAME' once fixed) or offline."""
 
     async def nodes(registry: Any) -> Any:
         return await registry.nodes()
@@ -60,6 +62,7 @@ def node_list(state: State, fmt: str) -> None:
             {
                 "name": n.name, "status": n.status, "labels": n.labels, "endpoint": n.endpoint,
                 "transport": n.transport, "driver": n.driver, "last_seen": n.last_seen,
+                "unhealthy": n.unhealthy,
                 "lease": None if n.lease is None else {
                     "id": n.lease.id, "session_id": n.lease.session_id,
                     "session_name": n.lease.session_name, "since": n.lease.since,
@@ -75,14 +78,46 @@ def node_list(state: State, fmt: str) -> None:
             ",".join(f"{k}={v}" for k, v in sorted(n.labels.items())),
             f"{n.lease.session_name} since {_when(n.lease.since)}" if n.lease else "-",
             n.endpoint or "-",
+            n.unhealthy or "-",
         ]
         for n in records
     ]
-    print_table(["NODE", "STATUS", "LABELS", "LEASED BY", "ENDPOINT"], rows)
+    print_table(["NODE", "STATUS", "LABELS", "LEASED BY", "ENDPOINT", "PROBLEM"], rows)
+
+
+@click.command("clear")
+@click.argument("name")
+@click.pass_obj
+@handle_errors
+def node_clear(state: State, name: str) -> None:
+    """Mark node NAME healthy again, once what made its lease hook fail is fixed."""
+
+    async def clear(registry: Any) -> str | None:
+        was = (await registry.node(name)).unhealthy
+        await registry.set_health(name, None)
+        return was
+
+    was = with_registry(state, clear)
+    click.echo(f"node {name} cleared" + (f" (it was unhealthy: {was})" if was else " (it was healthy)"))
+
+
+@click.command("remove")
+@click.argument("name")
+@click.pass_obj
+@handle_errors
+def node_remove(state: State, name: str) -> None:
+    """Forget node NAME, which is offline and will not come back. Its tasks and
+    results stay in the store; an agent that serves it again registers it anew."""
+
+    async def remove(registry: Any) -> None:
+        await registry.remove(name)
+
+    with_registry(state, remove)
+    click.echo(f"node {name} removed")
 
 
 @click.group(cls=JmpGroup, commands={
-    "list": ("jumpstarter.cli.registry:lease_list", "Live leases: node, session, since, expiry."),
+    "list": ("jumpstarter.cli.registry:lease_list", "Live leases, and the requests waiting in line."),
     "release": ("jumpstarter.cli.registry:lease_release", "End a lease by id or node name."),
 })
 def lease() -> None:
@@ -94,39 +129,59 @@ def lease() -> None:
 @click.pass_obj
 @handle_errors
 def lease_list(state: State, fmt: str) -> None:
-    """Live leases: node, session, since, expiry."""
+    """Live leases (node, session, since, expiry), then the requests waiting in line
+    for a node by label, in the order they will be served."""
 
     async def leases(registry: Any) -> Any:
         return await registry.leases()
 
-    records = with_registry(state, leases)
+    async def both(registry: Any) -> Any:
+        return await registry.leases(), await registry.waiting()
+
+    records, waiting = with_registry(state, both)
     if fmt == "json":
-        click.echo(json.dumps([r.__dict__ for r in records], indent=2))
+        click.echo(json.dumps({"leases": [r.__dict__ for r in records], "waiting": waiting}, indent=2))
         return
-    print_table(
-        ["LEASE", "NODE", "SESSION", "SINCE", "EXPIRES"],
-        [[str(r.id), r.node, f"{r.session_name} ({r.session_id})", _when(r.since), _when(r.expires_at)] for r in records],
-    )
+    from jumpstarter.store.registry import format_selector
+
+    rows = [[str(r.id), r.node, f"{r.session_name} ({r.session_id})", _when(r.since), _when(r.expires_at)]
+            for r in records]
+    # Requests in line, in the order they will be served: no node yet, the labels they asked for.
+    rows += [[f"waiting #{n}", format_selector(w["selector"]), f"{w['session_name']} ({w['session_id']})",
+              _when(w["since"]), "-"] for n, w in enumerate(waiting, 1)]
+    print_table(["LEASE", "NODE", "SESSION", "SINCE", "EXPIRES"], rows)
 
 
 @click.command("release")
+@click.option("--stop", is_flag=True,
+              help="Also stop the lease's tasks still running on the node (else they run to their end).")
 @click.argument("lease")
 @click.pass_obj
 @handle_errors
-def lease_release(state: State, lease: str) -> None:
-    """End LEASE (a lease id, or the name of the node it holds)."""
-    from jumpstarter.errors import NotFound
+def lease_release(state: State, stop: bool, lease: str) -> None:
+    """End LEASE (a lease id, or the name of the node it holds).
 
-    async def release(registry: Any) -> int:
+    The node goes to the next session once the lease's tasks have ended; meanwhile
+    'jmp node list' shows it draining. With --stop, the node's agent stops them
+    (SIGTERM, then SIGKILL), also on a node whose lease has ended already.
+    """
+    from jumpstarter.errors import NotFound
+    from jumpstarter.store.registry import RELEASED_STOP
+
+    async def release(registry: Any) -> str:
         if lease.isdigit():
             lease_id = int(lease)
         else:
             live = await registry.live_lease(lease)
             if live is None:
+                if stop and (await registry.node(lease)).status == "draining":
+                    ended = await registry.stop_tasks_of_last_lease(lease)
+                    return f"stopping the tasks of lease {ended} on node {lease}"
                 raise NotFound(f"no live lease on node {lease!r}")
             lease_id = live.id
-        if not await registry.release(lease_id, "released by jmp lease release"):
+        reason = RELEASED_STOP if stop else "released by jmp lease release"
+        if not await registry.release(lease_id, reason):
             raise NotFound(f"no live lease with id {lease_id}")
-        return lease_id
+        return f"released lease {lease_id}" + (" and stopping its tasks" if stop else "")
 
-    click.echo(f"released lease {with_registry(state, release)}")
+    click.echo(with_registry(state, release))

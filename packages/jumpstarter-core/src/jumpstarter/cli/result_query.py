@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from ._base import call_node, handle_errors, parse_pairs
+from ._base import EXIT_NODE, call_node, fail, handle_errors, parse_pairs
 from ._complete import complete_node, complete_session, complete_task
 from ._output import dump, format_option, print_json, print_table, seconds, state_cell, when
 from ._params import OUTCOMES, Seconds, When, parse_metrics
@@ -25,7 +25,7 @@ def _name(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
 
 
 @click.command()
-@click.argument("task_id", metavar="TASK", shell_complete=complete_task)
+@click.argument("task_id", metavar="[TASK]", required=False, shell_complete=complete_task)
 @click.option("--name", required=True, callback=_name, help="Result name, like suite/case.")
 @click.option("--outcome", required=True, type=click.Choice(OUTCOMES, case_sensitive=False))
 @click.option("--duration", type=Seconds(), help="Seconds it took.")
@@ -40,11 +40,22 @@ def _name(ctx: click.Context, param: click.Parameter, value: str | None) -> str 
 def add(state, task_id, name, outcome, duration, message, metrics, labels, node, fmt) -> None:
     """Attach a result to TASK; print its id.
 
+    Inside a task (a command run by 'jmp run' or 'jmp task start'), TASK is that
+    task by default, and the result goes through the node that runs it, into its
+    session and its node's store of record.
+
     \b
     Examples:
       jmp result add 3f2a9c1b0d4e --name boot --outcome passed --metric boot=812ms
       jmp result add $id --name suite/flash --outcome failed --message "bad checksum"
     """
+    if task_id is None:
+        enclosing = state.protocol.enclosing
+        if enclosing is None:
+            raise click.UsageError(
+                "missing TASK (it is the enclosing task's only inside one: JMP_TASK_ID is not set)"
+            )
+        task_id, node = enclosing.task_id, node or enclosing.node
     result = {
         "name": name,
         "outcome": outcome.lower(),
@@ -108,19 +119,26 @@ def query(state, task_id, session, all_sessions, node, outcomes, name, since, un
         "limit": limit,
         "cursor": cursor,
     }
-    if node is not None:
-        state.protocol.config.node(node)  # an unknown node is an error, not an empty answer
+    config = state.protocol.config
+    if node is not None and not config.shared_store:
+        config.node(node)  # an unknown node is an error, not an empty answer
     if all_sessions and session is None:
         raise click.UsageError("--all needs --session NAME")
+    unreachable: list[str] = []
+    if session is not None and node is None and task_id is None and not config.shared_store:
+        # Without a shared store each node keeps its own results; the session id is
+        # the same on every node the session used.
+        data = _query_every_node(state, filters, unreachable, newest=not all_sessions)
+    else:
 
-    async def find(n: Any) -> Any:
-        if session is not None and not all_sessions:
-            from .result_report import resolve_session
+        async def find(n: Any) -> Any:
+            if session is not None and not all_sessions:
+                from .result_report import resolve_session
 
-            filters["session"] = (await resolve_session(n, session)).id
-        return await n.query_results(**filters)
+                filters["session"] = (await resolve_session(n, session)).id
+            return await n.query_results(**filters)
 
-    data = call_node(state, find, node=node)
+        data = call_node(state, find, node=node)
     if fmt == "json":
         print_json(dump(data))
     elif fmt == "csv":
@@ -132,6 +150,50 @@ def query(state, task_id, session, all_sessions, node, outcomes, name, since, un
     else:
         _write_table(data)
     state.protocol.plugins.hook.jmp_results_exported(results=data.results, format=fmt)
+    if unreachable:
+        fail(f"results of session {session!r} from node {', '.join(unreachable)} are missing: "
+             "it could not be reached", EXIT_NODE)
+
+
+def _query_every_node(state: Any, filters: dict[str, Any], unreachable: list[str], *, newest: bool) -> Any:
+    """Without a shared store each node keeps its own results: a session's are asked
+    of the default node and of every node the config names; the ones that cannot be
+    reached are added to ``unreachable``."""
+    import anyio
+
+    from jumpstarter.errors import NotFound, TransportError
+
+    config = state.protocol.config
+    others = [n for n, c in config.nodes.items() if n != config.default_node and config.is_complete(c)]
+    names = [config.default_node, *others]
+
+    async def main() -> Any:
+        async with state.protocol.create_async_session("cli") as s:
+            for name in names:
+                try:
+                    await s.connect(name, lease=False)
+                except TransportError:
+                    unreachable.append(name)
+            try:
+                if newest:  # NAME (or NAME~N) means one session: its id, from a node that has it
+                    from .result_report import resolve_session
+
+                    for connected in s.nodes:
+                        try:
+                            filters["session"] = (await resolve_session(connected, filters["session"])).id
+                            break
+                        except NotFound:
+                            continue
+                return await s.query_results(**filters)
+            except NotFound:
+                if not unreachable:
+                    raise
+                # Not on the nodes that answered: maybe on those that did not.
+                from jumpstarter_protocol import ResultsData, ResultSummary
+
+                return ResultsData(results=[], summary=ResultSummary())
+
+    return anyio.run(main)
 
 
 CSV_COLUMNS = [

@@ -56,17 +56,26 @@ WAIT_FOREVER = 10 * 365 * 86400.0
               help="Put what --get and --junit fetch in DIR instead of ./artifacts/TASK_ID/.")
 @click.option("--junit", metavar="PATH",
               help="After the task, fetch the JUnit XML file PATH from the node and import it as the task's results.")
+@click.option("--id-file", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
+              help="Write the task's id to FILE as soon as the task exists.")
+@click.option("-q", "--quiet", is_flag=True, help="Do not say which task ran (on a terminal's stderr).")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_obj
 @handle_errors
 def run(state, node, session, endpoint, token_file, tls_ca, select, duration, wait, timeout, no_stdin, interactive,
-        tty, env, cwd, name, label, shell, grace, puts, gets, get_to, junit, command) -> None:
+        tty, env, cwd, name, label, shell, grace, puts, gets, get_to, junit, id_file, quiet, command) -> None:
     """Run COMMAND on a node and stream its output.
 
     stdout and stderr of the task go to jmp's stdout and stderr as they come. jmp
     exits with the task's exit code (124 on timeout, 127 if the command does not
-    exist). Ctrl-C stops the task (SIGTERM to its process group, SIGKILL after
-    --grace seconds); a second Ctrl-C kills it at once.
+    exist). Ctrl-C, SIGTERM or SIGHUP (the terminal or ssh connection closed) stops
+    the task (SIGTERM to its process group, SIGKILL after --grace seconds); a second
+    one kills it at once.
+
+    On a terminal, jmp says on stderr which task it ran ('jmp: task ID on node N';
+    -q: not); elsewhere stderr carries the task's own, untouched. --id-file FILE
+    gets the id as soon as the task exists, for 'jmp task logs|stop ID' or
+    'jmp result import --task ID'.
 
     jmp's stdin goes to the task, and its end reaches the task as EOF, as with ssh;
     -n gives the task /dev/null instead.
@@ -113,8 +122,37 @@ def run(state, node, session, endpoint, token_file, tls_ca, select, duration, wa
     import anyio
 
     connect = {"wait": wait, "duration": duration, "select": selector}
-    code = anyio.run(_run, state.protocol, node, session, argv, spec, grace, connect, files, not no_stdin, tty)
+    announce = _announcer(id_file, quiet)
+    code = anyio.run(
+        _run, state.protocol, node, session, argv, spec, grace, connect, files, announce, not no_stdin, tty
+    )
     sys.exit(code)
+
+
+def _announcer(id_file: str | None, quiet: bool):
+    """What to do once the task exists: write its id to ``id_file`` (made now, so a
+    path that cannot be written fails before anything runs), and say which task it
+    is on a terminal's stderr."""
+    import os
+
+    if id_file is not None:
+        try:
+            with open(id_file, "w"):
+                pass
+        except OSError as exc:
+            raise click.BadParameter(f"cannot write {id_file}: {exc.strerror}", param_hint="--id-file") from None
+    say = not quiet and sys.stderr.isatty()
+
+    def announce(task_id: str, node: str) -> None:
+        if id_file is not None:
+            scratch = f"{id_file}.{os.getpid()}"
+            with open(scratch, "w") as f:
+                f.write(task_id + "\n")
+            os.replace(scratch, id_file)  # a reader never sees half an id
+        if say:
+            click.echo(f"jmp: task {task_id} on node {node}", err=True)
+
+    return announce
 
 
 def endpoint_node(protocol, endpoint: str, name: str | None, token_file: str | None, tls_ca: str | None) -> str:
@@ -137,7 +175,9 @@ def endpoint_node(protocol, endpoint: str, name: str | None, token_file: str | N
     return name
 
 
-async def _run(protocol, node_name, session_name, argv, spec, grace, connect, files, stdin=False, tty=False) -> int:
+async def _run(
+    protocol, node_name, session_name, argv, spec, grace, connect, files, announce=None, stdin=False, tty=False
+) -> int:
     import anyio
 
     from jumpstarter.errors import BadRequest
@@ -163,16 +203,20 @@ async def _run(protocol, node_name, session_name, argv, spec, grace, connect, fi
         with _terminal.raw_terminal(0) if tty else contextlib.nullcontext():
             async with anyio.create_task_group() as tg:
 
-                async def on_signals() -> None:
+                async def on_signals(*, task_status=anyio.TASK_STATUS_IGNORED) -> None:
                     nonlocal interrupted
-                    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+                        task_status.started()
                         async for signum in signals:
                             first = not interrupted
                             interrupted = interrupted or signum
                             # First signal: a polite stop. Any later one: kill now.
                             tg.start_soon(task.stop, grace if first else 0)
 
-                tg.start_soon(on_signals)
+                await tg.start(on_signals)
+                # Only now: whoever reads the id may signal us, and a signal stops the task.
+                if announce is not None:
+                    announce(task.id, node.name)
                 if tty:
                     tg.start_soon(_terminal.forward_input, task, 0, False)
                     tg.start_soon(_terminal.follow_window_size, task, 0)

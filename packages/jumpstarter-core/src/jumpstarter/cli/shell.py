@@ -41,4 +41,4 @@ def shell(state, node, session, grace) -> None:
 
     spec = {"shell": LOGIN_SHELL, "env": {}, "name": "shell"}
     connect = {"wait": None, "duration": None, "select": None}
-    sys.exit(anyio.run(_run, state.protocol, node, session, None, spec, grace, connect, TaskFiles.none(), True, True))
+    sys.exit(anyio.run(_run, state.protocol, node, session, None, spec, grace, connect, TaskFiles.none(), None, True, True))

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
-from ._base import EXIT_TIMEOUT, call_node, handle_errors, make_spec, task_exit_code
+from ._base import EXIT_TIMEOUT, call_node, call_task_node, handle_errors, make_spec, task_exit_code
 from ._complete import complete_node, complete_session, complete_task
 from ._output import (
     IdleSpinner,
@@ -37,6 +37,10 @@ from ._params import TASK_STATES, Seconds
 F = TypeVar("F", bound=Callable[..., Any])
 
 node_option = click.option("-n", "--node", shell_complete=complete_node, help="Node (default: the config's default_node, 'local').")
+task_node_option = click.option(
+    "-n", "--node", shell_complete=complete_node,
+    help="Node that has the task (default: the node the store says ran it, else default_node).",
+)
 session_option = click.option("-s", "--session", default="cli", shell_complete=complete_session, show_default=True, help="Session name.")
 task_id_argument = click.argument("task_id", metavar="TASK_ID", shell_complete=complete_task)
 
@@ -152,7 +156,7 @@ def start(ctx, node, session, fmt, args, **spec_args) -> None:
 
 
 @task.command(short_help="Stop a task: SIGTERM, then SIGKILL after --grace.")
-@node_option
+@task_node_option
 @session_option
 @click.option("--grace", type=Seconds(max=3600), default=5.0, show_default=True,
               help="Seconds between SIGTERM and SIGKILL.")
@@ -166,19 +170,20 @@ def stop(state, node, session, grace, fmt, task_id) -> None:
     Waits until it has stopped and prints its final state. A task that has finished
     already is left alone; a pending one is marked stopped.
     """
-    info = call_node(state, lambda n: n.task(task_id).stop(grace), node=node, session=session, lease=True)
+    # No lease asked for: the node lets a stop through unless another session holds it.
+    info = call_task_node(state, task_id, lambda n: n.task(task_id).stop(grace), node=node, session=session)
     print_task(info, fmt)
 
 
 @task.command()
-@node_option
+@task_node_option
 @format_option("text", "json", help="text: one field a line; json: the task (see README).")
 @task_id_argument
 @click.pass_obj
 @handle_errors
 def status(state, node, fmt, task_id) -> None:
     """Show a task: its state, command, exit code and times."""
-    info = call_node(state, lambda n: n.task(task_id).status(), node=node)
+    info = call_task_node(state, task_id, lambda n: n.task(task_id).status(), node=node)
     if fmt == "json":
         print_json(dump(info))
         return
@@ -211,7 +216,7 @@ def status(state, node, fmt, task_id) -> None:
 
 
 @task.command()
-@node_option
+@task_node_option
 @click.option("-t", "--timeout", type=Seconds(), help="Give up after SECONDS (exit 124; the task goes on).")
 @format_option("text", "json", help="text: one line; json: the task (see README).")
 @task_id_argument
@@ -224,7 +229,7 @@ def wait(state, node, timeout, fmt, task_id) -> None:
     --timeout passed first), 128+N if signal N killed it.
     """
     with progress(f"Waiting for task {task_id}…"):
-        info = call_node(state, lambda n: n.task(task_id).wait(timeout), node=node)
+        info = call_task_node(state, task_id, lambda n: n.task(task_id).wait(timeout), node=node)
     print_task(info, fmt)
     if not info.state.finished:
         click.echo(f"jmp: task {task_id} is still {info.state.value} after {timeout:g}s", err=True)
@@ -242,7 +247,7 @@ def chunk_json(chunk: Any) -> str:
 
 
 @task.command(short_help="Print a task's output (--follow: as it comes).")
-@node_option
+@task_node_option
 @click.option("-f", "--follow", is_flag=True, help="Keep reading until the task has finished.")
 @click.option("--from-offset", "offset", type=click.IntRange(min=0), default=0, show_default=True,
               help="Start at this byte of the output.")
@@ -272,7 +277,7 @@ def logs(state, node, follow, offset, fmt, task_id) -> None:
         if fmt == "json" and task_.end is not None:
             click.echo(task_.end.model_dump_json())
 
-    call_node(state, read, node=node)
+    call_task_node(state, task_id, read, node=node, what="the output of task {id}")
 
 
 @task.command(name="list")

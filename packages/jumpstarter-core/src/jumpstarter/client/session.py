@@ -71,7 +71,7 @@ from jumpstarter_protocol import (
 from pydantic import ValidationError
 
 from jumpstarter.config import NodeConfig
-from jumpstarter.errors import BadRequest, NodeError, TransportError
+from jumpstarter.errors import BadRequest, NodeError, NotFound, TransportError
 from jumpstarter.plugins.interfaces import Transport
 
 if TYPE_CHECKING:
@@ -154,7 +154,7 @@ class AsyncSession:
                 self, dict(select), duration=duration, wait=wait
             )
         else:
-            config = self.protocol.config.node(node)
+            config = await self.protocol.resolve_node(node)
         try:
             transport_cls = self.protocol.plugins.transport(config.transport)
             transport = await transport_cls.connect(config, self)
@@ -241,8 +241,36 @@ class AsyncSession:
 
     async def query_results(self, **filters: Any) -> ResultsData:
         """Results matching ``filters`` (the fields of ``QueryResults``: task_id,
-        session, node, outcomes, name, since, until, labels, limit, cursor)."""
-        return await self._node_for(filters.get("task_id")).query_results(**filters)
+        session, node, outcomes, name, since, until, labels, limit, cursor).
+
+        A task's results come from its node. Anything else is asked of every node
+        this session is connected to (each may keep its own store; results two
+        nodes share a store for are counted once), so a session run on several
+        nodes is found whole; a node that cannot be reached raises
+        :class:`~jumpstarter.errors.TransportError` naming it, never a silently
+        partial answer. ``cursor`` pages through one node's results: give ``node``."""
+        if filters.get("task_id") is not None or len(self.nodes) <= 1:
+            return await self._node_for(filters.get("task_id")).query_results(**filters)
+        nodes = [n for n in self.nodes if filters.get("node") in (None, n.name)] or self.nodes[:1]
+        if len(nodes) == 1:
+            return await nodes[0].query_results(**filters)
+        if filters.get("cursor") is not None:
+            raise BadRequest("a cursor pages through one node's results: give node=… with it")
+        answers: list[ResultsData] = []
+        unreachable: list[str] = []
+        unknown: NotFound | None = None
+        for node in nodes:
+            try:
+                answers.append(await node.query_results(**filters))
+            except TransportError as exc:
+                unreachable.append(f"{node.name} ({exc})")
+            except NotFound as exc:  # say, a session that never ran there
+                unknown = exc
+        if unreachable:
+            raise TransportError(f"results from node {', '.join(unreachable)} could not be read")
+        if not answers and unknown is not None:
+            raise unknown
+        return merge_results(answers, limit=filters.get("limit") or 1000)
 
 
 MAX_NAME = 512
@@ -527,6 +555,30 @@ class AsyncTask:
         with _valid_request():
             request = ResizeTerminal(task_id=self.id, size=TerminalSize(rows=rows, cols=cols))
         await self.node.request(request)
+
+
+def merge_results(answers: Sequence[ResultsData], *, limit: int) -> ResultsData:
+    """One answer from several nodes' answers to one query: results oldest first,
+    those seen twice (two nodes sharing a store) once, the summaries added up
+    (from each node's own count where no result was seen twice)."""
+    from jumpstarter_protocol import ResultSummary
+
+    seen: dict[tuple[str | None, str, int], Any] = {}
+    for answer in answers:
+        for result in answer.results:
+            seen.setdefault((result.node, result.task_id, result.id), result)
+    results = sorted(seen.values(), key=lambda r: (r.created_at, r.id))
+    total_seen = sum(len(a.results) for a in answers)
+    if total_seen != len(seen):  # shared stores: every node counted the same results
+        summary = answers[0].summary
+    else:
+        summary = ResultSummary()
+        for answer in answers:
+            summary.total += answer.summary.total
+            summary.duration += answer.summary.duration
+            for outcome, count in answer.summary.outcomes.items():
+                summary.outcomes[outcome] = summary.outcomes.get(outcome, 0) + count
+    return ResultsData(results=results[:limit], summary=summary)  # no cursor spans several nodes
 
 
 @contextmanager

@@ -287,7 +287,10 @@ async def _serve(server: NodeServer, data_dir: Path, task_id: str, cwd: str | No
                     task = task.model_copy(update={"spec": task.spec.model_copy(update={"cwd": here})})
                 directory.mkdir(parents=True, exist_ok=True)
                 marker.write_text(server.agent)
-                await server.tasks.start_task(task, created_here=False)
+                # Where it runs, as for any task (no token: nothing serves the node to it).
+                found = await server.store.list_sessions(name=task.session_id, with_results=False, limit=1)
+                env = server.task_env(task, found[0].name if task.session_id and found else "")
+                await server.tasks.start_task(task, created_here=False, env=env)
                 reporter.started(task_id)
                 async with anyio.create_task_group() as stops:
 

@@ -75,7 +75,7 @@ from jumpstarter_protocol import (
     negotiate_version,
 )
 
-from jumpstarter.errors import BadRequest, Conflict, NodeError, NotFound, Unauthorized
+from jumpstarter.errors import BadRequest, Conflict, NodeError, NotFound, Unauthorized, Unavailable
 from jumpstarter.store.base import RepeatedBatch
 
 if TYPE_CHECKING:
@@ -99,6 +99,7 @@ class NodeConnection:
         self.leased = False
         self.client = "jumpstarter"
         self._session_recorded = False
+        self.task_scope: str | None = None  # a task's own token: only that task's results
         self._handlers: dict[type, Callable[[Any], Any]] = {
             FetchConfig: self._fetch_config,
             InitializeConnection: self._initialize,
@@ -142,6 +143,8 @@ class NodeConnection:
 
     async def _answer(self, handler: Callable[[Any], Any], request: Any) -> Any:
         try:
+            if self.task_scope is not None:
+                self._check_scope(request)
             return await handler(request)
         except NodeError as exc:
             return exc.to_reply()
@@ -214,6 +217,18 @@ class NodeConnection:
             self.server.leases.release(self.session_id)
             self.leased = False
 
+    _IN_SCOPE = (FetchConfig, InitializeConnection, Ping, QueryResults, ListSessions, QueryHistory)
+
+    def _check_scope(self, request: Any) -> None:
+        """A connection made with a task's token (``JMP_TASK_TOKEN``) reads results
+        and adds them to that task, and does nothing else."""
+        task_id = getattr(request, "task_id", None)
+        if isinstance(request, self._IN_SCOPE) or (
+            isinstance(request, AddResult | GetTaskStatus) and task_id == self.task_scope
+        ):
+            return
+        raise Unauthorized(f"a task's token only records results of task {self.task_scope}")
+
     # --- handlers --------------------------------------------------------------------------
 
     def _require_init(self) -> None:
@@ -232,10 +247,12 @@ class NodeConnection:
 
     async def _initialize(self, request: InitializeConnection) -> ConnectionInfo:
         expected = self.server.token
-        if expected is not None and not hmac.compare_digest(
+        scope = self.server.task_of_token(request.token)
+        if scope is None and expected is not None and not hmac.compare_digest(
             (request.token or "").encode(), expected.encode()
         ):
             raise Unauthorized("invalid or missing token")
+        self.task_scope = scope
         try:
             version = negotiate_version(request.min_version, request.max_version)
         except ProtocolError as exc:
@@ -248,7 +265,20 @@ class NodeConnection:
 
     async def _connect_node(self, request: ConnectNode) -> ConnectionEstablished:
         self._require_init()
-        lease = await self.server.leases.acquire(self.session_id or "", self.session_name or "", request)
+        leases = self.server.leases
+        renewing = leases.held_by(self.session_id)
+        lease = await leases.acquire(self.session_id or "", self.session_name or "", request)
+        if not renewing:
+            error = await leases.before(lease)
+            if error is not None:
+                self.leased = True
+                self.close()  # gives the lease back: the node is no one's while unhealthy
+                name = self.server.node.name
+                raise Unavailable(
+                    f"node {name!r} is unhealthy: {error} (it is leased again once its before_lease hook "
+                    f"succeeds, or after 'jmp node clear {name}')",
+                    details={"unhealthy": error},
+                )
         self.leased = True
         expires = datetime.fromtimestamp(lease.expires_at, UTC) if lease.expires_at else None
         return ConnectionEstablished(node=self.server.info, lease_id=lease.id, expires_at=expires)
@@ -281,11 +311,12 @@ class NodeConnection:
         else:
             assert request.task_id is not None
             task = await self._own_task(request.task_id)
+        env = self.server.task_env(task, self.session_name or "")
         if request.detach:
-            await tasks.start_detached(task, created_here=created_here)
+            await tasks.start_detached(task, created_here=created_here, env=env)
             started = await self.server.store.get_task(task.id)
             return TaskStarted(task_id=task.id, started_at=started.started_at or started.created_at, pid=None)
-        return await tasks.start_task(task, created_here=created_here)
+        return await tasks.start_task(task, created_here=created_here, env=env)
 
     async def _own_task(self, task_id: str) -> TaskInfo:
         task = await self.server.store.get_task(task_id)
@@ -294,7 +325,13 @@ class NodeConnection:
         return task
 
     async def _stop(self, request: StopTask) -> TaskStopped:
-        self._require_lease()
+        # The holder of the lease may stop any task; anyone may when no other
+        # session holds the node (a task that keeps a drained lease's node busy).
+        self._require_init()
+        if not (self.leased and self.server.leases.held_by(self.session_id)):
+            holder = await self.server.leases.live()
+            if holder is not None and holder.session_id != self.session_id:
+                raise self.server.leases.conflict(holder)
         await self._own_task(request.task_id)
         return TaskStopped(task=await self.server.tasks.stop_task(request.task_id, request.grace))
 

@@ -10,7 +10,9 @@ Every transport serves this same object: it opens one
 
 from __future__ import annotations
 
+import hmac
 import os
+import secrets
 import socket
 import weakref
 from pathlib import Path
@@ -24,6 +26,7 @@ from jumpstarter._version import __version__
 from jumpstarter.config import NodeConfig
 from jumpstarter.node.dispatch import NodeConnection
 from jumpstarter.node.files import DEFAULT_MAX_TRANSFER, Files
+from jumpstarter.node.hooks import LeaseHooks
 from jumpstarter.node.leases import Leases
 from jumpstarter.node.tasks import OUTPUT_CHUNK, Detacher, Tasks
 from jumpstarter.plugins.interfaces import NodeDriver
@@ -92,7 +95,16 @@ class NodeServer:
             agent=self.agent,
             detach=detach,
             on_session_deleted=self._session_deleted,
+            on_task_finished=self.leases.task_ended,
         )
+        if node.before_lease or node.after_lease:
+            self.leases.hooks = LeaseHooks(node.name, node.before_lease, node.after_lease, node.hook_timeout)
+        self.leases.sessions_running = self.tasks.sessions_running
+        self.leases.stop_session = self.tasks.stop_session
+        self.url: str | None = None
+        """Where a task on this machine reaches this server (``jmp node serve`` sets it)."""
+        self.transport: str | None = None
+        self._task_tokens: dict[str, str] = {}  # token -> task id
         self._closed = anyio.Event()
         self._connections: weakref.WeakSet[NodeConnection] = weakref.WeakSet()
 
@@ -119,6 +131,8 @@ class NodeServer:
                 await self._closed.wait()
                 with anyio.CancelScope(shield=True):
                     await self.tasks.shut_down()
+                    self.leases.release_all()  # a lease still held ends with the server
+                    await self.leases.settle()  # after_lease hooks due run to their end
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):
@@ -127,6 +141,35 @@ class NodeServer:
 
     def close(self) -> None:
         self._closed.set()
+
+    def task_env(self, task: Any, session_name: str) -> dict[str, str]:
+        """The environment that tells ``task`` where it runs (see
+        :mod:`jumpstarter.enclosing`), with a token of its own when this server is
+        reachable from the task."""
+        from jumpstarter.enclosing import EnclosingTask
+
+        token = None
+        if self.url is not None:
+            token = secrets.token_urlsafe(24)
+            self._task_tokens[token] = task.id
+        return EnclosingTask(
+            node=self.node.name,
+            session=session_name,
+            session_id=task.session_id or "",
+            task_id=task.id,
+            url=self.url,
+            transport=self.transport if self.url else None,
+            token=token,
+        ).env()
+
+    def task_of_token(self, token: str | None) -> str | None:
+        """The task whose own token ``token`` is, or None."""
+        if not token:
+            return None
+        for known, task_id in self._task_tokens.items():
+            if hmac.compare_digest(known.encode(), token.encode()):
+                return task_id
+        return None
 
     def connect(self) -> NodeConnection:
         """A new client connection."""
@@ -161,6 +204,10 @@ class NodeServer:
                 # offline (its tasks lost) within the timeout even when no one looks.
                 await registry.sweep()
                 await self.leases.keep_alive_in_registry()
+                # Tasks of a lease that ran out (or was released with --stop), which
+                # may have ended elsewhere (a client's or another agent's sweep).
+                for session_id, why in await registry.tasks_to_stop(self.node.name):
+                    self.tasks.stop_session(session_id, why)
         finally:
             with anyio.CancelScope(shield=True):
                 await registry.go_offline(self.node.name)

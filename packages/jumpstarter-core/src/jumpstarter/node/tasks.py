@@ -87,6 +87,7 @@ class _Running:
     output: OutputLog
     done: anyio.Event = field(default_factory=anyio.Event)
     stop_requested: bool = False
+    stop_reason: str | None = None  # why it was stopped, when not asked by a client
     timed_out: bool = False
     input_offset: int = 0
     """Bytes of input written to the process so far."""
@@ -113,6 +114,7 @@ class Tasks:
         agent: str,
         detach: Detacher | None = None,
         on_session_deleted: Callable[[str], None] = lambda session_id: None,
+        on_task_finished: Callable[[], None] = lambda: None,
     ) -> None:
         self.node = node
         self.driver = driver
@@ -123,6 +125,7 @@ class Tasks:
         self.agent = agent
         self.detach = detach
         self.on_session_deleted = on_session_deleted
+        self.on_task_finished = on_task_finished
         self._running: dict[str, _Running] = {}
         self._open: dict[str, str | None] = {}  # tasks opened with OpenTask → their session
         self._agents_checked: dict[str, float] = {}  # task id -> when its agent was last looked at
@@ -137,6 +140,24 @@ class Tasks:
         """The state of a task running here, as its supervisor knows it."""
         running = self._running.get(task_id)
         return running.task if running else None
+
+    def sessions_running(self) -> set[str | None]:
+        """The sessions that have a task running here."""
+        return {running.task.session_id for running in self._running.values()}
+
+    def stop_session(self, session_id: str | None, reason: str) -> int:
+        """Stop every task of ``session_id`` running here (SIGTERM, SIGKILL after the
+        task's own grace), without waiting; each ends ``stopped`` with ``reason`` as
+        its message. How many were asked to stop."""
+        assert self._tg is not None, "the node server is not running"
+        count = 0
+        for running in list(self._running.values()):
+            if running.task.session_id == session_id and not running.stop_requested:
+                running.stop_reason = reason
+                running.stop_requested = True
+                self._tg.start_soon(self._stop, running, running.task.spec.grace)
+                count += 1
+        return count
 
     # --- life ---------------------------------------------------------------------------
 
@@ -238,14 +259,19 @@ class Tasks:
         self.hook.jmp_task_created(task=task)
         return task
 
-    async def start_task(self, task: TaskInfo, *, created_here: bool) -> TaskStarted:
+    async def start_task(
+        self, task: TaskInfo, *, created_here: bool, env: dict[str, str] | None = None
+    ) -> TaskStarted:
+        """Start the pending ``task``; ``env`` is added to its environment as it
+        starts (where it runs: :mod:`jumpstarter.enclosing`), not stored with it."""
         if task.state is not TaskState.PENDING:
             raise Conflict(f"task {task.id} is {task.state.value}, not pending; it cannot start again")
         self.check_spec(task.spec)  # again: the directory may have gone since it was created
         assert self._tg is not None, "the node server is not running"
         output = OutputLog.create(self.output_dir, task.id)
+        spec = task.spec.model_copy(update={"env": {**(env or {}), **task.spec.env}}) if env else task.spec
         try:
-            process = await self.driver.spawn(task.spec, output)
+            process = await self.driver.spawn(spec, output)
         except BaseException:
             output.remove()
             if created_here:
@@ -271,12 +297,14 @@ class Tasks:
         self._tg.start_soon(self._supervise, running)
         return TaskStarted(task_id=task.id, started_at=running.task.started_at or _now(), pid=process.pid)
 
-    async def start_detached(self, task: TaskInfo, *, created_here: bool) -> None:
+    async def start_detached(
+        self, task: TaskInfo, *, created_here: bool, env: dict[str, str] | None = None
+    ) -> None:
         """Start the pending ``task`` so that it outlives the client that asks: under
         an agent of its own where this node is served inside the client's process,
         here otherwise (this process outlives its clients)."""
         if self.detach is None:
-            await self.start_task(task, created_here=created_here)
+            await self.start_task(task, created_here=created_here, env=env)
             return
         if task.state is not TaskState.PENDING:
             raise Conflict(f"task {task.id} is {task.state.value}, not pending; it cannot start again")
@@ -374,6 +402,7 @@ class Tasks:
             state = TaskState.LOST
         elif running.stop_requested:
             state = TaskState.STOPPED
+            message = running.stop_reason or message
         elif running.timed_out:
             state = TaskState.TIMED_OUT
         elif exit_code == 0:
@@ -388,6 +417,7 @@ class Tasks:
             running.done.set()
             running.output.wake()
             self.hook.jmp_task_finished(task=running.task)
+            self.on_task_finished()
             await self._keep_output_within_limits()
 
     async def _finish(

@@ -12,6 +12,10 @@ registry for a lease. The database is the only coordinator:
 - A lease ends on release, when its duration runs out, or when its holder stops
   sending keep-alives. A node whose heartbeat stops is offline: its lease ends and
   its running tasks are marked ``lost``.
+- A node is never leased while a task of another session runs on it: after its
+  lease ended it is ``draining`` until those tasks end. The agent serving it stops
+  them when the lease ran out (:data:`STOP_REASONS`); a released or abandoned lease
+  lets them finish unless ``jmp lease release --stop`` asks otherwise.
 """
 
 from __future__ import annotations
@@ -34,6 +38,16 @@ HEARTBEAT_INTERVAL = float(os.environ.get("JMP_HEARTBEAT_INTERVAL", "2"))
 HEARTBEAT_TIMEOUT = float(os.environ.get("JMP_HEARTBEAT_TIMEOUT", "10"))
 """A node not heard of for this long is offline; a lease or request not kept alive
 for this long ends (``JMP_HEARTBEAT_TIMEOUT``)."""
+
+EXPIRED = "expired"
+RELEASED_STOP = "released, its tasks stopped"
+STOP_REASONS = {
+    EXPIRED: "the lease of session {session!r} ran out",
+    RELEASED_STOP: "the lease of session {session!r} was released with --stop",
+}
+"""How a lease may end that stops its tasks, and the message those tasks then get."""
+# Who runs what: a node with a running task of another session is leased to no one else.
+_RUNNING = "SELECT DISTINCT node, session_id FROM tasks WHERE state = 'running'"
 
 _SCHEDULE_LOCK = 7413520922
 _CHANNEL = "jmp_leases"
@@ -69,10 +83,23 @@ class NodeRecord:
     last_seen: float
     online: bool
     lease: LeaseRecord | None = None
+    running: bool = False
+    unhealthy: str | None = None  # the error of the lease hook that failed
+    hook_running: bool = False
     status: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.status = "offline" if not self.online else ("leased" if self.lease else "free")
+        if not self.online:
+            self.status = "offline"
+        elif self.lease:
+            self.status = "leased"
+        elif self.unhealthy:
+            self.status = "unhealthy"
+        elif self.hook_running:
+            self.status = "draining"
+        else:
+            # No lease, but tasks of an ended one still run: no one gets it meanwhile.
+            self.status = "draining" if self.running else "free"
 
 
 def format_selector(selector: dict[str, str]) -> str:
@@ -120,6 +147,48 @@ class NodeRegistry:
         async with self.pool.connection() as db:
             await db.execute("UPDATE nodes SET last_seen = 0 WHERE name = %s", (name,))
 
+    async def set_health(self, name: str, error: str | None) -> None:
+        """Mark node ``name`` unhealthy with a lease hook's ``error`` (it is leased by
+        label to no one), or healthy again (None: a hook succeeded, ``jmp node clear``)."""
+        async with self.pool.connection() as db:
+            await db.execute("UPDATE nodes SET unhealthy = %s WHERE name = %s", (error, name))
+
+    async def set_hook_running(self, name: str, running: bool) -> None:
+        """While node ``name`` runs its after_lease hook, it is leased to no one."""
+        async with self.pool.connection() as db:
+            await db.execute("UPDATE nodes SET hook_running = %s WHERE name = %s", (int(running), name))
+
+    async def remove(self, name: str) -> None:
+        """Forget node ``name`` (one that will not come back): :class:`Conflict` while
+        it is online, or holds a lease; its tasks and results stay."""
+        record = await self.node(name)
+        if record.online or record.lease is not None:
+            raise Conflict(f"node {name!r} is {record.status}: only an offline node can be removed")
+        async with self.pool.connection() as db, db.transaction():
+            await db.execute(
+                "DELETE FROM lease_requests WHERE lease_id IN (SELECT id FROM leases WHERE node = %s)", (name,)
+            )
+            await db.execute("DELETE FROM leases WHERE node = %s", (name,))
+            await db.execute("DELETE FROM nodes WHERE name = %s", (name,))
+
+    async def waiting(self) -> list[dict[str, Any]]:
+        """Requests waiting in line for a node, oldest first."""
+        await self.sweep()
+        async with self.pool.connection() as db:
+            rows = await (
+                await db.execute(
+                    "SELECT id, selector, session_id, session_name, holder, requested_at FROM lease_requests"
+                    " WHERE lease_id IS NULL ORDER BY id"
+                )
+            ).fetchall()
+        return [
+            {
+                "request": r[0], "selector": r[1], "session_id": r[2],
+                "session_name": r[3], "holder": r[4], "since": r[5],
+            }
+            for r in rows
+        ]
+
     async def nodes(self) -> list[NodeRecord]:
         await self.sweep()
         async with self.pool.connection() as db:
@@ -127,7 +196,9 @@ class NodeRegistry:
                 await db.execute(
                     "SELECT n.name, n.labels, n.endpoint, n.transport, n.driver, n.agent, n.last_seen,"
                     " l.id, l.session_id, l.session_name, l.holder, l.since, l.expires_at,"
-                    f" n.last_seen >= {_NOW} - %s"
+                    f" n.last_seen >= {_NOW} - %s,"
+                    " EXISTS (SELECT 1 FROM tasks t WHERE t.node = n.name AND t.state = 'running'),"
+                    " n.unhealthy, n.hook_running"
                     " FROM nodes n LEFT JOIN leases l ON l.node = n.name AND l.ended_at IS NULL"
                     " ORDER BY n.name",
                     (self.heartbeat_timeout,),
@@ -143,6 +214,9 @@ class NodeRegistry:
                 agent=r[5],
                 last_seen=r[6],
                 online=r[13],
+                running=r[14],
+                unhealthy=r[15],
+                hook_running=bool(r[16]),
                 lease=LeaseRecord(r[7], r[0], r[8], r[9], r[10], r[11], r[12]) if r[7] else None,
             )
             for r in rows
@@ -254,6 +328,22 @@ class NodeRegistry:
                     f"node {node!r} is leased by session {live[2]!r} ({live[1]}) since {since}",
                     details={"session_id": live[1], "since": since},
                 )
+            hook = await (await db.execute("SELECT hook_running FROM nodes WHERE name = %s", (node,))).fetchone()
+            if hook and hook[0]:
+                raise Conflict(f"node {node!r} is draining: its after_lease hook runs", details={"draining": True})
+            others = await (
+                await db.execute(
+                    "SELECT DISTINCT t.session_id, s.name FROM tasks t LEFT JOIN sessions s ON s.id = t.session_id"
+                    " WHERE t.node = %s AND t.state = 'running' AND t.session_id IS DISTINCT FROM %s",
+                    (node, session_id),
+                )
+            ).fetchall()
+            if others:
+                sessions = ", ".join(f"{name!r} ({sid})" for sid, name in others)
+                raise Conflict(
+                    f"node {node!r} is draining: tasks of session {sessions} still run on it",
+                    details={"draining": True},
+                )
             (lease_id,) = await (
                 await db.execute(
                     "INSERT INTO leases (node, session_id, session_name, holder, since, expires_at, keepalive_at)"
@@ -305,6 +395,38 @@ class NodeRegistry:
             await self._schedule(None)  # hand the node to whoever waits for it
         return row is not None
 
+    async def stop_tasks_of_last_lease(self, node: str) -> int | None:
+        """``jmp lease release --stop`` on a node whose lease has ended already: the
+        tasks of that lease are to be stopped (by the node's agent, within a
+        heartbeat). The id of that lease, or None if the node never had one."""
+        async with self.pool.connection() as db:
+            row = await (
+                await db.execute(
+                    "UPDATE leases SET end_reason = %s WHERE id ="
+                    " (SELECT id FROM leases WHERE node = %s AND ended_at IS NOT NULL ORDER BY id DESC LIMIT 1)"
+                    " RETURNING id",
+                    (RELEASED_STOP, node),
+                )
+            ).fetchone()
+        return row[0] if row else None
+
+    async def tasks_to_stop(self, node: str) -> list[tuple[str, str]]:
+        """Sessions whose tasks still run on ``node`` although their lease there ended
+        in a way that stops them (ran out, released with ``--stop``), and no newer
+        lease of theirs holds it: ``(session id, why)`` for each."""
+        async with self.pool.connection() as db:
+            rows = await (
+                await db.execute(
+                    "SELECT DISTINCT l.session_id, l.session_name, l.end_reason FROM leases l"
+                    " JOIN tasks t ON t.node = l.node AND t.session_id = l.session_id AND t.state = 'running'"
+                    " WHERE l.node = %s AND l.end_reason = ANY(%s) AND NOT EXISTS"
+                    " (SELECT 1 FROM leases m WHERE m.node = l.node AND m.session_id = l.session_id"
+                    " AND m.ended_at IS NULL)",
+                    (node, list(STOP_REASONS)),
+                )
+            ).fetchall()
+        return [(sid, STOP_REASONS[reason].format(session=name)) for sid, name, reason in rows]
+
     async def leases(self) -> list[LeaseRecord]:
         await self.sweep()
         async with self.pool.connection() as db:
@@ -337,9 +459,9 @@ class NodeRegistry:
             now = await _db_now(db)
             stale = now - self.heartbeat_timeout
             await db.execute(
-                "UPDATE leases SET ended_at = %s, end_reason = 'expired'"
+                "UPDATE leases SET ended_at = %s, end_reason = %s"
                 " WHERE ended_at IS NULL AND expires_at IS NOT NULL AND expires_at <= %s",
-                (now, now),
+                (now, EXPIRED, now),
             )
             await db.execute(
                 "UPDATE leases SET ended_at = %s, end_reason = 'holder gone'"
@@ -378,15 +500,18 @@ class NodeRegistry:
             ).fetchall()
             free = await (
                 await db.execute(
-                    "SELECT name, labels FROM nodes WHERE last_seen >= %s AND name NOT IN"
+                    "SELECT name, labels FROM nodes WHERE last_seen >= %s AND unhealthy IS NULL"
+                    " AND hook_running = 0 AND name NOT IN"
                     " (SELECT node FROM leases WHERE ended_at IS NULL) ORDER BY name",
                     (stale,),
                 )
             ).fetchall()
             mine = None
+            running = await (await db.execute(_RUNNING)).fetchall() if waiting else []
             for rid, selector, session_id, session_name, holder, duration, lease_id in waiting:
                 if lease_id is None:
-                    pick = next((n for n in free if _matches(n[1], selector)), None)
+                    busy = {node for node, owner in running if owner != session_id}
+                    pick = next((n for n in free if n[0] not in busy and _matches(n[1], selector)), None)
                     if pick is None:
                         continue
                     free.remove(pick)
@@ -421,7 +546,6 @@ async def lease_for_session(
     import os
     import socket
 
-    from jumpstarter.config import NodeConfig
     from jumpstarter.errors import ConfigError
     from jumpstarter.store.base import open_store
 
@@ -462,15 +586,7 @@ async def lease_for_session(
             finally:
                 await store.aclose()
 
-    known = config.nodes.get(record.name) or config.registry
-    node = NodeConfig(
-        name=record.name,
-        transport=record.transport,
-        driver=record.driver,
-        endpoint=record.endpoint,
-        token_file=known.token_file,
-        tls_ca=known.tls_ca,
-        labels=record.labels,
-        options=known.options,
+    node = config.registered_node(
+        record.name, transport=record.transport, endpoint=record.endpoint, driver=record.driver, labels=record.labels
     )
     return node, release

@@ -159,6 +159,14 @@ _MIGRATIONS = [
     """
     {long_names};
     """,
+    # 7: lease hooks: a node whose hook failed is unhealthy (the hook's error), and a
+    # node running its after_lease hook goes to no one meanwhile.
+    """
+    ALTER TABLE nodes ADD COLUMN unhealthy TEXT;
+    ALTER TABLE nodes ADD COLUMN hook_running INTEGER NOT NULL DEFAULT 0;
+    -- What runs on each node: a node is leased to no one else while another session's task runs.
+    CREATE INDEX tasks_running ON tasks (node, session_id) WHERE state = 'running';
+    """,
 ]
 
 VERSION = len(_MIGRATIONS)
