@@ -178,12 +178,16 @@ def _query_every_node(state: Any, filters: dict[str, Any], unreachable: list[str
                 if newest:  # NAME (or NAME~N) means one session: its id, from a node that has it
                     from .result_report import resolve_session
 
+                    missing: NotFound | None = None
                     for connected in s.nodes:
                         try:
                             filters["session"] = (await resolve_session(connected, filters["session"])).id
+                            missing = None
                             break
-                        except NotFound:
-                            continue
+                        except NotFound as exc:
+                            missing = missing or exc
+                    if missing is not None and not unreachable:
+                        raise missing
                 return await s.query_results(**filters)
             except NotFound:
                 if not unreachable:
