@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from jumpstarter.errors import ConfigError
 
@@ -46,6 +46,16 @@ class NodeConfig(BaseModel):
     tls_ca: Path | None = None
     labels: dict[str, str] = Field(default_factory=dict)
     options: dict[str, Any] = Field(default_factory=dict, description="passed to the driver")
+    power: dict[str, Any] | None = Field(
+        default=None, description='how the board is powered: {driver = "command", on = [...], ...}'
+    )
+
+    @field_validator("power")
+    @classmethod
+    def _power_names_a_driver(cls, power: dict[str, Any] | None) -> dict[str, Any] | None:
+        if power is not None and not (isinstance(power.get("driver"), str) and power["driver"]):
+            raise ValueError('name the power driver: power = {driver = "command", ...}')
+        return power
 
 
 class RegistryConfig(BaseModel):

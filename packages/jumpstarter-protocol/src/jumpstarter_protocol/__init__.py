@@ -16,6 +16,8 @@ from ._messages import (
     ConnectionEstablished,
     ConnectionInfo,
     ConnectNode,
+    ConsoleData,
+    ConsoleWritten,
     Error,
     ErrorCode,
     FetchConfig,
@@ -35,8 +37,12 @@ from ._messages import (
     OutputEnd,
     Ping,
     Pong,
+    Power,
+    PowerAction,
+    PowerState,
     QueryHistory,
     QueryResults,
+    ReadConsole,
     ReadOutput,
     ReleaseNode,
     Reply,
@@ -60,6 +66,7 @@ from ._messages import (
     TaskStopped,
     TerminalSize,
     WaitTask,
+    WriteConsole,
 )
 from ._schema import json_schema
 

@@ -44,7 +44,9 @@ from jumpstarter_protocol import (
     OutputChunk,
     OutputEnd,
     Ping,
+    Power,
     QueryResults,
+    ReadConsole,
     ReadOutput,
     ReleaseNode,
     ResultsData,
@@ -55,6 +57,7 @@ from jumpstarter_protocol import (
     TaskSpec,
     TaskState,
     WaitTask,
+    WriteConsole,
 )
 from pydantic import ValidationError
 
@@ -310,6 +313,25 @@ class AsyncNode:
         with _valid_request():
             request = QueryResults(**filters)
         return await self.request(request)
+
+    async def power(self, action: str) -> str:
+        """Switch the node's board ``on``, ``off``, ``cycle`` it, or ask its
+        ``status``; the board's power state after it (``on``, ``off``, ``unknown``).
+        Needs the lease."""
+        with _valid_request():
+            request = Power(action=action)
+        return (await self.request(request)).state
+
+    async def read_console(self, offset: int | None = None, *, wait: float = 0.0) -> Any:
+        """Bytes of the node's console transcript from ``offset`` (None: from its
+        end), waiting up to ``wait`` seconds for some: a ``ConsoleData`` with
+        ``offset``, ``data``, ``end`` and what keeps it ``busy``."""
+        return await self.request(ReadConsole(offset=offset, wait=wait))
+
+    async def write_console(self, data: bytes) -> None:
+        """Type ``data`` on the node's console (needs the lease; refused while a
+        task runs there)."""
+        await self.request(WriteConsole(data=data))
 
     async def release(self) -> None:
         """Give the node's lease back; tasks go on running."""

@@ -25,6 +25,8 @@ from jumpstarter_protocol import (
     ConnectionEstablished,
     ConnectionInfo,
     ConnectNode,
+    ConsoleData,
+    ConsoleWritten,
     Error,
     ErrorCode,
     FetchConfig,
@@ -37,9 +39,13 @@ from jumpstarter_protocol import (
     OpenTask,
     Ping,
     Pong,
+    Power,
+    PowerAction,
+    PowerState,
     ProtocolError,
     QueryHistory,
     QueryResults,
+    ReadConsole,
     ReadOutput,
     ReleaseNode,
     ResultAdded,
@@ -53,6 +59,7 @@ from jumpstarter_protocol import (
     TaskStatus,
     TaskStopped,
     WaitTask,
+    WriteConsole,
     decode,
     encode,
     negotiate_version,
@@ -96,6 +103,9 @@ class NodeConnection:
             CloseTask: self._close_task,
             ListSessions: self._list_sessions,
             QueryHistory: self._history,
+            ReadConsole: self._read_console,
+            WriteConsole: self._write_console,
+            Power: self._power,
         }
 
     async def handle(self, request: Any) -> Any:
@@ -284,3 +294,38 @@ class NodeConnection:
 
     async def _ping(self, request: Ping) -> Pong:
         return Pong()
+
+    # --- console and power ---------------------------------------------------------------
+
+    def _console(self) -> Any:
+        console = self.server.driver.console
+        if console is None:
+            raise BadRequest(f"node {self.server.node.name!r} has no console (driver {self.server.info.driver!r})")
+        return console
+
+    async def _read_console(self, request: ReadConsole) -> ConsoleData:
+        self._require_init()  # no lease: anyone may watch
+        console = self._console()
+        offset, data, end = await console.read(request.offset, request.limit, request.wait)
+        return ConsoleData(offset=offset, end=end, busy=console.busy, data=data)
+
+    async def _write_console(self, request: WriteConsole) -> ConsoleWritten:
+        self._require_lease()
+        await self._console().write(request.data)
+        return ConsoleWritten()
+
+    async def _power(self, request: Power) -> PowerState:
+        self._require_lease()
+        power = self.server.driver.power
+        if power is None:
+            raise BadRequest(
+                f"node {self.server.node.name!r} has no power control; "
+                'give it one in the config: power = {driver = "command", on = [...], off = [...]}'
+            )
+        if request.action is PowerAction.ON:
+            await power.on()
+        elif request.action is PowerAction.OFF:
+            await power.off()
+        elif request.action is PowerAction.CYCLE:
+            await power.cycle()
+        return PowerState(state=await power.status())

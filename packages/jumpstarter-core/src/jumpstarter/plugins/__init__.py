@@ -6,7 +6,7 @@ Runs on both sides of the wire. Imports nothing of the client, the node or the s
 
 - :mod:`jumpstarter.plugins.hookspecs` — every hook, grouped by phase;
 - :mod:`jumpstarter.plugins.interfaces` — :class:`NodeDriver`, :class:`RunningProcess`,
-  :class:`Transport`, :class:`OutputWriter`;
+  :class:`Transport`, :class:`OutputWriter`, :class:`PowerDriver`, :class:`NodeConsole`;
 - :mod:`jumpstarter.plugins.manager` — :func:`get_plugin_manager` and the entry-point
   group ``jmp.plugins``.
 """
@@ -28,6 +28,8 @@ _EXPORTS = {
     "ClientContext": "jumpstarter.plugins.interfaces",
     "NodeFiles": "jumpstarter.plugins.interfaces",
     "FileStat": "jumpstarter.plugins.interfaces",
+    "NodeConsole": "jumpstarter.plugins.interfaces",
+    "PowerDriver": "jumpstarter.plugins.interfaces",
     "ENTRY_POINT_GROUP": "jumpstarter.plugins.manager",
     "Plugins": "jumpstarter.plugins.manager",
     "get_plugin_manager": "jumpstarter.plugins.manager",
@@ -40,9 +42,11 @@ if TYPE_CHECKING:
     from jumpstarter.plugins.interfaces import (
         ClientContext,
         FileStat,
+        NodeConsole,
         NodeDriver,
         NodeFiles,
         OutputWriter,
+        PowerDriver,
         RunningProcess,
         Stream,
         Transport,
