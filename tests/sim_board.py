@@ -7,12 +7,14 @@ it would a UART) on stdout, then behaves like a board: boot messages for --boot
 seconds, during which everything typed is lost; a ``login:`` prompt (echoing the
 name, not the password) when --login is given; then a real ``sh`` on a terminal
 of its own (echo on, LF sent as CR LF), its bytes relayed to and from the console.
-When the shell exits, the login prompt comes back, as a getty's would.
+When the shell exits, the login prompt comes back, as a getty's would. SIGUSR1 is
+its power cycle: the shell is killed and the board boots again.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import fcntl
 import os
 import pty
@@ -53,6 +55,19 @@ def login(fd: int, user: str, password: str) -> None:
         os.write(fd, b"\r\nLogin incorrect\r\n")
 
 
+SHELL: list[subprocess.Popen[bytes]] = []
+
+
+class Reboot(Exception):
+    pass
+
+
+def power_cycle(signum: int, frame: object) -> None:
+    for shell in SHELL:
+        shell.kill()
+    raise Reboot
+
+
 def run_shell(console: int) -> None:
     """A real sh on a terminal of its own, relayed to ``console`` until it exits."""
     master, slave = pty.openpty()
@@ -66,6 +81,7 @@ def run_shell(console: int) -> None:
         start_new_session=True, preexec_fn=controlling_tty, cwd="/tmp",
     )
     os.close(slave)
+    SHELL[:] = [shell]
     try:
         while shell.poll() is None:
             ready, _, _ = select.select([console, master], [], [], 0.5)
@@ -96,18 +112,28 @@ def main() -> None:
     tty.setraw(far_end)  # a wire: no echo, no line editing (the driver sets it so too)
     print(os.ttyname(far_end), flush=True)
     # far_end stays open here too, so the console survives the driver closing it.
-    deadline = time.monotonic() + args.boot
+    signal.signal(signal.SIGUSR1, power_cycle)
+    while True:
+        try:
+            boot(console, args.boot)
+            while True:
+                if args.login:
+                    login(console, args.login, args.password)
+                run_shell(console)
+        except Reboot:
+            continue
+
+
+def boot(console: int, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
     lines = 0
+    os.write(console, b"simboard: power on\r\n")
     while time.monotonic() < deadline:
         os.write(console, b"[%6.3f] simboard: booting, step %d\r\n" % (time.monotonic() % 1000, lines))
         lines += 1
         time.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
         while select.select([console], [], [], 0)[0]:  # typed while booting: lost
             os.read(console, 65536)
-    while True:
-        if args.login:
-            login(console, args.login, args.password)
-        run_shell(console)
 
 
 if __name__ == "__main__":

@@ -159,7 +159,8 @@ def load_config(
         error = exc.errors(include_url=False)[0]
         key = ".".join(str(part) for part in error["loc"])
         where = source or "environment"
-        raise ConfigError(f"{where}: {key}: {error['msg']}") from None
+        message = str(error["msg"]).removeprefix("Value error, ")  # a check of ours: its own words
+        raise ConfigError(f"{where}: {key}: {message}") from None
     config.source = source
     config.from_env = from_env
     return config

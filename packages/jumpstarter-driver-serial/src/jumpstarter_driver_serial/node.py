@@ -147,6 +147,7 @@ class SerialNodeDriver(NodeDriver):
 
     async def serve(self, state_dir: Path) -> None:
         self.console.open(state_dir / "console.log")  # type: ignore[union-attr]
+        failures = 0
         try:
             while True:
                 if not self._want_on:
@@ -155,9 +156,14 @@ class SerialNodeDriver(NodeDriver):
                 try:
                     board = await self.open_console()
                 except (OSError, NodeError) as exc:
-                    log.warning("node %s: cannot open the console: %s", self.node.name, exc)
+                    # Said once, not once a second while the cable stays out.
+                    (log.debug if failures else log.warning)(
+                        "node %s: cannot open the console: %s", self.node.name, exc
+                    )
+                    failures += 1
                     await anyio.sleep(1)
                     continue
+                failures = 0
                 self._board = board
                 self._connected.set()
                 try:
@@ -483,7 +489,9 @@ class SerialProcess(RunningProcess):
             return
         prompt = inbox.find(self.driver.ready_prompt)
         if prompt >= 0:  # Ctrl-C ended the whole line: no end marker comes
-            self._emit(bytes(inbox[:prompt]))
+            body = bytes(inbox[:prompt])
+            # The shell starts a new line after ^C: its newline, not the task's.
+            self._emit(body[:-2] if body.endswith(b"\r\n") else body)
             del inbox[:prompt]
             self._exit = 130
             return

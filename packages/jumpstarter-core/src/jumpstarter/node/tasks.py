@@ -296,6 +296,7 @@ class Tasks:
         except Exception as exc:  # a broken driver must not take the node down
             log.exception("node driver failed while task %s ran", running.task.id)
             message = f"node driver failed: {exc}"
+        message = message or running.process.message
         if running.stop_requested:
             state = TaskState.STOPPED
         elif running.timed_out:

@@ -63,6 +63,10 @@ class RunningProcess(ABC):
 
     pid: int | None = None
 
+    message: str | None = None
+    """Why the process ended, where the driver knows more than an exit code says
+    (say, a board power cycled because its shell hung); kept as the task's message."""
+
     @abstractmethod
     async def wait(self) -> int:
         """Copy all output to the writer given to ``spawn`` and return the exit code

@@ -1,0 +1,162 @@
+"""``jmp console``: a board's console in this terminal, or its transcript."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import click
+
+from ._base import handle_errors
+
+LEAVE = b"~."
+
+
+@click.command()
+@click.option("-n", "--node", help="Node (default: the config's default_node).")
+@click.option("-s", "--session", default="console", show_default=True, help="Session name (for the lease).")
+@click.option("--read-only", is_flag=True, help="Watch only: type nothing, take no lease (works while a task runs).")
+@click.option("--log", "log", is_flag=True, help="Print the node's console transcript so far and exit.")
+@click.pass_obj
+@handle_errors
+def console(state, node, session, read_only, log) -> None:
+    """Attach this terminal to a node's console (a board's serial console).
+
+    What the board prints appears here; what you type goes to the board, byte for
+    byte (the terminal is in raw mode: Ctrl-C goes to the board too). Type ~. at the
+    start of a line to leave (~~ sends one ~). The terminal is restored however jmp
+    ends. Typing takes the node's lease; while a task runs on the console it is
+    read-only. --read-only watches without a lease (leave with ~. or Ctrl-C).
+
+    --log prints the transcript the node keeps of everything its board printed
+    (boot logs, kernel panics, tasks) and exits.
+
+    \b
+    Examples:
+      jmp console --node rpi4
+      jmp console --node rpi4 --read-only
+      jmp console --node rpi4 --log | grep -i panic
+    """
+    import anyio
+
+    if log and read_only:
+        raise click.UsageError("--log prints the transcript and exits: it takes no --read-only")
+    anyio.run(_console, state.protocol, node, session, read_only, log)
+
+
+async def _console(protocol, node_name, session_name, read_only, log) -> None:
+    async with protocol.create_async_session(session_name) as session:
+        node = await session.connect(node_name, lease=not (read_only or log))
+        if log:
+            await _print_log(node)
+        else:
+            await _attach(node, read_only)
+
+
+async def _print_log(node) -> None:
+    out = sys.stdout.buffer
+    offset = 0
+    while True:
+        chunk = await node.read_console(offset)
+        out.write(chunk.data)
+        offset = chunk.offset + len(chunk.data)
+        if offset >= chunk.end:
+            out.flush()
+            return
+
+
+async def _attach(node, read_only: bool) -> None:
+    import anyio
+
+    stdin = sys.stdin.fileno()
+    terminal = os.isatty(stdin)
+    saved = None
+    if terminal:
+        import termios
+        import tty
+
+        saved = termios.tcgetattr(stdin)
+        tty.setraw(stdin)
+    err = sys.stderr
+    try:
+        mode = "watching (read-only)" if read_only else "on"
+        err.write(f"jmp: {mode} the console of node {node.name!r}; ~. leaves\r\n")
+        err.flush()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_show, node)
+            tg.start_soon(_leave_on_signals, tg.cancel_scope)
+            if terminal or not read_only:
+                await _type(node, stdin, read_only)
+                tg.cancel_scope.cancel()
+    finally:
+        if saved is not None:
+            import termios
+
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+        err.write("\r\njmp: left the console\n")
+        err.flush()
+
+
+async def _leave_on_signals(scope) -> None:
+    import anyio
+
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGHUP, signal.SIGINT) as signals:
+        async for _ in signals:
+            scope.cancel()
+            return
+
+
+async def _show(node) -> None:
+    out = sys.stdout.buffer
+    offset = None
+    while True:
+        chunk = await node.read_console(offset, wait=1.0)
+        if chunk.data:
+            out.write(chunk.data)
+            out.flush()
+        offset = chunk.offset + len(chunk.data)
+
+
+async def _type(node, stdin: int, read_only: bool) -> None:
+    """Send what is typed, until ~. at the start of a line (or the end of input)."""
+    import anyio
+    from jumpstarter.errors import Conflict
+
+    os.set_blocking(stdin, False)
+    line_start, tilde, told = True, False, False
+    try:
+        while True:
+            try:
+                data = os.read(stdin, 4096)
+            except BlockingIOError:
+                await anyio.wait_readable(stdin)
+                continue
+            if not data:
+                return
+            send = bytearray()
+            for byte in data:
+                char = bytes([byte])
+                if tilde:
+                    tilde = False
+                    if char == b".":
+                        return
+                    send += b"~" if char == b"~" else b"~" + char
+                elif line_start and char == b"~":
+                    tilde = True
+                    continue
+                elif read_only and char == b"\x03":
+                    return
+                else:
+                    send += char
+                line_start = char in (b"\r", b"\n")
+            if send and not read_only:
+                try:
+                    await node.write_console(bytes(send))
+                except Conflict as exc:
+                    if not told:
+                        sys.stderr.write(f"\r\njmp: {exc}\r\n")
+                        sys.stderr.flush()
+                        told = True
+    finally:
+        os.set_blocking(stdin, True)
