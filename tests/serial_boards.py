@@ -26,13 +26,15 @@ ttyS0::respawn:-/bin/sh
 """
 
 
-def cpio_newc(entries: list[tuple[str, int, bytes]]) -> bytes:
+def cpio_newc(entries: list[tuple[str, int, bytes]], devices: dict[str, tuple[int, int]] | None = None) -> bytes:
     """A cpio archive (newc, as the kernel reads an initramfs) of ``(name, mode,
-    data)``; a symlink's data is its target."""
+    data)``; a symlink's data is its target, a device's numbers are in ``devices``."""
     out = bytearray()
+    devices = devices or {}
     for ino, (name, mode, data) in enumerate([*entries, ("TRAILER!!!", 0, b"")], start=1):
         encoded = name.encode() + b"\0"
-        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, 0, 0, len(encoded), 0]
+        major, minor = devices.get(name, (0, 0))
+        fields = [ino, mode, 0, 0, 1, 0, len(data), 0, 0, major, minor, len(encoded), 0]
         out += b"070701" + b"".join(b"%08X" % value for value in fields) + encoded
         out += b"\0" * (-len(out) % 4) + data
         out += b"\0" * (-len(out) % 4)
@@ -49,7 +51,8 @@ def busybox_initramfs(path: Path) -> Path:
     entries += [(f"bin/{a}", link, b"busybox") for a in applets if a not in ("busybox",)]
     entries += [("sbin/init", link, b"../bin/busybox"), ("init", link, b"bin/busybox")]
     entries += [("etc/inittab", 0o100644, INITTAB.encode()), ("etc/init.d/rcS", f, INIT.encode())]
-    path.write_bytes(cpio_newc(entries))
+    entries += [("dev/console", 0o020600, b"")]
+    path.write_bytes(cpio_newc(entries, {"dev/console": (5, 1)}))
     return path
 
 
@@ -83,7 +86,8 @@ def qemu_options(tmp: Path) -> dict[str, object] | None:
     if kernel is None:
         return None
     initrd = busybox_initramfs(tmp / "initramfs.cpio")
-    return {"kernel": str(kernel), "initrd": str(initrd), "memory": 256}
+    # panic=-1: a panicking kernel reboots at once, and QEMU (-no-reboot) exits.
+    return {"kernel": str(kernel), "initrd": str(initrd), "memory": 256, "append": "console=ttyS0 panic=-1"}
 
 
 def sim_board_command(*args: str) -> list[str]:

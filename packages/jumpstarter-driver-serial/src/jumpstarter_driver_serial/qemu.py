@@ -37,6 +37,7 @@ class QemuOptions(ShellOptions):
     memory: int = Field(default=256, gt=0, description="MiB")
     cpus: int = Field(default=1, gt=0)
     qemu: str = "qemu-system-x86_64"
+    accel: str = Field(default="tcg", description='"kvm" where /dev/kvm works (much faster)')
     args: list[str] = Field(default_factory=list, description="more QEMU arguments")
 
 
@@ -55,12 +56,12 @@ class QemuVM:
         self.process: subprocess.Popen[bytes] | None = None
         self.state_dir: Path | None = None
         self.socket: Path | None = None
+        self.connected = False  # the console of the running VM was taken
         self.starts = 0
 
     def argv(self, socket: Path) -> list[str]:
         o = self.options
-        accel = "kvm" if os.access("/dev/kvm", os.R_OK | os.W_OK) else "tcg"
-        argv = [o.qemu, "-accel", accel, "-m", str(o.memory), "-smp", str(o.cpus)]
+        argv = [o.qemu, "-accel", o.accel, "-m", str(o.memory), "-smp", str(o.cpus)]
         argv += ["-display", "none", "-nodefaults", "-no-reboot", "-monitor", "none"]
         argv += ["-kernel", str(o.kernel.expanduser()), "-append", o.append]
         if o.initrd is not None:
@@ -77,6 +78,7 @@ class QemuVM:
             return
         base = self.state_dir or Path(tempfile.gettempdir())
         self.starts += 1
+        self.connected = False
         socket = base / f"qemu-{os.getpid()}-{self.starts}.sock"
         socket.unlink(missing_ok=True)
         log = open(base / "qemu.log", "wb")  # noqa: SIM115 - handed to the process
@@ -149,7 +151,17 @@ class QemuNodeDriver(SerialNodeDriver):
         await super().serve(state_dir)
 
     async def open_console(self) -> Console:
-        if not self.vm.running:
-            await self.vm.start()
-        assert self.vm.socket is not None
-        return await UnixConsole.connect(str(self.vm.socket))
+        vm = self.vm
+        if vm.running and vm.connected:
+            # Our console closed but QEMU still runs: it is on its way out (a poweroff,
+            # a panic); a VM gives its console once, so wait for it to go, or make it.
+            with anyio.move_on_after(10):
+                while vm.running:
+                    await anyio.sleep(0.05)
+            await vm.stop()
+        if not vm.running:
+            await vm.start()
+        assert vm.socket is not None
+        console = await UnixConsole.connect(str(vm.socket))
+        vm.connected = True
+        return console
