@@ -124,7 +124,8 @@ async def _type(node, stdin: int, read_only: bool) -> None:
     from jumpstarter.errors import Conflict
 
     os.set_blocking(stdin, False)
-    line_start, tilde, told = True, False, False
+    keys = Keys(read_only)
+    told = False
     try:
         while True:
             try:
@@ -134,25 +135,14 @@ async def _type(node, stdin: int, read_only: bool) -> None:
                 continue
             if not data:
                 return
-            send = bytearray()
-            for byte in data:
-                char = bytes([byte])
-                if tilde:
-                    tilde = False
-                    if char == b".":
-                        return
-                    send += b"~" if char == b"~" else b"~" + char
-                elif line_start and char == b"~":
-                    tilde = True
-                    continue
-                elif read_only and char == b"\x03":
-                    return
-                else:
-                    send += char
-                line_start = char in (b"\r", b"\n")
+            send, leave = keys.feed(data)
+            if leave:
+                if send and not read_only:
+                    await node.write_console(send)
+                return
             if send and not read_only:
                 try:
-                    await node.write_console(bytes(send))
+                    await node.write_console(send)
                 except Conflict as exc:
                     if not told:
                         sys.stderr.write(f"\r\njmp: {exc}\r\n")
@@ -160,3 +150,33 @@ async def _type(node, stdin: int, read_only: bool) -> None:
                         told = True
     finally:
         os.set_blocking(stdin, True)
+
+
+class Keys:
+    """What is typed, less the escape: ``~.`` at the start of a line leaves, ``~~``
+    sends one ``~``; read-only, Ctrl-C leaves too."""
+
+    def __init__(self, read_only: bool = False) -> None:
+        self.read_only = read_only
+        self.line_start = True
+        self.tilde = False
+
+    def feed(self, data: bytes) -> tuple[bytes, bool]:
+        """The bytes to send, and whether to leave (after sending them)."""
+        send = bytearray()
+        for byte in data:
+            char = bytes([byte])
+            if self.tilde:
+                self.tilde = False
+                if char == b".":
+                    return bytes(send), True
+                send += b"~" if char == b"~" else b"~" + char
+            elif self.line_start and char == b"~":
+                self.tilde = True
+                continue
+            elif self.read_only and char == b"\x03":
+                return bytes(send), True
+            else:
+                send += char
+            self.line_start = char in (b"\r", b"\n")
+        return bytes(send), False
