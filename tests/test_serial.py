@@ -370,3 +370,68 @@ def test_the_sim_board_loses_what_is_typed_while_it_boots(tmp_path: Path) -> Non
     finally:
         b.close()
     assert signal.SIGUSR1  # the board's power cycle (see test_a_hung_shell_is_power_cycled)
+
+
+class Switch:
+    """An inline plugin's power driver: it keeps the state in memory."""
+
+    presses: list[str] = []
+
+
+async def test_a_plugin_registers_a_power_driver(data_dir: Path) -> None:
+    from jumpstarter import hookimpl
+    from jumpstarter.errors import PluginError
+    from jumpstarter.plugins import PowerDriver
+
+    class MemorySwitch(PowerDriver):
+        def __init__(self, options: dict[str, object]) -> None:
+            super().__init__(options)
+            self.state = "off"
+            self.outlet = self.options["outlet"]
+
+        async def on(self) -> None:
+            Switch.presses.append(f"on {self.outlet}")
+            self.state = "on"
+
+        async def off(self) -> None:
+            Switch.presses.append(f"off {self.outlet}")
+            self.state = "off"
+
+        async def status(self) -> str:  # type: ignore[override]
+            return self.state
+
+    class Plugin:
+        @hookimpl
+        def jmp_register_power_drivers(self, register):  # type: ignore[no-untyped-def]
+            register("memory", MemorySwitch)
+
+    plugins = get_plugin_manager({"JMP_PLUGINS": "local"}, extra=[Plugin()])
+    assert plugins.power_driver("memory") is MemorySwitch
+    # Any node driver gets the power of its config: here the local node.
+    node = NodeConfig(name="desk", power={"driver": "memory", "outlet": 4, "pause": 0})
+    protocol = JumpStarterProtocol(Config(data_dir=data_dir, nodes={"desk": node}), plugins=plugins)
+    async with protocol.create_async_session("t") as session:
+        n = await session.connect("desk")
+        assert await n.power("status") == "off"
+        assert await n.power("cycle") == "on"  # off, pause, on: the default cycle
+        assert await n.power("off") == "off"
+    assert Switch.presses == ["off 4", "on 4", "off 4"]
+    twice = get_plugin_manager({"JMP_PLUGINS": "serial"}, extra=[Plugin(), Plugin()])
+    with pytest.raises(PluginError, match=r"^power driver 'memory' is registered twice: by plugin "):
+        twice.power_drivers  # noqa: B018
+    with pytest.raises(PluginError, match=r"^unknown power driver 'nosuch'; installed: command, http \(JMP_PLUGINS is set: only 'serial' may load\)$"):
+        get_plugin_manager({"JMP_PLUGINS": "serial"}).power_driver("nosuch")
+
+
+def test_the_console_escape_keys() -> None:
+    from jumpstarter.cli.console import Keys
+
+    keys = Keys()
+    assert keys.feed(b"ls\r") == (b"ls\r", False)
+    # The terminal answers the shell's cursor query as if typed: still a line's start.
+    assert keys.feed(b"\x1b[12;5R") == (b"\x1b[12;5R", False)
+    assert keys.feed(b"~.") == (b"", True)
+    keys = Keys()
+    assert keys.feed(b"a~.b\r~~x\r~q\r~") == (b"a~.b\r~x\r~q\r", False)
+    assert keys.feed(b".") == (b"", True)
+    assert Keys(read_only=True).feed(b"ab\x03") == (b"ab", True)

@@ -210,6 +210,8 @@ def test_jmp_console_under_tmux(qemu_board: QemuBoard, tmp_path: Path) -> None:
             time.sleep(0.1)
         raise AssertionError(f"{text!r} not on the screen:\n{screen}")
 
+    done = run_jmp("run", "--node", "vboard", "--", "true", env=env, timeout=240)  # booted
+    assert done.returncode == 0
     tmux("new-session", "-d", "-s", name, "-x", "120", "-y", "40", "sh")
     try:
         tmux("send-keys", "-t", name, f"JMP_CONFIG={qemu_board.config_file} {JMP} console --node vboard", "Enter")

@@ -154,23 +154,38 @@ async def _type(node, stdin: int, read_only: bool) -> None:
 
 class Keys:
     """What is typed, less the escape: ``~.`` at the start of a line leaves, ``~~``
-    sends one ``~``; read-only, Ctrl-C leaves too."""
+    sends one ``~``; read-only, Ctrl-C leaves too.
+
+    Escape sequences (``ESC [ … final``) are sent but do not end a line's start: a
+    board's shell asks the terminal where its cursor is after each prompt, and the
+    terminal's answer (``ESC [ 12 ; 5 R``) arrives as if typed."""
 
     def __init__(self, read_only: bool = False) -> None:
         self.read_only = read_only
         self.line_start = True
         self.tilde = False
+        self.escape = b""
 
     def feed(self, data: bytes) -> tuple[bytes, bool]:
         """The bytes to send, and whether to leave (after sending them)."""
         send = bytearray()
         for byte in data:
             char = bytes([byte])
+            if self.escape:
+                send += char
+                self.escape += char
+                if len(self.escape) == 2 and char != b"[" or len(self.escape) > 2 and 0x40 <= byte <= 0x7E:
+                    self.escape = b""
+                continue
             if self.tilde:
                 self.tilde = False
                 if char == b".":
                     return bytes(send), True
                 send += b"~" if char == b"~" else b"~" + char
+            elif char == b"\x1b":
+                send += char
+                self.escape = char
+                continue
             elif self.line_start and char == b"~":
                 self.tilde = True
                 continue
