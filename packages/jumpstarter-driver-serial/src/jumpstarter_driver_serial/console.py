@@ -73,13 +73,26 @@ class PortConsole(Console):
                     return data
         while True:
             try:
-                return os.read(self.fd, READ_SIZE)
+                data = os.read(self.fd, READ_SIZE)
             except BlockingIOError:
                 await anyio.wait_readable(self.fd)
+                continue
             except OSError as exc:
                 if exc.errno == errno.EIO:  # a PTY whose other end closed, a device gone
                     return b""
                 raise
+            # A terminal hands out at most a few KiB a read: what is there already
+            # goes in one piece, so a fast board does not cost a wake-up per 4 KiB.
+            parts = [data]
+            size = len(data)
+            while data and size < READ_SIZE:
+                try:
+                    data = os.read(self.fd, READ_SIZE - size)
+                except OSError:
+                    break
+                parts.append(data)
+                size += len(data)
+            return b"".join(parts)
 
     def _read_blocking(self) -> bytes | None:
         try:
