@@ -44,6 +44,12 @@ from jumpstarter_protocol import (
     NodeReleased,
     OpenTask,
     OutputChunk,
+    Power,
+    PowerState,
+    ReadConsole,
+    WriteConsole,
+    ConsoleData,
+    ConsoleWritten,
     OutputEnd,
     Ping,
     Pong,
@@ -258,6 +264,9 @@ MESSAGE_STRATEGIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
     CloseTask: derived(CloseTask, state=st.sampled_from([s for s in TaskState if s.finished])),
     ListSessions: derived(ListSessions),
     QueryHistory: derived(QueryHistory),
+    ReadConsole: derived(ReadConsole),
+    WriteConsole: derived(WriteConsole),
+    Power: derived(Power),
     # replies
     ConfigData: derived(ConfigData),
     ConnectionInfo: derived(ConnectionInfo),
@@ -275,6 +284,9 @@ MESSAGE_STRATEGIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
     NodeReleased: derived(NodeReleased),
     SessionList: derived(SessionList),
     HistoryData: derived(HistoryData),
+    ConsoleData: derived(ConsoleData),
+    ConsoleWritten: derived(ConsoleWritten),
+    PowerState: derived(PowerState),
     Error: derived(Error),
 }
 any_message = st.one_of(*MESSAGE_STRATEGIES.values())
@@ -285,7 +297,7 @@ by_name = pytest.mark.parametrize("cls", list(MESSAGE_STRATEGIES), ids=lambda cl
 
 
 def test_every_message_type_has_a_strategy() -> None:
-    assert len(MESSAGE_TYPES) == len(set(MESSAGE_TYPES)) == 35
+    assert len(MESSAGE_TYPES) == len(set(MESSAGE_TYPES)) == 41
     assert set(MESSAGE_STRATEGIES) == set(MESSAGE_TYPES)
 
 
@@ -369,7 +381,7 @@ def test_every_prefix_of_a_frame_is_refused(message: BaseModel) -> None:
     for cut in range(end):
         with pytest.raises(ProtocolError, match="^truncated message: "):
             decode(encoded[:cut])
-    if isinstance(message, OutputChunk):
+    if isinstance(message, OutputChunk | ConsoleData | WriteConsole):
         # The frame has no payload length: a transport must keep frames whole. A cut
         # inside the payload is indistinguishable from a shorter chunk.
         for cut in range(end, len(encoded)):
