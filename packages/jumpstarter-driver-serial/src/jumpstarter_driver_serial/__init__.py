@@ -8,22 +8,31 @@
   or a QEMU VM's socket;
 - power back ends (:mod:`.power`): ``command`` and ``http``; ``qemu`` with the VM.
 
-See docs/driver-serial.md.
+Names are imported on first use: ``jmp --help`` loads the plugin module, and must not
+pay for pydantic and pyserial. See docs/driver-serial.md.
 """
 
-from .console import Console, PortConsole, UnixConsole
-from .node import SerialNodeDriver
-from .power import CommandPower, HttpPower
-from .qemu import QemuNodeDriver, QemuPower, QemuVM
+from __future__ import annotations
 
-__all__ = [
-    "Console",
-    "PortConsole",
-    "UnixConsole",
-    "SerialNodeDriver",
-    "QemuNodeDriver",
-    "QemuPower",
-    "QemuVM",
-    "CommandPower",
-    "HttpPower",
-]
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "Console": ".console",
+    "PortConsole": ".console",
+    "UnixConsole": ".console",
+    "SerialNodeDriver": ".node",
+    "CommandPower": ".power",
+    "HttpPower": ".power",
+    "QemuNodeDriver": ".qemu",
+    "QemuPower": ".qemu",
+    "QemuVM": ".qemu",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'jumpstarter_driver_serial' has no attribute {name!r}")
+    return getattr(import_module(module, __name__), name)
