@@ -131,6 +131,59 @@ def run_true(quick: bool) -> list[Figure]:
     ]
 
 
+@figure
+def run_true_driver(quick: bool) -> list[Figure]:
+    """run `true` through the serial driver alone (spawn -> exit code) vs raw on the PTY"""
+    from jumpstarter.node.server import build_node_server
+    from jumpstarter.plugins import get_plugin_manager
+    from jumpstarter_protocol import TaskSpec
+
+    n = 50 if quick else 200
+    ours_board, raw_board = _two_boards()
+    raw = RawShell(raw_board.port)
+
+    class Discard:
+        def write(self, stream: str, data: bytes) -> None:
+            pass
+
+    async def main(data_dir: Path) -> tuple[list[float], list[float]]:
+        node = NodeConfig(name="board", driver="serial", options={"port": ours_board.port})
+        server = build_node_server(Config(data_dir=data_dir), get_plugin_manager(), node)
+        spec = TaskSpec(argv=["true"])
+        async with anyio.create_task_group() as tg:
+            await tg.start(server.run)
+
+            async def ours() -> None:
+                process = await server.driver.spawn(spec, Discard())
+                assert await process.wait() == 0
+
+            async def baseline() -> None:
+                raw.run(b"true")
+
+            await alternate(5, ours, baseline)
+            result = await alternate(n, ours, baseline)
+            server.close()
+        return result
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="jmp-bench-") as tmp:
+            ours, base = anyio.run(main, Path(tmp))
+    finally:
+        raw.close()
+        ours_board.close()
+        raw_board.close()
+    return [
+        Figure(
+            f"run `true` through the serial driver alone, no store (median of {n})",
+            statistics.median(ours) * 1000,
+            statistics.median(base) * 1000,
+            "ms",
+            "<= 2x",
+            "the command written and read to the prompt, raw, on a PTY board",
+        )
+    ]
+
+
 SIZE = 10_000_000
 BIG = f"head -c {SIZE} /dev/zero | tr '\\0' x"
 
