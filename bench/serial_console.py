@@ -315,10 +315,11 @@ def qemu_first_task(quick: bool) -> list[Figure]:
             process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             assert process.stdout is not None
             seen = b""
-            while not seen.endswith(b"/ # "):
+            # busybox asks where the cursor is right after its prompt: "/ # " then ESC [6n.
+            while b"/ # " not in seen and time.perf_counter() - t0 < 600:
                 data = os.read(process.stdout.fileno(), 65536)
                 if not data:
-                    break
+                    raise RuntimeError("QEMU exited before its first prompt")
                 seen = (seen + data)[-256:]
             elapsed = time.perf_counter() - t0
             process.kill()
