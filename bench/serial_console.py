@@ -97,7 +97,7 @@ def run_true(quick: bool) -> list[Figure]:
     """run `true` on the simulated board vs the command written and read to the prompt, raw"""
     n = 50 if quick else 200
     ours_board, raw_board = _two_boards()
-    raw = RawShell(raw_board.port)
+    raw: RawShell | None = None
 
     async def main(data_dir: Path) -> tuple[list[float], list[float]]:
         async with serial_node(ours_board.port, data_dir) as node:
@@ -113,10 +113,12 @@ def run_true(quick: bool) -> list[Figure]:
             return await alternate(n, ours, baseline)
 
     try:
+        raw = RawShell(raw_board.port)
         with tempfile.TemporaryDirectory(prefix="jmp-bench-") as tmp:
             ours, base = anyio.run(main, Path(tmp))
     finally:
-        raw.close()
+        if raw is not None:
+            raw.close()
         ours_board.close()
         raw_board.close()
     return [
@@ -140,7 +142,7 @@ def run_true_driver(quick: bool) -> list[Figure]:
 
     n = 50 if quick else 200
     ours_board, raw_board = _two_boards()
-    raw = RawShell(raw_board.port)
+    raw: RawShell | None = None
 
     class Discard:
         def write(self, stream: str, data: bytes) -> None:
@@ -166,10 +168,12 @@ def run_true_driver(quick: bool) -> list[Figure]:
         return result
 
     try:
+        raw = RawShell(raw_board.port)
         with tempfile.TemporaryDirectory(prefix="jmp-bench-") as tmp:
             ours, base = anyio.run(main, Path(tmp))
     finally:
-        raw.close()
+        if raw is not None:
+            raw.close()
         ours_board.close()
         raw_board.close()
     return [
@@ -193,7 +197,7 @@ def stream_output(quick: bool) -> list[Figure]:
     """10 MB of a board command's output through the PTY vs a raw read of it"""
     rounds = 1 if quick else 3
     ours_board, raw_board = _two_boards()
-    raw = RawShell(raw_board.port)
+    raw: RawShell | None = None
 
     async def main(data_dir: Path) -> tuple[float, float]:
         best_ours = best_raw = 0.0
@@ -213,10 +217,12 @@ def stream_output(quick: bool) -> list[Figure]:
         return best_ours, best_raw
 
     try:
+        raw = RawShell(raw_board.port)
         with tempfile.TemporaryDirectory(prefix="jmp-bench-") as tmp:
             ours, base = anyio.run(main, Path(tmp))
     finally:
-        raw.close()
+        if raw is not None:
+            raw.close()
         ours_board.close()
         raw_board.close()
     return [
@@ -240,7 +246,7 @@ def put_file(quick: bool) -> list[Figure]:
     payload = os.urandom(1_000_000)
     rounds = 1 if quick else 3
     ours_board, raw_board = _two_boards()
-    raw = RawShell(raw_board.port)
+    raw: RawShell | None = None
     encoded = base64.b64encode(payload)
     lines = b"\n".join(encoded[i : i + 1024] for i in range(0, len(encoded), 1024))
 
@@ -269,10 +275,12 @@ def put_file(quick: bool) -> list[Figure]:
         return best_ours, best_raw
 
     try:
+        raw = RawShell(raw_board.port)
         with tempfile.TemporaryDirectory(prefix="jmp-bench-") as tmp:
             ours, base = anyio.run(main, Path(tmp))
     finally:
-        raw.close()
+        if raw is not None:
+            raw.close()
         ours_board.close()
         raw_board.close()
     return [
