@@ -119,9 +119,9 @@ def plugin(report: dict, name: str) -> dict:
     return found
 
 
-HEADER = "PLUGIN STATUS DISTRIBUTION VERSION TRANSPORTS NODE DRIVERS COMMANDS OTHER HOOKS"
-DEMO_ROW = "demo loaded jmp-demo-plugin 2.5 pigeon abacus hello jmp_task_finished"
-LOCAL_ROW = "local loaded jumpstarter-driver-local 0.1.0 local local - -"
+HEADER = "PLUGIN STATUS DISTRIBUTION VERSION TRANSPORTS NODE DRIVERS POWER DRIVERS COMMANDS OTHER HOOKS"
+DEMO_ROW = "demo loaded jmp-demo-plugin 2.5 pigeon abacus - hello jmp_task_finished"
+LOCAL_ROW = "local loaded jumpstarter-driver-local 0.1.0 local local - - -"
 
 
 # --- jmp drivers --------------------------------------------------------------------------
@@ -172,6 +172,7 @@ def test_drivers_json_is_stable(site: Path) -> None:
         "error": None,
         "transports": [{"name": "pigeon", "class": "jmp_demo_plugin:PigeonTransport"}],
         "node_drivers": [{"name": "abacus", "class": "jmp_demo_plugin:AbacusDriver"}],
+        "power_drivers": [],
         "commands": ["hello"],
         "hooks": [
             "jmp_register_commands",
@@ -187,6 +188,11 @@ def test_drivers_json_is_stable(site: Path) -> None:
     assert local["transports"] == [
         {"name": "local", "class": "jumpstarter_driver_local.transport:LocalTransport"}
     ]
+    serial = plugin(report, "serial")
+    assert serial["power_drivers"] == [
+        {"name": "command", "class": "jumpstarter_driver_serial.power:CommandPower"},
+        {"name": "http", "class": "jumpstarter_driver_serial.power:HttpPower"},
+    ]
     assert report["problems"] == []
 
 
@@ -196,8 +202,8 @@ def test_a_plugin_that_fails_is_listed_with_why_beside_the_others(site: Path) ->
     result = CliRunner().invoke(cli, ["drivers"])
     assert result.exit_code == 0, result.output
     out = lines(result.stdout)
-    assert "broken failed jmp-broken-plugin 1.0 - - - -" in out
-    assert "raising failed jmp-raising-plugin 0.3 - - - -" in out
+    assert "broken failed jmp-broken-plugin 1.0 - - - - -" in out
+    assert "raising failed jmp-raising-plugin 0.3 - - - - -" in out
     assert DEMO_ROW in out  # the others are still there, whole
     assert out[-2:] == [
         "broken: failed to load: ModuleNotFoundError: No module named 'no_such_module_for_jmp'",
@@ -287,7 +293,7 @@ def test_empty_jmp_plugins_turns_autoload_off(site: Path) -> None:
 def test_jmp_disable_plugins_leaves_those_out(site: Path) -> None:
     env = {**os.environ, "JMP_DISABLE_PLUGINS": "demo"}
     out = lines(run_jmp("drivers", env=env).stdout)
-    assert "demo disabled jmp-demo-plugin 2.5 - - - -" in out
+    assert "demo disabled jmp-demo-plugin 2.5 - - - - -" in out
     assert out[-1] == "demo: disabled by JMP_DISABLE_PLUGINS"
     done = run_jmp("run", "--", "echo", "still works", env=env)
     assert (done.returncode, done.stdout, done.stderr) == (0, "still works\n", "")

@@ -302,10 +302,11 @@ def test_jmp_drivers_of_a_fresh_environment_lists_the_sandbox(
     assert (done.returncode, done.stderr) == (0, "")
     out = [" ".join(line.split()) for line in done.stdout.splitlines()]
     assert (
-        out[0] == "PLUGIN STATUS DISTRIBUTION VERSION TRANSPORTS NODE DRIVERS COMMANDS OTHER HOOKS"
+        out[0]
+        == "PLUGIN STATUS DISTRIBUTION VERSION TRANSPORTS NODE DRIVERS POWER DRIVERS COMMANDS OTHER HOOKS"
     )
-    assert "local loaded jumpstarter-driver-local 0.1.0 local local - -" in out
-    assert "sandbox loaded jumpstarter-driver-sandbox 0.1.0 - sandbox sandbox -" in out
+    assert "local loaded jumpstarter-driver-local 0.1.0 local local - - -" in out
+    assert "sandbox loaded jumpstarter-driver-sandbox 0.1.0 - sandbox - sandbox -" in out
     report = json.loads(jmp(fresh_env, "drivers", "--format", "json", env=env, cwd=cwd).stdout)
     (sandbox,) = [p for p in report["plugins"] if p["name"] == "sandbox"]
     assert sandbox == {
@@ -319,6 +320,7 @@ def test_jmp_drivers_of_a_fresh_environment_lists_the_sandbox(
         "node_drivers": [
             {"name": "sandbox", "class": "jumpstarter_driver_sandbox.node:SandboxNodeDriver"}
         ],
+        "power_drivers": [],
         "commands": ["sandbox"],
         "hooks": ["jmp_register_commands", "jmp_register_node_drivers"],
     }

@@ -44,6 +44,12 @@ from jumpstarter_protocol import (
     NodeReleased,
     OpenTask,
     OutputChunk,
+    Power,
+    PowerState,
+    ReadConsole,
+    WriteConsole,
+    ConsoleData,
+    ConsoleWritten,
     OutputEnd,
     Ping,
     Pong,
@@ -311,6 +317,10 @@ MESSAGE_STRATEGIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
     GetFile: derived(GetFile),
     AddArtifacts: derived(AddArtifacts),
     ListArtifacts: derived(ListArtifacts),
+    # console and power
+    ReadConsole: derived(ReadConsole),
+    WriteConsole: derived(WriteConsole),
+    Power: derived(Power),
     # replies
     ConfigData: derived(ConfigData),
     ConnectionInfo: derived(ConnectionInfo),
@@ -334,6 +344,10 @@ MESSAGE_STRATEGIES: dict[type[BaseModel], st.SearchStrategy[Any]] = {
     UploadReady: derived(UploadReady),
     FileWritten: derived(FileWritten, sha256=sha256s),
     ArtifactList: derived(ArtifactList),
+    # console and power
+    ConsoleData: derived(ConsoleData),
+    ConsoleWritten: derived(ConsoleWritten),
+    PowerState: derived(PowerState),
     Error: derived(Error),
     # --- input and terminals
     WriteInput: derived(WriteInput),
@@ -353,8 +367,8 @@ by_name = pytest.mark.parametrize("cls", list(MESSAGE_STRATEGIES), ids=lambda cl
 
 
 def test_every_message_type_has_a_strategy() -> None:
-    # 35, + 15 for files, + 5 for input and terminals, + 2 for output retention
-    assert len(MESSAGE_TYPES) == len(set(MESSAGE_TYPES)) == 35 + 15 + 5 + 2
+    # 35, + 15 for files, + 5 for input and terminals, + 2 for output retention, + 6 for console and power
+    assert len(MESSAGE_TYPES) == len(set(MESSAGE_TYPES)) == 35 + 15 + 5 + 2 + 6
     assert set(MESSAGE_STRATEGIES) == set(MESSAGE_TYPES)
 
 
@@ -438,7 +452,7 @@ def test_every_prefix_of_a_frame_is_refused(message: BaseModel) -> None:
     for cut in range(end):
         with pytest.raises(ProtocolError, match="^truncated message: "):
             decode(encoded[:cut])
-    if isinstance(message, (OutputChunk, WriteInput)):
+    if isinstance(message, OutputChunk | WriteInput | ConsoleData | WriteConsole):
         # The frame has no payload length: a transport must keep frames whole. A cut
         # inside the payload is indistinguishable from a shorter chunk.
         for cut in range(end, len(encoded)):

@@ -33,6 +33,8 @@ _EXPORTS = {
     "Transport": "jumpstarter.plugins.interfaces",
     "NodeFiles": "jumpstarter.plugins.interfaces",
     "FileStat": "jumpstarter.plugins.interfaces",
+    "NodeConsole": "jumpstarter.plugins.interfaces",
+    "PowerDriver": "jumpstarter.plugins.interfaces",
     "NodeServer": "jumpstarter.node.server",
     "NodeConnection": "jumpstarter.node.dispatch",
     "hookimpl": "jumpstarter.plugins.hookspecs",
@@ -47,6 +49,7 @@ _EXPORTS = {
     "Conflict": "jumpstarter.errors",
     "BadRequest": "jumpstarter.errors",
     "SpawnFailed": "jumpstarter.errors",
+    "PowerFailed": "jumpstarter.errors",
     "Unauthorized": "jumpstarter.errors",
 }
 
@@ -64,6 +67,7 @@ if TYPE_CHECKING:
         NodeError,
         NotFound,
         PluginError,
+        PowerFailed,
         SpawnFailed,
         TransportError,
         Unauthorized,
@@ -73,9 +77,11 @@ if TYPE_CHECKING:
     from .plugins.hookspecs import hookimpl, hookspec
     from .plugins.interfaces import (
         FileStat,
+        NodeConsole,
         NodeDriver,
         NodeFiles,
         OutputWriter,
+        PowerDriver,
         RunningProcess,
         Transport,
     )

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import platformdirs
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from jumpstarter.errors import ConfigError
 
@@ -59,6 +59,16 @@ class NodeConfig(BaseModel):
     before_lease: str | None = Field(default=None, description="shell command run before each lease (node side)")
     after_lease: str | None = Field(default=None, description="shell command run after each lease (node side)")
     hook_timeout: float = Field(default=300.0, gt=0, description="seconds a lease hook may take")
+    power: dict[str, Any] | None = Field(
+        default=None, description='how the board is powered: {driver = "command", on = [...], ...}'
+    )
+
+    @field_validator("power")
+    @classmethod
+    def _power_names_a_driver(cls, power: dict[str, Any] | None) -> dict[str, Any] | None:
+        if power is not None and not (isinstance(power.get("driver"), str) and power["driver"]):
+            raise ValueError('name the power driver: power = {driver = "command", ...}')
+        return power
 
 
 class RegistryConfig(BaseModel):
@@ -199,7 +209,8 @@ def load_config(
         error = exc.errors(include_url=False)[0]
         key = ".".join(str(part) for part in error["loc"])
         where = source or "environment"
-        raise ConfigError(f"{where}: {key}: {error['msg']}") from None
+        message = str(error["msg"]).removeprefix("Value error, ")  # a check of ours: its own words
+        raise ConfigError(f"{where}: {key}: {message}") from None
     config.source = source
     config.from_env = from_env
     return config

@@ -16,6 +16,7 @@
         ├── TooLarge
         ├── SpawnFailed      the task's command could not be started
         ├── Unavailable
+        │   └── PowerFailed  a power action (on, off, cycle, status) failed
         └── InternalError
 
 The node server raises ``NodeError`` subclasses; the dispatcher turns them into
@@ -46,6 +47,7 @@ __all__ = [
     "TooLarge",
     "SpawnFailed",
     "Unavailable",
+    "PowerFailed",
     "InternalError",
 ]
 
@@ -156,6 +158,11 @@ class Unavailable(NodeError):
     """The node is shutting down or cannot serve the request right now."""
 
     code = ErrorCode.UNAVAILABLE
+
+
+class PowerFailed(Unavailable):
+    """A power back end could not do what it was asked (its command failed, its URL
+    did not answer); the message says which and why."""
 
 
 class InternalError(NodeError):

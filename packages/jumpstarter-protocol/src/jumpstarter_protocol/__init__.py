@@ -17,6 +17,8 @@ from ._messages import (
     ConnectionEstablished,
     ConnectionInfo,
     ConnectNode,
+    ConsoleData,
+    ConsoleWritten,
     Error,
     ErrorCode,
     FetchConfig,
@@ -36,8 +38,12 @@ from ._messages import (
     OutputEnd,
     Ping,
     Pong,
+    Power,
+    PowerAction,
+    PowerState,
     QueryHistory,
     QueryResults,
+    ReadConsole,
     ReadOutput,
     ReleaseNode,
     Reply,
@@ -86,6 +92,7 @@ from ._messages import (
     TerminalResized,
     PruneOutput,
     OutputPruned,
+    WriteConsole,
 )
 from ._schema import json_schema
 

@@ -14,13 +14,19 @@ from pydantic import BaseModel, TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError
 
 from ._errors import ProtocolError
-from ._messages import FileChunk, Message, OutputChunk, WriteInput
+from ._messages import ConsoleData, FileChunk, Message, OutputChunk, WriteConsole, WriteInput
 
 MAX_MESSAGE_SIZE = 16 * 1024 * 1024
 """Default limit on one encoded message, header and payload together."""
 
 _HEADER = struct.Struct(">I")
-_PAYLOAD_FIELD = {OutputChunk: "data", FileChunk: "data", WriteInput: "data"}
+_PAYLOAD_FIELD = {
+    OutputChunk: "data",
+    FileChunk: "data",
+    WriteInput: "data",
+    ConsoleData: "data",
+    WriteConsole: "data",
+}
 _adapter: TypeAdapter[Any] = TypeAdapter(Message)
 
 

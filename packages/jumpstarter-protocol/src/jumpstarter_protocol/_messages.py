@@ -577,6 +577,64 @@ class PruneOutput(_Model):
     older_than: float | None = Field(default=None, ge=0)
     max_bytes: int | None = Field(default=None, ge=0)
     dry_run: bool = False
+# --- console and power ---------------------------------------------------------------
+
+
+class ReadConsole(_Model):
+    """Read a node's console transcript (everything its board printed) from byte
+    ``offset``; ``offset`` None means from its end (what is printed from now on).
+    With ``wait``, the node waits up to that many seconds for bytes to come. Needs
+    the handshake, not the lease: anyone may watch a console."""
+
+    type: Literal["read_console"] = "read_console"
+    offset: int | None = Field(default=None, ge=0)
+    wait: float = Field(default=0.0, ge=0, le=30)
+    limit: int = Field(default=1024 * 1024, ge=1, le=8 * 1024 * 1024)
+
+
+class WriteConsole(_Model):
+    """Type ``data`` on a node's console. Needs the lease; refused (``conflict``)
+    while a task runs there. ``data`` travels raw beside the JSON header."""
+
+    type: Literal["write_console"] = "write_console"
+    data: bytes = b""
+
+
+class PowerAction(StrEnum):
+    ON = "on"
+    OFF = "off"
+    CYCLE = "cycle"
+    STATUS = "status"
+
+
+class Power(_Model):
+    """Switch a node's board on, off, cycle it, or ask its state. Needs the lease."""
+
+    type: Literal["power"] = "power"
+    action: PowerAction
+
+
+class ConsoleData(_Model):
+    """Transcript bytes from ``offset``; ``end`` is where the transcript ends now, and
+    ``busy`` says what runs on the console (a task, a file transfer), which is
+    read-only meanwhile. ``data`` travels raw beside the JSON header."""
+
+    type: Literal["console_data"] = "console_data"
+    offset: int = Field(ge=0)
+    end: int = Field(ge=0)
+    busy: str | None = None
+    data: bytes = b""
+
+
+class ConsoleWritten(_Model):
+    type: Literal["console_written"] = "console_written"
+
+
+class PowerState(_Model):
+    """The board's power after an action: ``on``, ``off`` or ``unknown``."""
+
+    type: Literal["power_state"] = "power_state"
+    state: Literal["on", "off", "unknown"]
 
 
 # --- replies -----------------------------------------------------------------------
@@ -826,6 +884,9 @@ Request = Annotated[
         CloseInput,
         ResizeTerminal,
         PruneOutput,
+        ReadConsole,
+        WriteConsole,
+        Power,
     ],
     Field(discriminator="type"),
 ]
@@ -858,6 +919,9 @@ Reply = Annotated[
         InputWritten,
         TerminalResized,
         OutputPruned,
+        ConsoleData,
+        ConsoleWritten,
+        PowerState,
         Error,
     ],
     Field(discriminator="type"),

@@ -46,6 +46,8 @@ execute / not found, 128+N killed by signal N, 130 after Ctrl-C).
         "session": ("jumpstarter.cli.session:session", "List sessions: their nodes, tasks and results."),
         "node": ("jumpstarter.cli.node:node", "Describe a node, or serve this machine as one."),
         "lease": ("jumpstarter.cli.registry:lease", "List or release leases in a shared store."),
+        "power": ("jumpstarter.cli.power:power", "Switch a node's board on, off, or power cycle it."),
+        "console": ("jumpstarter.cli.console:console", "Attach to a node's console, or print its transcript."),
         "drivers": ("jumpstarter.cli.drivers:drivers", "List installed plugins and what they register."),
         "config": ("jumpstarter.cli.config:config", "Show, locate or create the configuration."),
         "protocol": ("jumpstarter.cli.protocol:protocol", "The wire protocol: export its JSON Schema."),

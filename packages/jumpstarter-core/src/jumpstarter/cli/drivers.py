@@ -21,6 +21,7 @@ from ._base import handle_errors
 REGISTRATION_HOOKS = {
     "jmp_register_transports": "transports",
     "jmp_register_node_drivers": "node_drivers",
+    "jmp_register_power_drivers": "power_drivers",
 }
 
 
@@ -39,7 +40,7 @@ def drivers(fmt: str) -> None:
     """List installed plugins and what each registers.
 
     For each entry point of the jmp.plugins group: its distribution and version,
-    the transports and node drivers it registers, the commands it adds to jmp, the
+    the transports, node drivers and power drivers it registers, the commands it adds to jmp, the
     other hooks it implements, and, if it failed to load, why. JMP_PLUGINS and
     JMP_DISABLE_PLUGINS apply (plugins they leave out are listed as disabled);
     JMP_TRACE_PLUGINS=1 prints each hook call on stderr.
@@ -50,6 +51,7 @@ def drivers(fmt: str) -> None:
                     "status": "loaded" | "failed" | "disabled",
                     "error": why it failed or was disabled, or null,
                     "transports": [{"name", "class"}], "node_drivers": [{"name", "class"}],
+                    "power_drivers": [{"name", "class"}],
                     "commands": [names], "hooks": [every hook it implements]}],
        "problems": [a line for each name more than one plugin registers]}
 
@@ -109,6 +111,7 @@ def _row(name: str, value: str, distribution: str | None, version: str | None) -
         "error": None,
         "transports": [],
         "node_drivers": [],
+        "power_drivers": [],
         "commands": [],
         "hooks": [],
     }
@@ -154,7 +157,11 @@ def _why_disabled(name: str, env: Mapping[str, str]) -> str:
 
 def _conflicts(rows: list[dict[str, Any]]) -> list[str]:
     problems = []
-    for key, kind in (("transports", "transport"), ("node_drivers", "node driver")):
+    for key, kind in (
+        ("transports", "transport"),
+        ("node_drivers", "node driver"),
+        ("power_drivers", "power driver"),
+    ):
         owners: dict[str, list[str]] = {}
         for row in rows:
             for entry in row[key]:
@@ -173,6 +180,7 @@ COLUMNS = (
     "VERSION",
     "TRANSPORTS",
     "NODE DRIVERS",
+    "POWER DRIVERS",
     "COMMANDS",
     "OTHER HOOKS",
 )
@@ -187,6 +195,7 @@ def _cells(row: dict[str, Any]) -> list[str]:
         row["version"] or "-",
         ", ".join(entry["name"] for entry in row["transports"]) or "-",
         ", ".join(entry["name"] for entry in row["node_drivers"]) or "-",
+        ", ".join(entry["name"] for entry in row["power_drivers"]) or "-",
         ", ".join(row["commands"]) or "-",
         ", ".join(hook for hook in row["hooks"] if hook not in own) or "-",
     ]

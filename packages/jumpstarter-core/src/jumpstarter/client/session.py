@@ -46,7 +46,9 @@ from jumpstarter_protocol import (
     OutputChunk,
     OutputEnd,
     Ping,
+    Power,
     QueryResults,
+    ReadConsole,
     ReadOutput,
     ReleaseNode,
     ResizeTerminal,
@@ -67,6 +69,7 @@ from jumpstarter_protocol import (
     ListFiles,
     StatFile,
     WriteInput,
+    WriteConsole,
 )
 from pydantic import ValidationError
 
@@ -434,6 +437,24 @@ class AsyncNode:
         with _valid_request():
             request = ListFiles(pattern=pattern, task_id=task_id)
         return (await self.request(request)).files
+    async def power(self, action: str) -> str:
+        """Switch the node's board ``on``, ``off``, ``cycle`` it, or ask its
+        ``status``; the board's power state after it (``on``, ``off``, ``unknown``).
+        Needs the lease."""
+        with _valid_request():
+            request = Power(action=action)
+        return (await self.request(request)).state
+
+    async def read_console(self, offset: int | None = None, *, wait: float = 0.0) -> Any:
+        """Bytes of the node's console transcript from ``offset`` (None: from its
+        end), waiting up to ``wait`` seconds for some: a ``ConsoleData`` with
+        ``offset``, ``data``, ``end`` and what keeps it ``busy``."""
+        return await self.request(ReadConsole(offset=offset, wait=wait))
+
+    async def write_console(self, data: bytes) -> None:
+        """Type ``data`` on the node's console (needs the lease; refused while a
+        task runs there)."""
+        await self.request(WriteConsole(data=data))
 
     async def release(self) -> None:
         """Give the node's lease back; tasks go on running."""

@@ -26,6 +26,8 @@ from jumpstarter_protocol import (
     ConnectionEstablished,
     ConnectionInfo,
     ConnectNode,
+    ConsoleData,
+    ConsoleWritten,
     Error,
     ErrorCode,
     FetchConfig,
@@ -40,10 +42,14 @@ from jumpstarter_protocol import (
     Ping,
     OutputPruned,
     Pong,
+    Power,
+    PowerAction,
+    PowerState,
     ProtocolError,
     PruneOutput,
     QueryHistory,
     QueryResults,
+    ReadConsole,
     ReadOutput,
     ReleaseNode,
     ResizeTerminal,
@@ -60,6 +66,7 @@ from jumpstarter_protocol import (
     TerminalResized,
     WaitTask,
     WriteInput,
+    WriteConsole,
     decode,
     # files
     AddArtifacts,
@@ -131,6 +138,9 @@ class NodeConnection:
             ResizeTerminal: self._resize,
             # --- output retention
             PruneOutput: self._prune_output,
+            ReadConsole: self._read_console,
+            WriteConsole: self._write_console,
+            Power: self._power,
         }
 
     async def handle(self, request: Any) -> Any:
@@ -455,3 +465,37 @@ class NodeConnection:
             request.older_than, request.max_bytes, dry_run=request.dry_run
         )
         return OutputPruned(task_ids=task_ids, bytes=freed, dry_run=request.dry_run)
+    # --- console and power ---------------------------------------------------------------
+
+    def _console(self) -> Any:
+        console = self.server.driver.console
+        if console is None:
+            raise BadRequest(f"node {self.server.node.name!r} has no console (driver {self.server.info.driver!r})")
+        return console
+
+    async def _read_console(self, request: ReadConsole) -> ConsoleData:
+        self._require_init()  # no lease: anyone may watch
+        console = self._console()
+        offset, data, end = await console.read(request.offset, request.limit, request.wait)
+        return ConsoleData(offset=offset, end=end, busy=console.busy, data=data)
+
+    async def _write_console(self, request: WriteConsole) -> ConsoleWritten:
+        self._require_lease()
+        await self._console().write(request.data)
+        return ConsoleWritten()
+
+    async def _power(self, request: Power) -> PowerState:
+        self._require_lease()
+        power = self.server.driver.power
+        if power is None:
+            raise BadRequest(
+                f"node {self.server.node.name!r} has no power control; "
+                'give it one in the config: power = {driver = "command", on = [...], off = [...]}'
+            )
+        if request.action is PowerAction.ON:
+            await power.on()
+        elif request.action is PowerAction.OFF:
+            await power.off()
+        elif request.action is PowerAction.CYCLE:
+            await power.cycle()
+        return PowerState(state=await power.status())

@@ -11,6 +11,7 @@ Every transport serves this same object: it opens one
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 import secrets
 import socket
@@ -35,6 +36,8 @@ from jumpstarter.store.base import Store
 if TYPE_CHECKING:
     from jumpstarter.config import Config
     from jumpstarter.plugins.manager import Plugins
+
+log = logging.getLogger(__name__)
 
 
 class NodeServer:
@@ -127,6 +130,7 @@ class NodeServer:
             async with anyio.create_task_group() as tg:
                 self.tasks.serve_in(tg)
                 self.leases.serve_in(tg)
+                tg.start_soon(self._serve_driver)
                 task_status.started(self)
                 await self._closed.wait()
                 with anyio.CancelScope(shield=True):
@@ -170,6 +174,13 @@ class NodeServer:
             if hmac.compare_digest(known.encode(), token.encode()):
                 return task_id
         return None
+    async def _serve_driver(self) -> None:
+        state_dir = self.data_dir / "nodes" / self.node.name
+        state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            await self.driver.serve(state_dir)
+        except Exception:  # a broken driver must not take the node down
+            log.exception("node driver of %s failed while serving", self.node.name)
 
     def connect(self) -> NodeConnection:
         """A new client connection."""
@@ -226,9 +237,13 @@ def build_node_server(
     from jumpstarter.store.base import open_store
 
     driver_cls = plugins.node_driver(node.driver)
+    driver = driver_cls(node)
+    if node.power is not None:
+        options = {k: v for k, v in node.power.items() if k != "driver"}
+        driver.power = plugins.power_driver(node.power["driver"])(options)
     return NodeServer(
         node,
-        driver_cls(node),
+        driver,
         open_store(config.store_url),
         plugins.hook,
         data_dir=config.data_path,

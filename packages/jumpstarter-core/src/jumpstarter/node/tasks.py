@@ -396,6 +396,7 @@ class Tasks:
         except Exception as exc:  # a broken driver must not take the node down
             log.exception("node driver failed while task %s ran", running.task.id)
             message = f"node driver failed: {exc}"
+        message = message or running.process.message
         if output.failure is not None:
             state, message = TaskState.FAILED, output.failure
         elif lost:

@@ -6,9 +6,11 @@ Runs on both sides of the wire. Imports nothing of the client, the node or the s
 
 - :mod:`jumpstarter.plugins.hookspecs` — every hook, grouped by phase;
 - :mod:`jumpstarter.plugins.interfaces` — :class:`NodeDriver`, :class:`RunningProcess`,
-  :class:`Transport`, :class:`OutputWriter`;
+  :class:`Transport`, :class:`OutputWriter`, :class:`NodeFiles`, :class:`PowerDriver`,
+  :class:`NodeConsole`;
 - :mod:`jumpstarter.plugins.containment` — :class:`Containment`: every process of a
   task found and killed (cgroup v2, child subreaper), for drivers that run processes;
+- :mod:`jumpstarter.plugins.threads` — helpers for drivers that move bytes on threads;
 - :mod:`jumpstarter.plugins.manager` — :func:`get_plugin_manager` and the entry-point
   group ``jmp.plugins``.
 """
@@ -35,6 +37,8 @@ _EXPORTS = {
     "TaskProcesses": "jumpstarter.plugins.containment",
     "ThreadWorker": "jumpstarter.plugins.threads",
     "read_ahead": "jumpstarter.plugins.threads",
+    "NodeConsole": "jumpstarter.plugins.interfaces",
+    "PowerDriver": "jumpstarter.plugins.interfaces",
     "ENTRY_POINT_GROUP": "jumpstarter.plugins.manager",
     "Plugins": "jumpstarter.plugins.manager",
     "get_plugin_manager": "jumpstarter.plugins.manager",
@@ -48,10 +52,12 @@ if TYPE_CHECKING:
     from jumpstarter.plugins.interfaces import (
         ClientContext,
         FileStat,
+        NodeConsole,
         NodeDriver,
         NodeFiles,
         OutputWriter,
         ProcessLost,
+        PowerDriver,
         RunningProcess,
         Stream,
         Transport,

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from jumpstarter_protocol import Result, TaskInfo
 
     from jumpstarter.client.session import AsyncNode, AsyncSession
-    from jumpstarter.plugins.interfaces import NodeDriver, Transport
+    from jumpstarter.plugins.interfaces import NodeDriver, PowerDriver, Transport
 
 hookspec = pluggy.HookspecMarker("jmp")
 hookimpl = pluggy.HookimplMarker("jmp")
@@ -72,6 +72,16 @@ def jmp_register_node_drivers(register: Callable[[str, type[NodeDriver]], None])
     Called once, the first time the core needs the list of drivers (and by ``jmp
     drivers``, one plugin at a time). A node's ``driver = "name"`` in the config picks
     one. Returns nothing; ``register`` raises :class:`~jumpstarter.errors.PluginError`
+    for a name another plugin took."""
+
+
+@hookspec
+def jmp_register_power_drivers(register: Callable[[str, type[PowerDriver]], None]) -> None:
+    """Register power drivers: call ``register(name, PowerDriverClass)`` once per
+    back end. Called once, the first time a node server needs one (and by ``jmp
+    drivers``, one plugin at a time). A node's ``power = {driver = "name", …}`` in
+    the config picks one; the rest of that table is the class's ``options``.
+    Returns nothing; ``register`` raises :class:`~jumpstarter.errors.PluginError`
     for a name another plugin took."""
 
 

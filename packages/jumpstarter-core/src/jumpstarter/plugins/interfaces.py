@@ -15,6 +15,16 @@ for anything not announced, naming the node and the capability:
     :attr:`NodeDriver.files` is a :class:`NodeFiles`: files put on and fetched from
     the node (the node server adds checksums, temporary names, resuming and the
     files root on top of it).
+``console``
+    :attr:`NodeDriver.console` is a :class:`NodeConsole`: a board's console, its
+    transcript read by anyone, typed on by the lease holder (``jmp console``).
+``power``
+    :attr:`NodeDriver.power` is a :class:`PowerDriver` (``jmp power``); the node
+    server sets it from the node's ``power = {driver = "…", …}`` config, or the
+    driver brings its own (a QEMU board powers its VM).
+
+A **power driver** switches a board on and off: :class:`PowerDriver`, registered
+from a plugin's ``jmp_register_power_drivers`` hook.
 
 A **transport** carries protocol messages between a client and a node server:
 :meth:`Transport.request` for one request and its reply, :meth:`Transport.read_output`
@@ -31,7 +41,7 @@ from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from jumpstarter_protocol import (
     FileChunk,
@@ -68,6 +78,10 @@ class RunningProcess(ABC):
     """A task's process as a node driver started it."""
 
     pid: int | None = None
+
+    message: str | None = None
+    """Why the process ended, where the driver knows more than an exit code says
+    (say, a board power cycled because its shell hung); kept as the task's message."""
 
     @abstractmethod
     async def wait(self) -> int:
@@ -110,6 +124,13 @@ class NodeDriver(ABC):
     files: NodeFiles | None = None
     """File access on the node, for a driver with the ``files`` capability."""
 
+    console: NodeConsole | None = None
+    """The board's console, for a driver with the ``console`` capability."""
+
+    power: PowerDriver | None = None
+    """How the node's board is powered: set by the node server from the node's
+    ``power`` config (before :meth:`serve` starts), or by the driver itself."""
+
     def __init__(self, node: NodeConfig) -> None:
         self.node = node
 
@@ -137,6 +158,13 @@ class NodeDriver(ABC):
         Raise :class:`~jumpstarter.errors.SpawnFailed` when the command cannot be
         started, :class:`~jumpstarter.errors.BadRequest` when the spec cannot be
         honoured (say, a missing ``cwd``). Return as soon as the task runs."""
+
+    async def serve(self, state_dir: Path) -> None:
+        """Work the driver does for as long as the node server runs (a console's
+        reader, a VM); ``state_dir`` is a directory of this node's own on the node
+        machine for what the driver keeps (a console transcript). Started once when
+        the node server starts, cancelled when it stops (before :meth:`aclose`). The
+        default does nothing."""
 
     async def aclose(self) -> None:
         """Release what the driver holds. Called once when the node server stops."""
@@ -204,6 +232,77 @@ class NodeFiles(ABC):
     @abstractmethod
     async def chmod(self, path: str, mode: int) -> None:
         """Set the permission bits of ``path``."""
+
+
+class NodeConsole(ABC):
+    """A board's console as the node keeps it: a transcript of every byte the board
+    printed (boot logs, kernel panics, tasks), and a way to type on it."""
+
+    @abstractmethod
+    async def read(self, offset: int | None, limit: int, wait: float) -> tuple[int, bytes, int]:
+        """Up to ``limit`` transcript bytes from ``offset`` (None: the end): ``(offset,
+        data, end)``, ``end`` being where the transcript ends now. Waits up to ``wait``
+        seconds while there is nothing to return."""
+
+    @abstractmethod
+    async def write(self, data: bytes) -> None:
+        """Type ``data`` on the console. Raises :class:`~jumpstarter.errors.Conflict`
+        while a task runs on it, :class:`~jumpstarter.errors.NodeError` when the
+        board's console is not connected."""
+
+    @property
+    @abstractmethod
+    def busy(self) -> str | None:
+        """What runs on the console now (``"a task"``, ``"a file transfer"``), if
+        anything: the console is read-only meanwhile."""
+
+
+PowerStateName = Literal["on", "off", "unknown"]
+
+
+class PowerDriver(ABC):
+    """Switches one board's power. One instance per node, made from the node's
+    ``power = {driver = "name", …}`` config: ``options`` is that table without
+    ``driver``.
+
+    Every action raises :class:`~jumpstarter.errors.PowerFailed` with one line
+    saying what failed (the command, the URL, its answer)."""
+
+    pause: float = 1.0
+    """Seconds off within :meth:`cycle` (option ``pause``)."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = dict(options)
+        pause = self.options.pop("pause", self.pause)
+        if not isinstance(pause, int | float) or isinstance(pause, bool) or pause < 0:
+            from jumpstarter.errors import ConfigError
+
+            raise ConfigError(f"power.pause: expected seconds (a number >= 0), got {pause!r}")
+        self.pause = float(pause)
+
+    @abstractmethod
+    async def on(self) -> None:
+        """Switch the board on (no error when it is on already)."""
+
+    @abstractmethod
+    async def off(self) -> None:
+        """Switch the board off (no error when it is off already)."""
+
+    async def cycle(self) -> None:
+        """Off, :attr:`pause` seconds, on. Back ends with a cycle of their own (a PDU's
+        reboot action) override it."""
+        import anyio
+
+        await self.off()
+        await anyio.sleep(self.pause)
+        await self.on()
+
+    async def status(self) -> PowerStateName:
+        """``on``, ``off``, or ``unknown`` when the back end cannot tell (the default)."""
+        return "unknown"
+
+    async def aclose(self) -> None:
+        """Release what the back end holds (not the board's power: it stays as it is)."""
 
 
 def _unsupported(capability: str) -> Exception:

@@ -87,6 +87,14 @@ class Plugins:
     def node_drivers(self) -> dict[str, Registration]:
         return self._collect(self.hook.jmp_register_node_drivers, "node driver")
 
+    @cached_property
+    def power_drivers(self) -> dict[str, Registration]:
+        return self._collect(self.hook.jmp_register_power_drivers, "power driver")
+
+    def power_driver(self, name: str) -> type:
+        """The power driver class registered as ``name``; :class:`PluginError` if none."""
+        return self._lookup(self.power_drivers, name, "power driver")
+
     def transport(self, name: str) -> type:
         """The transport class registered as ``name``; :class:`PluginError` if none."""
         return self._lookup(self.transports, name, "transport")

@@ -1,0 +1,635 @@
+"""The serial node driver: tasks run on a board's shell, over its console.
+
+Before a task the driver brings the console to a shell it knows: it wakes the board
+(a carriage return, again each second of silence, since bytes typed while the board
+boots are lost), answers ``login:`` and ``Password:`` prompts, and, at a shell
+prompt, turns echo off and sets a prompt of its own with a random token in it, so
+nothing the board prints can pass for it. Each task is then one line::
+
+    printf '__JMP_S_%s__\\n' TOKEN; { COMMAND
+    }; printf '\\n__JMP_E_%s_%d__\\n' TOKEN $?
+
+The output is what comes between the start marker and the end marker, which carries
+the exit code. The format strings hold ``%s`` where the token goes, so even an
+echoed line never contains a marker. A console is one stream: stdout and stderr
+arrive merged, as ``stdout``, with the terminal's CR LF turned back into LF.
+
+Stop (and a timeout) types Ctrl-C; if the shell prompt does not come back within the
+grace period, the board is power cycled (when it has a power driver) and the next
+task waits for it to boot. Every byte the board prints, between tasks and during
+them, goes to the node's transcript (``jmp console --log``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import shlex
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+from jumpstarter import NodeDriver, RunningProcess
+from jumpstarter.errors import ConfigError, Conflict, NodeError, SpawnFailed, Unavailable
+from jumpstarter.plugins import NodeConsole, OutputWriter, PowerDriver
+from jumpstarter_protocol import TaskSpec
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .console import Console, PortConsole
+
+log = logging.getLogger(__name__)
+
+_ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
+INBOX_KEEP = 64 * 1024
+"""Bytes kept from the console while no task or prompt search reads them."""
+
+
+class ShellOptions(BaseModel):
+    """How to reach a shell on the console (the ``options`` table of the node)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(default=r"[#$>] ?$", description="regex matching the end of the shell prompt")
+    login: str | None = None
+    password: str | None = None
+    password_file: Path | None = None
+    login_prompt: str = r"login: ?$"
+    password_prompt: str = r"[Pp]assword: ?$"
+    boot_timeout: float = Field(default=120.0, gt=0, description="seconds to wait for a shell prompt")
+
+
+class SerialOptions(ShellOptions):
+    port: str = Field(description="a device (/dev/ttyUSB0) or a pyserial URL (socket://host:port)")
+    baud: int = Field(default=115200, gt=0)
+
+
+def parse_options(model: type[BaseModel], node: Any) -> Any:
+    """``node.options`` validated by ``model``; :class:`ConfigError` naming the key."""
+    try:
+        return model.model_validate(node.options)
+    except ValidationError as exc:
+        error = exc.errors(include_url=False)[0]
+        key = ".".join(str(part) for part in error["loc"])
+        raise ConfigError(f"node {node.name!r}: options.{key}: {error['msg']}") from None
+
+
+class SerialNodeDriver(NodeDriver):
+    """Runs tasks on the shell of a board behind a serial console."""
+
+    capabilities = ["shell", "env", "cwd", "timeout", "stdin", "console", "files"]
+    options_model: type[ShellOptions] = SerialOptions
+
+    def __init__(self, node: Any) -> None:
+        super().__init__(node)
+        self.options = parse_options(self.options_model, node)
+        self._password = self.options.password
+        if self._password is None and self.options.password_file is not None:
+            try:
+                self._password = self.options.password_file.expanduser().read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"node {node.name!r}: options.password_file: cannot read "
+                    f"{self.options.password_file}: {exc.strerror}"
+                ) from None
+        try:
+            self._prompts = [
+                (kind, re.compile(pattern.encode()))
+                for kind, pattern in (
+                    ("login", self.options.login_prompt),
+                    ("password", self.options.password_prompt),
+                    ("shell", self.options.prompt),
+                )
+            ]
+        except re.error as exc:
+            raise ConfigError(f"node {node.name!r}: a prompt is not a valid regex: {exc}") from None
+        self.console: NodeConsole | None = _Transcript(self)
+        self._power: PowerDriver | None = None
+        self._want_on = True
+        self._want_on_changed = anyio.Event()
+        self._board: Console | None = None
+        self._connected = anyio.Event()
+        self._inbox = bytearray()
+        self._got = anyio.Event()
+        self._token = secrets.token_hex(6)
+        self._ready = False  # the shell sits at our own prompt, echo off
+        self._busy: str | None = None
+        self._free = anyio.Event()
+        self._free.set()
+        self._process: SerialProcess | None = None
+        from .files import ConsoleFiles
+
+        self.files = ConsoleFiles(self)
+
+    # --- power: the node server sets it; we watch it to tell a wanted off from a crash
+
+    @property  # type: ignore[override]
+    def power(self) -> PowerDriver | None:
+        return self._power
+
+    @power.setter
+    def power(self, power: PowerDriver | None) -> None:
+        self._power = None if power is None else _WatchedPower(power, self)
+
+    def _wanted(self, on: bool) -> None:
+        self._want_on = on
+        self._want_on_changed.set()
+        self._want_on_changed = anyio.Event()
+
+    # --- the console's reader, for as long as the node server runs ----------------------
+
+    async def open_console(self) -> Console:
+        """Open the board's console (here: the port of ``options.port``)."""
+        options: SerialOptions = self.options  # type: ignore[assignment]
+        return await anyio.to_thread.run_sync(PortConsole, options.port, options.baud)
+
+    async def serve(self, state_dir: Path) -> None:
+        self.console.open(state_dir / "console.log")  # type: ignore[union-attr]
+        failures = 0
+        try:
+            while True:
+                if not self._want_on:
+                    await self._want_on_changed.wait()
+                    continue
+                try:
+                    board = await self.open_console()
+                except (OSError, NodeError) as exc:
+                    # Said once, not once a second while the cable stays out.
+                    (log.debug if failures else log.warning)(
+                        "node %s: cannot open the console: %s", self.node.name, exc
+                    )
+                    failures += 1
+                    await anyio.sleep(1)
+                    continue
+                failures = 0
+                self._board = board
+                self._connected.set()
+                try:
+                    while data := await board.read():
+                        self._feed(data)
+                except OSError as exc:
+                    log.warning("node %s: console read failed: %s", self.node.name, exc)
+                finally:
+                    self._board = None
+                    self._connected = anyio.Event()
+                    self._ready = False
+                    with anyio.CancelScope(shield=True):
+                        await board.aclose()
+                self._board_gone()
+                await self._power_back_on()
+        finally:
+            self.console.close()  # type: ignore[union-attr]
+
+    async def _power_back_on(self) -> None:
+        """The console closed while the board should be on (it powered off, crashed
+        or rebooted out of its VM): switch it on again."""
+        if self._power is None or not self._want_on:
+            await anyio.sleep(0.2)  # a port that closes again and again: not in a spin
+            return
+        try:
+            if await self._power.status() != "on":
+                log.warning("node %s: the board went off; powering it on", self.node.name)
+                await self._power.on()
+        except NodeError as exc:
+            log.warning("node %s: %s", self.node.name, exc)
+            await anyio.sleep(1)
+
+    def _feed(self, data: bytes) -> None:
+        self.console.append(data)  # type: ignore[union-attr]
+        self._inbox += data
+        if self._busy is None and len(self._inbox) > 4 * INBOX_KEEP:
+            del self._inbox[:-INBOX_KEEP]
+        self.notify()
+
+    def _board_gone(self) -> None:
+        if self._process is not None:
+            self._process.board_gone()
+        self.notify()
+
+    def notify(self) -> None:
+        """Wake everyone waiting in :meth:`_more` (bytes came, or the board went)."""
+        self._got.set()
+        self._got = anyio.Event()
+
+    async def _more(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` for bytes (or news); False if none came."""
+        got = self._got
+        with anyio.move_on_after(timeout):
+            await got.wait()
+            return True
+        return False
+
+    async def type(self, data: bytes) -> None:
+        board = self._board
+        if board is None:
+            raise Unavailable(f"the console of node {self.node.name!r} is not connected")
+        try:
+            await board.write(data)
+        except OSError as exc:
+            raise Unavailable(f"cannot write to the console of node {self.node.name!r}: {exc}") from None
+
+    # --- one user of the console at a time ------------------------------------------------
+
+    async def acquire(self, what: str, *, wait: bool) -> None:
+        while self._busy is not None:
+            if not wait:
+                raise Conflict(
+                    f"the console of node {self.node.name!r} is busy with {self._busy}; "
+                    "one task at a time runs on a console"
+                )
+            await self._free.wait()
+        self._busy = what
+        self._free = anyio.Event()
+
+    def release(self) -> None:
+        self._busy = None
+        self._process = None
+        self._free.set()
+
+    # --- bringing the console to our shell ------------------------------------------------
+
+    @property
+    def ready_prompt(self) -> bytes:
+        return f"__JMP_P_{self._token}__ ".encode()
+
+    async def sync(self) -> None:
+        """Bring the console to our shell prompt; :class:`SpawnFailed` when no shell
+        answers within ``boot_timeout``."""
+        if self._ready and self._board is not None:
+            return
+        timeout = self.options.boot_timeout
+        with anyio.move_on_after(timeout):
+            await self._connected.wait()
+            await self._find_shell()
+            return
+        tail = _ANSI.sub(b"", bytes(self._inbox[-120:])).decode(errors="replace")
+        raise SpawnFailed(
+            f"no shell prompt on the console of node {self.node.name!r} within {timeout:g}s "
+            f"(last printed: {tail.strip()[-80:]!r})",
+            details={"errno": "EIO"},
+        )
+
+    async def _find_shell(self) -> None:
+        self._inbox.clear()
+        await self.type(b"\r")
+        silent = 0
+        while True:
+            got = await self._more(1.0)
+            if not got:
+                silent += 1
+                # Still nothing: the board may be booting (and losing what we type).
+                await self.type(b"\x03\r" if silent % 3 == 0 else b"\r")
+                continue
+            while await self._more(0.1):  # let the burst end: a prompt is what stays
+                pass
+            silent = 0
+            kind = self._prompt_at_end()
+            if kind == "login":
+                if not self.options.login:
+                    raise SpawnFailed(
+                        f"the console of node {self.node.name!r} asks for a login; set options.login",
+                        details={"errno": "EACCES"},
+                    )
+                self._inbox.clear()
+                await self.type(self.options.login.encode() + b"\r")
+            elif kind == "password":
+                if self._password is None:
+                    raise SpawnFailed(
+                        f"the console of node {self.node.name!r} asks for a password; "
+                        "set options.password_file",
+                        details={"errno": "EACCES"},
+                    )
+                self._inbox.clear()
+                await self.type(self._password.encode() + b"\r")
+            elif kind == "shell" or self._inbox.endswith(self.ready_prompt):
+                if await self._set_up_shell():
+                    return
+
+    def _prompt_at_end(self) -> str | None:
+        text = _ANSI.sub(b"", bytes(self._inbox[-256:])).replace(b"\r", b"")
+        for kind, pattern in self._prompts:
+            if pattern.search(text):
+                return kind
+        return None
+
+    async def _set_up_shell(self) -> bool:
+        """Echo off, our prompt, no continuation prompt; True once our prompt shows."""
+        self._inbox.clear()
+        # The '' splits the token from its prefix: an echo of this line is no prompt.
+        await self.type(
+            b"stty -echo 2>/dev/null; case $PS1 in __JMP_P*) ;; *) __jmp_ps1=$PS1;; esac; "
+            b"PS1='__JMP_P''_" + self._token.encode() + b"__ '; PS2=''\r"
+        )
+        if await self.wait_for(lambda: self._inbox.endswith(self.ready_prompt), 3.0):
+            self._ready = True
+            self._inbox.clear()
+            return True
+        return False
+
+    async def wait_for(self, done: Callable[[], bool], timeout: float) -> bool:
+        with anyio.move_on_after(timeout):
+            while not done():
+                if self._board is None:
+                    return False
+                await self._more(timeout)
+            return True
+        return False
+
+    async def hand_to_person(self) -> None:
+        """Someone types on the console: give the shell its echo and prompt back."""
+        if self._ready:
+            self._ready = False
+            await self.type(b"stty echo 2>/dev/null; PS1=$__jmp_ps1\r")
+
+    # --- tasks ------------------------------------------------------------------------------
+
+    async def spawn(self, spec: TaskSpec, output: OutputWriter) -> RunningProcess:
+        command = shell_command(spec)
+        await self.acquire("a task", wait=False)
+        try:
+            await self.sync()
+            process = SerialProcess(self, output)
+            self._process = process
+            await process.start(command)
+        except BaseException:
+            self.release()
+            raise
+        return process
+
+    async def capture(self, command: str, timeout: float = 60.0) -> tuple[int, bytes]:
+        """Run ``command`` on the board's shell as a task runs, waiting for the console
+        if it is busy: its exit code and output (for file access)."""
+        await self.acquire("a file transfer", wait=True)
+        try:
+            await self.sync()
+            collected = _Collect()
+            process = SerialProcess(self, collected, owns_console=False)
+            self._process = process
+            await process.start(command)
+            with anyio.move_on_after(timeout) as scope:
+                code = await process.wait()
+            if scope.cancelled_caught:
+                await process.terminate(2.0)
+                raise OSError(5, f"{command.split()[0]} on node {self.node.name!r} took over {timeout:g}s")
+            if process.message:
+                raise OSError(5, process.message)
+            return code, bytes(collected.data)
+        finally:
+            self.release()
+
+    async def aclose(self) -> None:
+        if self._power is not None:
+            await self._power.aclose()
+
+
+def shell_command(spec: TaskSpec) -> str:
+    """The shell text that runs ``spec`` on the board's shell."""
+    # A shell string runs in a subshell: its cd, exit or trap stay its own.
+    command = f"( {spec.shell}\n)" if spec.shell is not None else shlex.join(spec.argv or [])
+    if spec.env:
+        assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in spec.env.items())
+        command = f"export {assignments}; {command}"
+    if spec.cwd is not None:
+        command = f"cd {shlex.quote(spec.cwd)} || exit 1; {command}"
+    if spec.env or spec.cwd is not None:
+        command = f"( {command}\n)"  # env and cwd for this task only
+    return command
+
+
+class _Collect:
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, stream: str, data: bytes) -> None:
+        self.data += data
+
+
+class SerialProcess(RunningProcess):
+    """One task on the board's shell, from its start marker to its end marker."""
+
+    def __init__(self, driver: SerialNodeDriver, output: Any, *, owns_console: bool = True) -> None:
+        self.driver = driver
+        self.output = output
+        self.owns_console = owns_console
+        self.token = secrets.token_hex(6)
+        self.start_marker = f"__JMP_S_{self.token}__".encode()
+        self.end_marker = f"__JMP_E_{self.token}_".encode()
+        self.message: str | None = None
+        self._exit: int | None = None
+        self._stopping = False
+        self._input_closed = False
+
+    async def start(self, command: str) -> None:
+        """Type the task's line. Not waiting for its start marker here lets the node
+        server record the start while the board runs it; :meth:`wait` finds it."""
+        driver = self.driver
+        driver._inbox.clear()
+        line = (
+            f"printf '__JMP_S_%s__\\n' {self.token}; {{ {command}\n}}; "
+            f"printf '\\n__JMP_E_%s_%d__\\n' {self.token} $?\r"
+        )
+        await driver.type(line.encode())
+
+    def board_gone(self) -> None:
+        if self._exit is None:
+            self._exit = -1
+            self.message = self.message or (
+                "the board's console closed while the task ran (it powered off or rebooted)"
+            )
+
+    async def wait(self) -> int:
+        driver = self.driver
+        inbox = driver._inbox
+        started = False  # what comes before the start marker's line end is not output
+        hold = len(self.end_marker) + 24
+        try:
+            while self._exit is None:
+                if not started:
+                    at = inbox.find(self.start_marker)
+                    newline = inbox.find(b"\n", at) if at >= 0 else -1
+                    if newline >= 0:
+                        del inbox[: newline + 1]
+                        started = True
+                    elif at < 0 and driver.ready_prompt in inbox:  # Ctrl-C before it began
+                        self._exit = 130
+                if started and inbox:
+                    self._take_output(inbox, hold)
+                if self._exit is None:
+                    await driver._more(3600)
+            if self._exit is not None and self.message is None and started:
+                # Back at our prompt: the console is ready for the next task.
+                await driver.wait_for(lambda: inbox.endswith(driver.ready_prompt), 5.0)
+                driver._ready = inbox.endswith(driver.ready_prompt)
+                inbox.clear()
+            return self._exit
+        finally:
+            if self.owns_console:
+                driver.release()
+
+    def _take_output(self, inbox: bytearray, hold: int) -> None:
+        end = inbox.find(self.end_marker)
+        if end >= 0:
+            tail = inbox[end + len(self.end_marker) :]
+            match = re.match(rb"(\d+)__", tail)
+            if match is None:
+                return  # the code is still on its way
+            body = inbox[:end]
+            if body.endswith(b"\r\n"):  # the end marker's own newline
+                body = body[:-2]
+            elif body.endswith(b"\n"):
+                body = body[:-1]
+            self._emit(bytes(body))
+            del inbox[: end + len(self.end_marker) + match.end()]
+            self._exit = int(match.group(1))
+            return
+        prompt = inbox.find(self.driver.ready_prompt)
+        if prompt >= 0:  # Ctrl-C ended the whole line: no end marker comes
+            body = bytes(inbox[:prompt])
+            # The shell starts a new line after ^C: its newline, not the task's.
+            self._emit(body[:-2] if body.endswith(b"\r\n") else body)
+            del inbox[:prompt]
+            self._exit = 130
+            return
+        cut = len(inbox) - hold
+        if cut > 0:
+            if inbox[cut - 1] == 0x0D:  # keep a CR whose LF may come next
+                cut -= 1
+            self._emit(bytes(inbox[:cut]))
+            del inbox[:cut]
+
+    def _emit(self, data: bytes) -> None:
+        if data:
+            self.output.write("stdout", data.replace(b"\r\n", b"\n"))
+
+    async def terminate(self, grace: float) -> None:
+        """Ctrl-C; a power cycle if the shell prompt is not back within ``grace``."""
+        driver = self.driver
+        if self._exit is not None or self._stopping:
+            return
+        self._stopping = True
+        try:
+            await driver.type(b"\x03")
+        except NodeError:
+            pass
+        if await driver.wait_for(lambda: self._exit is not None or self._back_at_prompt(), grace):
+            return
+        if self._exit is not None:
+            return
+        driver._ready = False
+        power = driver.power
+        if power is None:
+            self.message = (
+                f"the shell did not answer Ctrl-C within {grace:g}s and node "
+                f"{driver.node.name!r} has no power control to reset the board"
+            )
+        else:
+            self.message = f"the shell did not answer Ctrl-C within {grace:g}s: the board was power cycled"
+            try:
+                await power.cycle()
+            except NodeError as exc:
+                self.message += f" (the power cycle failed: {exc})"
+        self._exit = -9
+        driver.notify()
+
+    def _back_at_prompt(self) -> bool:
+        return self.driver.ready_prompt in self.driver._inbox
+
+    async def write_input(self, data: bytes) -> None:
+        if self._exit is not None:
+            raise Conflict("the task has ended")
+        if self._input_closed:
+            from jumpstarter.errors import BadRequest
+
+            raise BadRequest("the task's input was closed")
+        await self.driver.type(data)
+
+    async def close_input(self) -> None:
+        if not self._input_closed and self._exit is None:
+            self._input_closed = True
+            await self.driver.type(b"\x04")
+
+
+class _WatchedPower(PowerDriver):
+    """The node's power driver, telling the console's reader whether the board is
+    meant to be on (so a board switched off stays off, one that died comes back)."""
+
+    def __init__(self, inner: PowerDriver, driver: SerialNodeDriver) -> None:
+        self.inner = inner
+        self.driver = driver
+        self.pause = inner.pause
+        self.options = inner.options
+
+    async def on(self) -> None:
+        await self.inner.on()
+        self.driver._wanted(True)
+
+    async def off(self) -> None:
+        self.driver._wanted(False)
+        await self.inner.off()
+
+    async def cycle(self) -> None:
+        self.driver._wanted(False)
+        try:
+            await self.inner.cycle()
+        finally:
+            self.driver._wanted(True)
+
+    async def status(self) -> Any:
+        return await self.inner.status()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class _Transcript(NodeConsole):
+    """Every byte the board printed, in a file on the node (``console.log`` in the
+    node's state directory), read by offset; typing goes to the board."""
+
+    def __init__(self, driver: SerialNodeDriver) -> None:
+        self.driver = driver
+        self.fd: int | None = None
+        self.size = 0
+        self._grew = anyio.Event()
+
+    def open(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        self.size = os.fstat(self.fd).st_size
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def append(self, data: bytes) -> None:
+        if self.fd is not None:
+            os.write(self.fd, data)
+        self.size += len(data)
+        self._grew.set()
+        self._grew = anyio.Event()
+
+    async def read(self, offset: int | None, limit: int, wait: float) -> tuple[int, bytes, int]:
+        if offset is None or offset > self.size:
+            offset = self.size
+        if offset == self.size and wait > 0:
+            with anyio.move_on_after(wait):
+                await self._grew.wait()
+        if self.fd is None or offset >= self.size:
+            return offset, b"", self.size
+        data = os.pread(self.fd, min(limit, self.size - offset), offset)
+        return offset, data, self.size
+
+    async def write(self, data: bytes) -> None:
+        driver = self.driver
+        if driver._busy is not None:
+            raise Conflict(
+                f"{driver._busy} runs on the console of node {driver.node.name!r}; "
+                "it is read-only until that ends"
+            )
+        await driver.hand_to_person()
+        await driver.type(data)
+
+    @property
+    def busy(self) -> str | None:
+        return self.driver._busy

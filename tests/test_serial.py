@@ -1,0 +1,437 @@
+"""The serial node driver against a simulated board: a PTY pair whose far end runs a
+real ``sh`` behind a login prompt (tests/sim_board.py), and the power back ends
+against a recording script and a real HTTP server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import http.server
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+import pytest
+from jumpstarter.config import Config, NodeConfig
+from jumpstarter.errors import ConfigError, Conflict, PowerFailed
+from jumpstarter.node.server import build_node_server
+from jumpstarter.plugins import get_plugin_manager
+from jumpstarter.protocol import JumpStarterProtocol
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import run_jmp  # noqa: E402
+from serial_boards import sim_board_command  # noqa: E402
+
+pytestmark = pytest.mark.anyio
+
+
+class Board:
+    def __init__(self, *args: str) -> None:
+        self.process = subprocess.Popen(sim_board_command(*args), stdout=subprocess.PIPE, text=True)
+        assert self.process.stdout is not None
+        self.port = self.process.stdout.readline().strip()
+        self.pid = self.process.pid
+
+    def close(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+
+
+@pytest.fixture
+def board() -> Iterator[Board]:
+    """A board that boots for 0.6 s (what is typed meanwhile is lost), then asks for
+    a login and a password."""
+    b = Board("--boot", "0.6", "--login", "root", "--password", "s3cret")
+    yield b
+    b.close()
+
+
+def node_config(board: Board, tmp_path: Path, **extra: object) -> NodeConfig:
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    options = {"port": board.port, "login": "root", "password_file": str(secret), "boot_timeout": 20}
+    return NodeConfig(name="board", driver="serial", options=options, **extra)
+
+
+def protocol_for(node: NodeConfig, data_dir: Path) -> JumpStarterProtocol:
+    return JumpStarterProtocol(Config(data_dir=data_dir, nodes={node.name: node}))
+
+
+@asynccontextmanager
+async def served(node: NodeConfig, data_dir: Path) -> AsyncIterator[object]:
+    config = Config(data_dir=data_dir, nodes={node.name: node})
+    server = build_node_server(config, get_plugin_manager(), node)
+    async with anyio.create_task_group() as tg:
+        await tg.start(server.run)
+        try:
+            yield server
+        finally:
+            server.close()
+
+
+async def output_of(task: object) -> bytes:
+    return b"".join([chunk.data async for chunk in task.output()])  # type: ignore[attr-defined]
+
+
+async def test_tasks_run_on_the_board_shell(board: Board, tmp_path: Path, data_dir: Path) -> None:
+    protocol = protocol_for(node_config(board, tmp_path), data_dir)
+    async with protocol.create_async_session("t") as session:
+        node = await session.connect("board")
+        task = await node.start(["printf", "a\\nb\\n"])
+        # The terminal sends CR LF; the task's output has the LF it printed.
+        assert await output_of(task) == b"a\nb\n"
+        assert (await task.wait()).exit_code == 0
+        task = await node.start(shell="echo to-stderr >&2; printf no-newline; exit 3")
+        assert await output_of(task) == b"to-stderr\nno-newline"  # one stream: merged
+        info = await task.wait()
+        assert (info.state.value, info.exit_code) == ("failed", 3)
+        task = await node.start(["sh", "-c", 'echo "$GREETING from $(pwd)"'], env={"GREETING": "hi"}, cwd="/usr")
+        assert await output_of(task) == b"hi from /usr\n"
+        task = await node.start(["no-such-command-here"])
+        assert (await task.wait()).exit_code == 127
+        transcript = (await node.read_console(0)).data
+    # The board booted (and lost the wake-up typed meanwhile), asked for a login.
+    assert b"simboard: booting" in transcript
+    assert b"simboard login: root" in transcript
+    assert b"s3cret" not in transcript  # a password is not echoed
+    assert (data_dir / "nodes" / "board" / "console.log").read_bytes() == transcript
+
+
+async def test_a_timeout_is_ctrl_c_and_the_board_stays_ready(board: Board, tmp_path: Path, data_dir: Path) -> None:
+    protocol = protocol_for(node_config(board, tmp_path), data_dir)
+    async with protocol.create_async_session("t") as session:
+        node = await session.connect("board")
+        task = await node.start(shell="echo started; sleep 30", timeout=1)
+        info = await task.wait()
+        assert info.state.value == "timed_out"
+        assert await output_of(task) == b"started\n"
+        task = await node.start(["sleep", "30"])
+        await anyio.sleep(0.3)
+        assert (await task.stop(grace=3)).state.value == "stopped"
+        task = await node.start(["echo", "again"])
+        assert await output_of(task) == b"again\n"
+
+
+async def test_one_task_at_a_time_and_the_console_is_read_only_meanwhile(
+    board: Board, tmp_path: Path, data_dir: Path
+) -> None:
+    protocol = protocol_for(node_config(board, tmp_path), data_dir)
+    async with protocol.create_async_session("t") as session:
+        node = await session.connect("board")
+        task = await node.start(shell="echo busy; sleep 2; echo done")
+        with pytest.raises(Conflict, match=r"^the console of node 'board' is busy with a task; one task at a time runs on a console$"):
+            await node.start(["true"])
+        with pytest.raises(Conflict, match=r"^a task runs on the console of node 'board'; it is read-only until that ends$"):
+            await node.write_console(b"reboot\r")
+        seen = await node.read_console(0)
+        assert seen.busy == "a task"
+        assert (await task.wait()).exit_code == 0
+        # A person types on it between tasks; the next task finds its shell again.
+        await node.write_console(b"echo typed-by-hand\r")
+        await anyio.sleep(0.5)
+        assert b"typed-by-hand" in (await node.read_console(seen.offset)).data
+        task = await node.start(["echo", "next"])
+        assert await output_of(task) == b"next\n"
+
+
+async def test_a_hung_shell_is_power_cycled(board: Board, tmp_path: Path, data_dir: Path) -> None:
+    record = tmp_path / "power.log"
+    power = {
+        "driver": "command",
+        "off": ["sh", "-c", f"echo off >> {record}"],
+        "on": ["sh", "-c", f"echo on >> {record}; kill -USR1 {board.pid}"],
+        "pause": 0,
+    }
+    protocol = protocol_for(node_config(board, tmp_path, power=power), data_dir)
+    async with protocol.create_async_session("t") as session:
+        node = await session.connect("board")
+        # Ctrl-C kills each sleep, the loop ignores it: only the power brings it back.
+        task = await node.start(["sh", "-c", "trap '' INT; echo hung; while :; do sleep 0.1; done"])
+        await anyio.sleep(0.5)
+        info = await task.stop(grace=1)
+        assert info.state.value == "stopped"
+        assert info.message == "the shell did not answer Ctrl-C within 1s: the board was power cycled"
+        assert record.read_text() == "off\non\n"
+        task = await node.start(["echo", "rebooted"])
+        assert await output_of(task) == b"rebooted\n"
+        transcript = (await node.read_console(0)).data
+    assert transcript.index(b"hung") < transcript.rindex(b"simboard: power on")  # it booted again
+
+
+async def test_files_over_the_console(board: Board, tmp_path: Path, data_dir: Path) -> None:
+    payload = os.urandom(300_000)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(payload), 65536):
+            yield payload[start : start + 65536]
+
+    async with served(node_config(board, tmp_path), data_dir) as server:
+        files = server.driver.files
+        target = str(tmp_path / "on-board.bin")
+        assert await files.write(target, chunks()) == len(payload)
+        assert Path(target).read_bytes() == payload
+        assert b"".join([c async for c in files.read(target)]) == payload
+        assert b"".join([c async for c in files.read(target, 299_990)]) == payload[299_990:]
+        stat = await files.stat(target)
+        assert (stat.kind, stat.size, stat.mode) == ("file", len(payload), 0o600)
+        assert await files.stat(str(tmp_path / "missing")) is None
+        await files.make_dir(str(tmp_path / "d" / "e"), 0o750)
+        await files.rename(target, str(tmp_path / "d" / "moved"))
+        assert await files.list_dir(str(tmp_path / "d")) == ["e", "moved"]
+        with pytest.raises(FileNotFoundError):
+            await files.list_dir(str(tmp_path / "nope"))
+        await files.chmod(str(tmp_path / "d" / "moved"), 0o644)
+        assert (tmp_path / "d" / "moved").stat().st_mode & 0o777 == 0o644
+        await files.remove(str(tmp_path / "d" / "moved"))
+        assert not (tmp_path / "d" / "moved").exists()
+
+
+async def test_a_login_the_config_cannot_answer(board: Board, tmp_path: Path, data_dir: Path) -> None:
+    node = NodeConfig(name="board", driver="serial", options={"port": board.port, "boot_timeout": 10})
+    protocol = protocol_for(node, data_dir)
+    async with protocol.create_async_session("t") as session:
+        n = await session.connect("board")
+        with pytest.raises(Exception, match=r"^the console of node 'board' asks for a login; set options.login$"):
+            await n.start(["true"])
+
+
+def test_bad_serial_config_is_one_line(tmp_path: Path, data_dir: Path) -> None:
+    def jmp_with(config: str, *args: str) -> subprocess.CompletedProcess[str]:
+        (tmp_path / "jumpstarter.toml").write_text(config)
+        return run_jmp(*args)
+
+    done = jmp_with('[nodes.b]\ndriver = "serial"\noptions = { baud = 9600 }\n', "run", "--node", "b", "--", "true")
+    assert (done.returncode, done.stderr) == (1, "jmp: error: node 'b': options.port: Field required\n")
+    serial = '[nodes.b]\ndriver = "serial"\noptions = { port = "/dev/null" }\n'
+    done = jmp_with(serial + 'power = { on = ["x"] }\n', "power", "status", "--node", "b")
+    assert done.stderr == (
+        'jmp: error: jumpstarter.toml: nodes.b.power: name the power driver: power = {driver = "command", ...}\n'
+    )
+    done = jmp_with(serial + 'power = { driver = "nosuch" }\n', "power", "status", "--node", "b")
+    assert done.stderr == "jmp: error: unknown power driver 'nosuch'; installed: command, http\n"
+    done = jmp_with(serial + 'power = { driver = "command", on = ["x"] }\n', "power", "on", "--node", "b")
+    assert done.stderr == "jmp: error: power.off: the command power driver needs one\n"
+    assert not list(data_dir.glob("*.db"))  # nothing was recorded
+
+
+# --- power back ends ---------------------------------------------------------------------
+
+
+def recorder(tmp_path: Path) -> tuple[Path, Path]:
+    """A script that appends its arguments to a file (and says 'on' for status)."""
+    log = tmp_path / "asked.log"
+    script = tmp_path / "relay.sh"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {log}\n[ "$1" = status ] && echo "port 2: on"\n[ "$1" != fail ]\n')
+    script.chmod(0o755)
+    return script, log
+
+
+async def test_command_power(tmp_path: Path) -> None:
+    from jumpstarter_driver_serial import CommandPower
+
+    script, log = recorder(tmp_path)
+    power = CommandPower({"on": [str(script), "on", "2"], "off": [str(script), "off", "2"], "pause": 0.1})
+    assert await power.status() == "unknown"
+    await power.cycle()  # no cycle of its own: off, pause, on
+    assert await power.status() == "on"
+    await power.off()
+    assert await power.status() == "off"
+    with_status = CommandPower({"on": [str(script), "on"], "off": [str(script), "off"], "status": [str(script), "status"],
+                                "cycle": [str(script), "cycle"]})
+    assert await with_status.status() == "on"
+    await with_status.cycle()
+    assert log.read_text() == "off 2\non 2\noff 2\nstatus\ncycle\n"
+    failing = CommandPower({"on": [str(script), "fail", "now"], "off": ["/no/such/relay"]})
+    with pytest.raises(PowerFailed, match=rf"^power on: {script} exited with 1$"):
+        await failing.on()
+    with pytest.raises(PowerFailed, match=r"^power off: command not found: /no/such/relay$"):
+        await failing.off()
+    with pytest.raises(ConfigError, match=r"^power.off: the command power driver needs one$"):
+        CommandPower({"on": ["true"]})
+    with pytest.raises(ConfigError, match=r"^power.on: expected a command as a list of strings, got 'uhubctl -a on'$"):
+        CommandPower({"on": "uhubctl -a on", "off": ["true"]})
+
+
+@pytest.fixture
+def pdu() -> Iterator[tuple[str, list[str]]]:
+    """A real HTTP server on 127.0.0.1 playing a smart PDU: it records each request."""
+    asked: list[str] = []
+    state = {"power": "off"}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _answer(self) -> None:
+            asked.append(f"{self.command} {self.path}")
+            if self.path == "/broken":
+                self.send_error(500, "relay stuck")
+                return
+            if self.path.endswith(("/on", "/off")):
+                state["power"] = self.path.rsplit("/", 1)[1]
+            body = f'{{"outlet": 3, "state": "{state["power"]}"}}'.encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _answer
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", asked
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+async def test_http_power(pdu: tuple[str, list[str]]) -> None:
+    from jumpstarter_driver_serial import HttpPower
+
+    url, asked = pdu
+    power = HttpPower({"on": f"{url}/outlet/3/on", "off": f"{url}/outlet/3/off", "status": f"{url}/outlet/3", "pause": 0})
+    await power.on()
+    assert await power.status() == "on"
+    await power.cycle()
+    assert await power.status() == "on"
+    assert asked == ["POST /outlet/3/on", "GET /outlet/3", "POST /outlet/3/off", "POST /outlet/3/on", "GET /outlet/3"]
+    broken = HttpPower({"on": f"{url}/broken", "off": "http://127.0.0.1:9/off"})
+    with pytest.raises(PowerFailed, match=rf"^power on: POST {url}/broken answered 500 relay stuck$"):
+        await broken.on()
+    with pytest.raises(PowerFailed, match=r"^power off: POST http://127.0.0.1:9/off: "):
+        await broken.off()
+
+
+def test_jmp_power_through_the_cli(board: Board, tmp_path: Path, data_dir: Path) -> None:
+    script, log = recorder(tmp_path)
+    (tmp_path / "jumpstarter.toml").write_text(
+        f"[nodes.b]\ndriver = \"serial\"\noptions = {{ port = \"{board.port}\" }}\n"
+        f'power = {{ driver = "command", on = ["{script}", "on"], off = ["{script}", "off"], pause = 0 }}\n'
+        f"[nodes.broken]\ndriver = \"serial\"\noptions = {{ port = \"{board.port}\" }}\n"
+        f'power = {{ driver = "command", on = ["{script}", "fail"], off = ["{script}", "off"] }}\n'
+    )
+    done = run_jmp("power", "cycle", "--node", "b")
+    assert (done.returncode, done.stdout, done.stderr) == (0, "b: on\n", "")
+    done = run_jmp("power", "off", "--node", "b")
+    assert done.stdout == "b: off\n"
+    assert log.read_text() == "off\non\noff\n"
+    done = run_jmp("power", "on", "--node", "broken")
+    assert (done.returncode, done.stderr) == (5, f"jmp: error: power on: {script} exited with 1\n")
+    done = run_jmp("power", "status")
+    assert (done.returncode, done.stderr) == (
+        2,
+        "jmp: error: node 'local' has no power control; give it one in the config: "
+        'power = {driver = "command", on = [...], off = [...]}\n',
+    )
+    done = run_jmp("console", "--log")
+    assert (done.returncode, done.stderr) == (2, "jmp: error: node 'local' has no console (driver 'local')\n")
+
+
+def test_jmp_console_log(board: Board, tmp_path: Path, data_dir: Path) -> None:
+    node = node_config(board, tmp_path)
+    (tmp_path / "jumpstarter.toml").write_text(
+        f'[nodes.board]\ndriver = "serial"\noptions = {{ port = "{board.port}", login = "root", password = "s3cret" }}\n'
+    )
+    done = run_jmp("run", "--node", "board", "--", "echo", "from-the-board")
+    assert (done.returncode, done.stdout) == (0, "from-the-board\n")
+    done = run_jmp("console", "--node", "board", "--log")
+    assert done.returncode == 0
+    assert "simboard login: root" in done.stdout and "from-the-board" in done.stdout
+    assert node.name == "board"
+
+
+def test_the_sim_board_loses_what_is_typed_while_it_boots(tmp_path: Path) -> None:
+    """The simulated board itself: bytes typed before its shell is ready are gone."""
+    import termios
+    import tty
+
+    b = Board("--boot", "0.5")
+    try:
+        fd = os.open(b.port, os.O_RDWR | os.O_NOCTTY)
+        tty.setraw(fd)
+        os.write(fd, b"echo early\r")
+        seen = b""
+        while b"# " not in seen:
+            seen += os.read(fd, 4096)
+        os.write(fd, b"echo late\r")
+        while b"late\r\nroot" not in seen:
+            seen += os.read(fd, 4096)
+        assert b"early" not in seen
+        assert b"echo late\r\n" in seen  # the shell's terminal echoes, with CR LF
+        termios.tcflush(fd, termios.TCIOFLUSH)
+        os.close(fd)
+    finally:
+        b.close()
+    assert signal.SIGUSR1  # the board's power cycle (see test_a_hung_shell_is_power_cycled)
+
+
+class Switch:
+    """An inline plugin's power driver: it keeps the state in memory."""
+
+    presses: list[str] = []
+
+
+async def test_a_plugin_registers_a_power_driver(data_dir: Path) -> None:
+    from jumpstarter import hookimpl
+    from jumpstarter.errors import PluginError
+    from jumpstarter.plugins import PowerDriver
+
+    class MemorySwitch(PowerDriver):
+        def __init__(self, options: dict[str, object]) -> None:
+            super().__init__(options)
+            self.state = "off"
+            self.outlet = self.options["outlet"]
+
+        async def on(self) -> None:
+            Switch.presses.append(f"on {self.outlet}")
+            self.state = "on"
+
+        async def off(self) -> None:
+            Switch.presses.append(f"off {self.outlet}")
+            self.state = "off"
+
+        async def status(self) -> str:  # type: ignore[override]
+            return self.state
+
+    class Plugin:
+        @hookimpl
+        def jmp_register_power_drivers(self, register):  # type: ignore[no-untyped-def]
+            register("memory", MemorySwitch)
+
+    plugins = get_plugin_manager({"JMP_PLUGINS": "local"}, extra=[Plugin()])
+    assert plugins.power_driver("memory") is MemorySwitch
+    # Any node driver gets the power of its config: here the local node.
+    node = NodeConfig(name="desk", power={"driver": "memory", "outlet": 4, "pause": 0})
+    protocol = JumpStarterProtocol(Config(data_dir=data_dir, nodes={"desk": node}), plugins=plugins)
+    async with protocol.create_async_session("t") as session:
+        n = await session.connect("desk")
+        assert await n.power("status") == "off"
+        assert await n.power("cycle") == "on"  # off, pause, on: the default cycle
+        assert await n.power("off") == "off"
+    assert Switch.presses == ["off 4", "on 4", "off 4"]
+    twice = get_plugin_manager({"JMP_PLUGINS": "serial"}, extra=[Plugin(), Plugin()])
+    with pytest.raises(PluginError, match=r"^power driver 'memory' is registered twice: by plugin "):
+        twice.power_drivers  # noqa: B018
+    with pytest.raises(PluginError, match=r"^unknown power driver 'nosuch'; installed: command, http \(JMP_PLUGINS is set: only 'serial' may load\)$"):
+        get_plugin_manager({"JMP_PLUGINS": "serial"}).power_driver("nosuch")
+
+
+def test_the_console_escape_keys() -> None:
+    from jumpstarter.cli.console import Keys
+
+    keys = Keys()
+    assert keys.feed(b"ls\r") == (b"ls\r", False)
+    # The terminal answers the shell's cursor query as if typed: still a line's start.
+    assert keys.feed(b"\x1b[12;5R") == (b"\x1b[12;5R", False)
+    assert keys.feed(b"~.") == (b"", True)
+    keys = Keys()
+    assert keys.feed(b"a~.b\r~~x\r~q\r~") == (b"a~.b\r~x\r~q\r", False)
+    assert keys.feed(b".") == (b"", True)
+    assert Keys(read_only=True).feed(b"ab\x03") == (b"ab", True)
