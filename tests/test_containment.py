@@ -9,6 +9,7 @@ wait is bounded by the grace plus a margin; no time is asserted."""
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -383,6 +384,33 @@ async def test_a_store_that_cannot_commit_gets_the_final_state_once_space_is_bac
         again = await node.start(["true"])
         assert (await again.wait(MARGIN)).state.value == "succeeded"
     assert marked_none_left(task.id)
+
+
+@pytest.mark.anyio
+async def test_a_task_started_on_a_full_store_is_one_clear_error_and_the_node_serves_on(
+    data_dir: Path, tmp_path: Path, small_fs, caplog: pytest.LogCaptureFixture
+) -> None:
+    from jumpstarter.config import Config
+    from jumpstarter.errors import Unavailable
+    from jumpstarter.protocol import JumpStarterProtocol
+
+    full = small_fs(tmp_path / "store", "1m")
+    protocol = JumpStarterProtocol(Config(data_dir=data_dir, store=str(full / "jumpstarter.db")))
+    async with protocol.create_async_session("full-store") as session:
+        node = await session.connect("local")
+        await (await node.start(["true"])).wait(MARGIN)
+        filler = full / "filler"
+        with open(filler, "wb") as f, suppress(OSError):
+            while True:
+                f.write(bytes(65536))
+                f.flush()
+        with pytest.raises(Unavailable, match=rf"^the store {re.escape(str(full))}/jumpstarter.db cannot commit: .*full"):
+            for _ in range(50):  # until the store's own pages are used up too
+                await (await node.start(["true"])).wait(MARGIN)
+        assert "Traceback" not in caplog.text
+        filler.unlink()
+        again = await node.start(["true"])
+        assert (await again.wait(MARGIN)).state.value == "succeeded"
 
 
 def marked_none_left(task_id: str) -> bool:

@@ -223,6 +223,19 @@ async def test_one_batch_sent_twice_at_once_is_stored_once(store: Store) -> None
     assert (await store.query_results(QueryResults(task_id="t1"))).summary.total == 500
 
 
+async def test_a_task_list_is_cut_to_what_fits_in_a_reply(store: Store) -> None:
+    await store.add_session("s1", "nightly", "test")
+    for i in range(10):  # tasks with big specs: some 60 kB of JSON each
+        task = _task(f"t{i}")
+        await store.create_task(task.model_copy(update={"spec": TaskSpec(argv=["echo", "x" * 10_000])}))
+    listed = await store.list_tasks(max_bytes=200_000)
+    assert 1 <= len(listed) < 10 and listed.truncated
+    assert sum(len(t.model_dump_json()) for t in listed) <= 200_000
+    assert [t.id for t in listed] == [t.id for t in await store.list_tasks()][: len(listed)]  # the newest
+    everything = await store.list_tasks(max_bytes=10_000_000)
+    assert len(everything) == 10 and not everything.truncated
+
+
 async def test_a_page_is_cut_by_bytes_as_well_as_by_count(store: Store) -> None:
     await store.add_session("s1", "nightly", "test")
     task = _task("t1")

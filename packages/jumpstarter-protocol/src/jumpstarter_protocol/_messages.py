@@ -695,6 +695,9 @@ class TaskStatus(_Model):
 class TaskList(_Model):
     type: Literal["task_list"] = "task_list"
     tasks: list[TaskInfo]
+    truncated: bool = False
+    """More tasks matched than fit in one reply: the newest are given; narrow the
+    query (session, states, limit) for the rest."""
 
 
 class OutputChunk(_Model):

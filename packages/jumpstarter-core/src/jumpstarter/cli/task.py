@@ -291,9 +291,20 @@ def logs(state, node, follow, offset, fmt, task_id) -> None:
 @handle_errors
 def list_(state, node, session, states, limit, fmt) -> None:
     """List tasks, newest first."""
-    tasks = call_node(
-        state, lambda n: n.list_tasks(session=session, states=list(states) or None, limit=limit), node=node
-    )
+    from jumpstarter_protocol import ListTasks
+    from pydantic import ValidationError
+
+    try:
+        request = ListTasks(session=session, states=list(states) or None, limit=limit)
+    except ValidationError as exc:
+        raise click.BadParameter(exc.errors()[0]["msg"], param_hint="--session") from None
+    reply = call_node(state, lambda n: n.request(request), node=node)
+    tasks = reply.tasks
+    if reply.truncated:
+        click.echo(
+            f"jmp: warning: only the newest {len(tasks)} tasks fit in one reply; narrow the list with "
+            "--session, --state or --limit", err=True,
+        )
     if fmt == "json":
         print_json({"tasks": [dump(t) for t in tasks]})
         return

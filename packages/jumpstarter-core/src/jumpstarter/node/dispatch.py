@@ -19,7 +19,10 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from jumpstarter_protocol import (
+    # files
+    AddArtifacts,
     AddResult,
+    ArtifactList,
     CloseInput,
     CloseTask,
     ConfigData,
@@ -31,22 +34,28 @@ from jumpstarter_protocol import (
     Error,
     ErrorCode,
     FetchConfig,
+    GetFile,
     GetTaskStatus,
     InitializeConnection,
     InputWritten,
+    ListArtifacts,
+    ListFiles,
     ListSessions,
     ListTasks,
+    MakeDir,
     NewTask,
     NodeReleased,
     OpenTask,
-    Ping,
+    OpenUpload,
     OutputPruned,
+    Ping,
     Pong,
     Power,
     PowerAction,
     PowerState,
     ProtocolError,
     PruneOutput,
+    PutFile,
     QueryHistory,
     QueryResults,
     ReadConsole,
@@ -56,6 +65,7 @@ from jumpstarter_protocol import (
     ResultAdded,
     SessionList,
     StartRequest,
+    StatFile,
     StopTask,
     TaskCreated,
     TaskInfo,
@@ -65,19 +75,9 @@ from jumpstarter_protocol import (
     TaskStopped,
     TerminalResized,
     WaitTask,
-    WriteInput,
     WriteConsole,
+    WriteInput,
     decode,
-    # files
-    AddArtifacts,
-    ArtifactList,
-    GetFile,
-    ListArtifacts,
-    ListFiles,
-    MakeDir,
-    OpenUpload,
-    PutFile,
-    StatFile,
     encode,
     negotiate_version,
 )
@@ -161,6 +161,10 @@ class NodeConnection:
         except ProtocolError as exc:
             return Error(code=ErrorCode(exc.code), message=str(exc))
         except Exception as exc:
+            full = self.server.store.cannot_commit(exc)
+            if full is not None:  # the disk under the store, not a bug: one line, no traceback
+                log.error("%s", full)
+                return full.to_reply()
             log.exception("request %r failed", request)
             return Error(code=ErrorCode.INTERNAL, message=f"internal error: {type(exc).__name__}: {exc}")
 
@@ -404,9 +408,9 @@ class NodeConnection:
     async def _list(self, request: ListTasks) -> TaskList:
         self._require_init()
         tasks = await self.server.store.list_tasks(
-            session=request.session, states=request.states, limit=request.limit
+            session=request.session, states=request.states, limit=request.limit, max_bytes=self._reply_budget()
         )
-        return TaskList(tasks=tasks)
+        return TaskList(tasks=tasks, truncated=getattr(tasks, "truncated", False))
 
     async def _ping(self, request: Ping) -> Pong:
         return Pong()

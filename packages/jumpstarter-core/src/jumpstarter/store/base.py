@@ -23,7 +23,7 @@ from jumpstarter_protocol import (
     TaskState,
 )
 
-from jumpstarter.errors import ConfigError
+from jumpstarter.errors import ConfigError, NodeError
 
 
 class RepeatedBatch(Exception):
@@ -37,6 +37,13 @@ class RepeatedBatch(Exception):
 
 
 class Store(ABC):
+    def cannot_commit(self, exc: Exception) -> NodeError | None:
+        """What to tell a client when ``exc``, raised by this store, says the store
+        cannot write (its disk is full, it is read-only): an
+        :class:`~jumpstarter.errors.Unavailable` naming the store and the cause, so
+        the node answers one clear line and keeps serving; None for anything else."""
+        return None
+
     """Where sessions, tasks and results are kept. Every method may raise
     :class:`~jumpstarter.errors.NotFound` for an unknown task id."""
 
@@ -89,9 +96,12 @@ class Store(ABC):
         session: str | None = None,
         states: Sequence[TaskState] | None = None,
         limit: int = 100,
+        max_bytes: int | None = None,
     ) -> list[TaskInfo]:
         """Newest first. ``session`` is a session id or name; :class:`NotFound` when
-        it names no session."""
+        it names no session. With ``max_bytes`` (a reply's budget) the rows are read
+        one by one and those that would not fit are left out: the list returned is a
+        :class:`~jumpstarter.store.sql.TaskPage` whose ``truncated`` says so."""
 
     @abstractmethod
     async def running_tasks(self, node: str) -> list[tuple[TaskInfo, str | None]]:

@@ -27,15 +27,12 @@ from jumpstarter_protocol import (
     TaskState,
 )
 
-from jumpstarter.errors import ConfigError
+from jumpstarter.errors import ConfigError, NodeError, Unavailable
 from jumpstarter.store import schema
 from jumpstarter.store.base import Store
 from jumpstarter.store.sql import (
-    ADD_ARTIFACT,
-    LIST_ARTIFACTS,
-    artifact_rows,
-    stored_artifacts,
     _TASK_COLUMNS,
+    ADD_ARTIFACT,
     DELETE_EMPTY_SESSION,
     DELETE_PENDING_TASK,
     FINISH_TASK,
@@ -45,13 +42,16 @@ from jumpstarter.store.sql import (
     INSERT_RESULT,
     INSERT_SESSION,
     INSERT_TASK,
+    LIST_ARTIFACTS,
     MARK_RUNNING,
     RUNNING_TASKS,
     STARTING_TASKS,
     TASK_PID,
     Dialect,
     Page,
+    TaskPage,
     _task,
+    artifact_rows,
     finish_params,
     history_query,
     id_runs,
@@ -65,6 +65,7 @@ from jumpstarter.store.sql import (
     session_names,
     sessions_query,
     sessions_with_summaries,
+    stored_artifacts,
     stored_results,
     task_params,
     tasks_query,
@@ -98,6 +99,11 @@ class PostgresStore(Store):
         self._pool = AsyncConnectionPool(
             url, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": True}
         )
+
+    def cannot_commit(self, exc: Exception) -> NodeError | None:
+        if isinstance(exc, psycopg.errors.DiskFull | psycopg.errors.ReadOnlySqlTransaction | psycopg.OperationalError):
+            return Unavailable(f"the store {_safe(self.url)} cannot commit: {exc}".strip(), details={"store": _safe(self.url)})
+        return None
 
     async def open(self) -> None:
         # One connection first: a server that cannot be reached (or refuses us) is
@@ -192,10 +198,14 @@ class PostgresStore(Store):
         session: str | None = None,
         states: Sequence[TaskState] | None = None,
         limit: int = 100,
-    ) -> list[TaskInfo]:
-        if session is not None:
-            await self._require_session(session)
-        return [_task(row) for row in await self._fetchall(*tasks_query(POSTGRES, node, session, states, limit))]
+        max_bytes: int | None = None,
+    ) -> TaskPage:
+        page = TaskPage(max_bytes)
+        async with self._snapshot() as db:
+            if session is not None and not await (await db.execute(*session_check(POSTGRES, session))).fetchone():
+                raise no_session(session)
+            await self._fill(db, page, tasks_query(POSTGRES, node, session, states, limit))
+        return page
 
     async def _require_session(self, session: str, *, glob: bool = False) -> None:
         if not await self._fetchone(*session_check(POSTGRES, session, glob=glob)):
@@ -284,7 +294,7 @@ class PostgresStore(Store):
         return page.history(name, names)
 
     @staticmethod
-    async def _fill(db: psycopg.AsyncConnection[Any], page: Page, statement: tuple[str, list[Any]]) -> None:
+    async def _fill(db: psycopg.AsyncConnection[Any], page: Page | TaskPage, statement: tuple[str, list[Any]]) -> None:
         """Feed ``page`` the rows of ``statement`` until it is full, from a server-side
         cursor: rows come a few at a time, so large results are never all held here."""
         async with db.cursor(name="jmp_page") as cur:

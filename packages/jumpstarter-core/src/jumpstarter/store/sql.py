@@ -12,8 +12,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from jumpstarter_protocol import (
-    HistoryData,
     ArtifactInfo,
+    HistoryData,
     Outcome,
     QueryResults,
     Result,
@@ -370,6 +370,32 @@ def results_queries(dialect: Dialect, query: QueryResults) -> tuple[Statement, S
         dialect, "SELECT outcome, count(*), coalesce(sum(duration), 0) FROM results", where, " GROUP BY outcome"
     )
     return (page, [*page_params, query.limit + 1]), (summary, params)
+
+
+class TaskPage(list):
+    """Tasks for a reply, added row by row within ``max_bytes`` of JSON (the reply's
+    budget): a list of :class:`TaskInfo`, with ``truncated`` when rows were left out
+    because they would not fit."""
+
+    ROW_OVERHEAD = 512
+
+    def __init__(self, max_bytes: int | None = None) -> None:
+        super().__init__()
+        self.max_bytes = max_bytes
+        self.truncated = False
+        self._size = 0
+
+    def add(self, row: Sequence[Any]) -> bool:
+        """Add the task of ``row`` if it fits; False once the page is full."""
+        if self.max_bytes is not None:
+            # JSON of text is at most 6 bytes a character (\u0000).
+            size = 6 * sum(_text_length(value) for value in row) + self.ROW_OVERHEAD
+            if self._size + size > self.max_bytes and self:
+                self.truncated = True
+                return False
+            self._size += size
+        self.append(_task(row))
+        return True
 
 
 class Page:

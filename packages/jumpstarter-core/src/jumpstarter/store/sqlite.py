@@ -37,16 +37,13 @@ from jumpstarter_protocol import (
     TaskState,
 )
 
-from jumpstarter.errors import ConfigError
+from jumpstarter.errors import ConfigError, NodeError, Unavailable
 from jumpstarter.store import schema
 from jumpstarter.store.base import Store
 from jumpstarter.store.sql import (
+    ADD_ARTIFACT,
     DELETE_EMPTY_SESSION,
     DELETE_PENDING_TASK,
-    ADD_ARTIFACT,
-    LIST_ARTIFACTS,
-    artifact_rows,
-    stored_artifacts,
     FINISH_TASK,
     GET_BATCH,
     GET_TASK,
@@ -54,13 +51,16 @@ from jumpstarter.store.sql import (
     INSERT_RESULT,
     INSERT_SESSION,
     INSERT_TASK,
+    LIST_ARTIFACTS,
     MARK_RUNNING,
     RUNNING_TASKS,
     SQLITE,
     STARTING_TASKS,
     TASK_PID,
     Page,
+    TaskPage,
     _task,
+    artifact_rows,
     finish_params,
     history_query,
     id_runs,
@@ -74,6 +74,7 @@ from jumpstarter.store.sql import (
     session_names,
     sessions_query,
     sessions_with_summaries,
+    stored_artifacts,
     stored_results,
     task_params,
     tasks_query,
@@ -163,6 +164,12 @@ class SQLiteStore(Store):
     def _checkpoint(self) -> None:
         # PASSIVE: copies what it can without waiting for readers or writers.
         self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def cannot_commit(self, exc: Exception) -> NodeError | None:
+        code = getattr(exc, "sqlite_errorcode", 0) & 0xFF
+        if isinstance(exc, sqlite3.Error) and code in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR, sqlite3.SQLITE_READONLY):
+            return Unavailable(f"the store {self.path} cannot commit: {exc}", details={"store": str(self.path)})
+        return None
 
     async def open(self) -> None:
         await self._run(self._open)
@@ -322,15 +329,19 @@ class SQLiteStore(Store):
         session: str | None = None,
         states: Sequence[TaskState] | None = None,
         limit: int = 100,
-    ) -> list[TaskInfo]:
+        max_bytes: int | None = None,
+    ) -> TaskPage:
         sql, params = tasks_query(SQLITE, node, session, states, limit)
-        return [_task(row) for row in await self._run(self._list_tasks, session, sql, params)]
+        return await self._run(self._list_tasks, session, sql, params, TaskPage(max_bytes))
 
-    def _list_tasks(self, session: str | None, sql: str, params: Sequence[Any]) -> list[Any]:
+    def _list_tasks(self, session: str | None, sql: str, params: Sequence[Any], page: TaskPage) -> TaskPage:
         with self._transaction(immediate=False) as db:  # one snapshot for check and list
             if session is not None:
                 self._require_session(session)
-            return db.execute(sql, params).fetchall()
+            for row in db.execute(sql, params):  # read lazily: stop once the page is full
+                if not page.add(row):
+                    break
+        return page
 
     def _require_session(self, session: str, *, glob: bool = False) -> None:
         if not self.db.execute(*session_check(SQLITE, session, glob=glob)).fetchone():
