@@ -142,10 +142,10 @@ def test_completion_of_task_ids_sessions_and_nodes(
     assert complete("task", "status", task_id[:3]) == [task_id]
     assert complete("result", "query", "--task", "") == [task_id]
     assert complete("result", "diff", "nig") == ["nightly"]
-    assert complete("run", "-n", "") == ["local"]
+    assert complete("run", "--node", "") == ["local"]
     config = tmp_path / "jumpstarter.toml"
     config.write_text('[nodes.lab1]\ntransport = "grpc"\nendpoint = "grpc://127.0.0.1:1"\n')
-    assert complete("--config", str(config), "run", "-n", "") == ["lab1", "local"]
+    assert complete("--config", str(config), "run", "--node", "") == ["lab1", "local"]
     # a store that does not exist is not created by a completion
     other = tmp_path / "other"
     done = subprocess.run(

@@ -81,6 +81,10 @@ class RegistryConfig(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict, description="passed to the transport")
 
 
+_REACHING_ONLY = {"name", "token_file", "tls_ca", "labels", "options"}
+"""What a config entry for a node the registry describes may hold: how to reach it."""
+
+
 class Config(BaseModel):
     """The whole configuration. ``source`` is the file it came from, if any."""
 
@@ -125,10 +129,13 @@ class Config(BaseModel):
         raise UnknownNode(f"unknown node {name!r}{where}; known nodes: {known}")
 
     def is_complete(self, node: NodeConfig) -> bool:
-        """True when ``node`` says how it is reached or run here (a ``transport``,
-        ``endpoint`` or ``driver`` of its own, or it is ``local``). An entry holding
-        only credentials or labels is for a node the registry describes."""
-        return node.name == "local" or bool(node.model_fields_set & {"transport", "endpoint", "driver"})
+        """True when ``node`` says how it is reached or run here: a ``transport``,
+        ``endpoint`` or ``driver`` of its own, a setting only a node served here has
+        (``files_root``, ``power``, lease hooks…), or it is ``local``. An entry holding
+        only credentials, labels or transport options is for a node the registry
+        describes."""
+        own = node.model_fields_set
+        return node.name == "local" or bool(own & {"transport", "endpoint", "driver"} or own - _REACHING_ONLY)
 
     def registered_node(
         self, name: str, *, transport: str, endpoint: str | None, driver: str, labels: dict[str, str]
