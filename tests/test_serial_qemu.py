@@ -228,10 +228,10 @@ def test_jmp_console_under_tmux(qemu_board: QemuBoard, tmp_path: Path) -> None:
 
 
 @pytest.mark.xfail(
-    strict=True,
-    reason="known bug since the lab, terminals and serial work met: the board runs the task after a "
-    "person left jmp console (its end marker is in the transcript) but the client gets no answer "
-    "within 30 s; it passed on the serial branch alone",
+    strict=False,
+    reason="known bug, not yet understood (it fails when this runs soon after the board booted, and "
+    "passes later in a full run): the board runs the task after a person left jmp console (its end "
+    "marker is in the transcript) but the client gets no answer within 30 s",
 )
 def test_a_task_after_a_person_used_the_console_finds_its_shell(qemu_board: QemuBoard) -> None:
     env = {**os.environ, "JMP_CONFIG": str(qemu_board.config_file)}
