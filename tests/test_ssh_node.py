@@ -737,3 +737,75 @@ async def test_a_host_out_of_channels_refuses_a_task_in_one_line_and_stop_still_
     finally:
         await driver.aclose()
         server.stop()
+
+
+# --- files, input and terminals through jmp, on an ssh node -----------------------------
+
+
+def test_jmp_cp_both_ways_on_an_ssh_node(sshd: Sshd, data_dir: Path, tmp_path: Path) -> None:
+    write_config(tmp_path / "jumpstarter.toml", sshd)
+    firmware = tmp_path / "fw.bin"
+    firmware.write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    firmware.chmod(0o750)
+    remote = str(tmp_path / "on-the-host" / "fw.bin")  # the host is this machine
+    done = run_jmp("run", "--node", "pi", "-n", "--", "mkdir", "-p", str(Path(remote).parent))
+    assert done.returncode == 0, done.stderr
+    put = run_jmp("cp", str(firmware), f"pi:{remote}")
+    assert put.returncode == 0, put.stderr
+    # On the host: the same bytes and mode under the final name, no temporary file left.
+    host_side = run_jmp("run", "--node", "pi", "-n", "--", "sh", "-c", f"sha256sum {remote}; stat -c %a {remote}; ls -a {Path(remote).parent}")
+    lines = host_side.stdout.splitlines()
+    assert lines[0].split()[0] == hashlib.sha256(firmware.read_bytes()).hexdigest()
+    assert lines[1] == "750"
+    assert [n for n in lines[2:] if n not in (".", "..")] == ["fw.bin"]
+    back = tmp_path / "back.bin"
+    got = run_jmp("cp", f"pi:{remote}", str(back))
+    assert got.returncode == 0, got.stderr
+    assert back.read_bytes() == firmware.read_bytes()
+    missing = run_jmp("cp", "pi:/no/such/file", str(tmp_path / "x"))
+    assert missing.returncode != 0 and len(missing.stderr.splitlines()) == 1 and "/no/such/file" in missing.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_stdin_through_jmp_run_on_an_ssh_node(sshd: Sshd, data_dir: Path, tmp_path: Path) -> None:
+    write_config(tmp_path / "jumpstarter.toml", sshd)
+    data = os.urandom(5 * 1024 * 1024)
+    done = subprocess.run([JMP, "run", "--node", "pi", "--", "sha256sum"], input=data, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+    answered = run_jmp("run", "--node", "pi", "--", "python3", "-c", "print(input()[::-1])", input="olleh\n")
+    assert (answered.returncode, answered.stdout) == (0, "hello\n"), answered.stderr
+
+
+def test_a_terminal_through_jmp_run_on_an_ssh_node(sshd: Sshd, data_dir: Path, tmp_path: Path) -> None:
+    pexpect = pytest.importorskip("pexpect")
+    write_config(tmp_path / "jumpstarter.toml", sshd)
+    child = pexpect.spawn(
+        JMP, ["run", "-t", "--node", "pi", "--", "sh"], cwd=str(tmp_path), env=os.environ, timeout=60,
+        dimensions=(30, 100),
+    )
+    try:
+        child.sendline("tty; stty size")
+        child.expect(r"/dev/pts/\d+\r\n30 100\r\n")
+        child.setwinsize(40, 120)
+        child.sendline("stty size")
+        child.expect(r"40 120\r\n")
+        child.sendline("exit 3")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 3
+
+
+def test_jmp_shell_on_an_ssh_node(sshd: Sshd, data_dir: Path, tmp_path: Path) -> None:
+    pexpect = pytest.importorskip("pexpect")
+    write_config(tmp_path / "jumpstarter.toml", sshd)
+    child = pexpect.spawn(JMP, ["shell", "--node", "pi"], cwd=str(tmp_path), env=os.environ, timeout=60)
+    try:
+        child.sendline("echo on-$(tty | cut -c1-8)")
+        child.expect(r"on-/dev/pts")
+        child.sendline("exit 7")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 7
