@@ -369,11 +369,7 @@ async def test_a_store_that_cannot_commit_gets_the_final_state_once_space_is_bac
     async with protocol.create_async_session("full-store") as session:
         node = await session.connect("local")
         task = await node.start(["sh", "-c", "sleep 0.5"])
-        filler = full / "filler"
-        with open(filler, "wb") as f, suppress(OSError):
-            while True:
-                f.write(bytes(65536))
-                f.flush()
+        filler = fill_up(full)
         with anyio.move_on_after(MARGIN):
             while "the store cannot record" not in caplog.text:
                 await anyio.sleep(0.05)
@@ -399,11 +395,7 @@ async def test_a_task_started_on_a_full_store_is_one_clear_error_and_the_node_se
     async with protocol.create_async_session("full-store") as session:
         node = await session.connect("local")
         await (await node.start(["true"])).wait(MARGIN)
-        filler = full / "filler"
-        with open(filler, "wb") as f, suppress(OSError):
-            while True:
-                f.write(bytes(65536))
-                f.flush()
+        filler = fill_up(full)
         with pytest.raises(Unavailable, match=rf"^the store {re.escape(str(full))}/jumpstarter.db cannot commit: .*full"):
             for _ in range(50):  # until the store's own pages are used up too
                 await (await node.start(["true"])).wait(MARGIN)
@@ -411,6 +403,16 @@ async def test_a_task_started_on_a_full_store_is_one_clear_error_and_the_node_se
         filler.unlink()
         again = await node.start(["true"])
         assert (await again.wait(MARGIN)).state.value == "succeeded"
+
+
+def fill_up(directory: Path) -> Path:
+    """Write a file into ``directory`` until its filesystem is full; the file."""
+    filler = directory / "filler"
+    with open(filler, "wb") as f, suppress(OSError):
+        while True:
+            f.write(bytes(65536))
+            f.flush()
+    return filler
 
 
 def marked_none_left(task_id: str) -> bool:
