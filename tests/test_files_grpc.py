@@ -60,24 +60,22 @@ def test_200_mb_round_trip_through_jmp_cp_with_a_token(agents, data_dir, tmp_pat
     assert not on_node.exists()
 
 
-async def _cut_while_growing(proxy: Proxy, process: anyio.abc.Process, parts: Path, pattern: str) -> list[int]:
-    """Cut every connection through ``proxy`` twice while the temporary file
-    matching ``pattern`` in ``parts`` grows; the sizes seen, in order."""
+async def _cut_twice_while_growing(proxy: Proxy, process: anyio.abc.Process, parts: Path, pattern: str) -> list[int]:
+    """Cut every connection through ``proxy`` twice, at a quarter and at a half of
+    the file's bytes through it (the proxy counts them, so a fast transfer cannot
+    slip past a cut), and watch the temporary file matching ``pattern`` in ``parts``
+    meanwhile: the sizes seen, in order."""
+    proxy.forwarded, proxy.cut_at = 0, [BIG // 4, BIG // 2]
     seen: list[int] = []
-    cuts = [BIG // 4, BIG // 2]
     while process.returncode is None:
         for part in parts.glob(pattern):
             try:
-                size = part.stat().st_size
+                seen.append(part.stat().st_size)
             except FileNotFoundError:
                 continue
-            seen.append(size)
-            if cuts and size >= cuts[0]:
-                cuts.pop(0)
-                proxy.cut()
         with anyio.move_on_after(0.02):
             await process.wait()
-    assert not cuts, f"the transfer ended before both cuts: {seen[-5:]}"
+    assert not proxy.cut_at, f"the transfer ended before both cuts: {proxy.forwarded} bytes through the proxy"
     return seen
 
 
@@ -94,7 +92,7 @@ async def test_200_mb_through_a_connection_that_is_cut_twice_each_way(
 
         async with await anyio.open_process([JMP, "cp", str(source), "lab1:big.bin"], env=env,
                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
-            seen = await _cut_while_growing(proxy, process, node_dir, ".big.bin.*.jmp-part")
+            seen = await _cut_twice_while_growing(proxy, process, node_dir, ".big.bin.*.jmp-part")
             err = await process.stderr.receive() if process.returncode else b""
         assert process.returncode == 0, err
         # Resumed, not restarted: what the node held only ever grew.
@@ -105,7 +103,7 @@ async def test_200_mb_through_a_connection_that_is_cut_twice_each_way(
         connections = proxy.connections
         async with await anyio.open_process([JMP, "cp", "lab1:big.bin", "back.bin"], env=env,
                                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
-            seen = await _cut_while_growing(proxy, process, tmp_path, ".back.bin.*.jmp-part")
+            seen = await _cut_twice_while_growing(proxy, process, tmp_path, ".back.bin.*.jmp-part")
             err = await process.stderr.receive() if process.returncode else b""
         assert process.returncode == 0, err
         assert seen == sorted(seen) and proxy.connections >= connections + 3

@@ -624,6 +624,8 @@ class Proxy:
         self.target_port = target_port
         self.writers: list[asyncio.StreamWriter] = []
         self.connections = 0
+        self.forwarded = 0  # bytes, both ways, over every connection
+        self.cut_at: list[int] = []  # cut every connection once this many bytes went by
 
     async def __aenter__(self) -> Proxy:
         self.server = await asyncio.start_server(self._forward, "127.0.0.1", 0)
@@ -645,6 +647,10 @@ class Proxy:
                 while data := await src.read(65536):
                     dst.write(data)
                     await dst.drain()
+                    self.forwarded += len(data)
+                    if self.cut_at and self.forwarded >= self.cut_at[0]:
+                        self.cut_at.pop(0)
+                        self.cut()
             except OSError:
                 pass
             finally:
