@@ -25,6 +25,8 @@ from jumpstarter.protocol import JumpStarterProtocol
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import run_jmp  # noqa: E402
 from serial_boards import sim_board_command  # noqa: E402
+from stores import postgres_url  # noqa: E402, F401  (fixture)
+from test_many_machines import lab  # noqa: E402, F401  (fixture)
 
 pytestmark = pytest.mark.anyio
 
@@ -217,6 +219,21 @@ def test_bad_serial_config_is_one_line(tmp_path: Path, data_dir: Path) -> None:
     assert done.stderr == "jmp: error: unknown power driver 'nosuch'; installed: command, http\n"
     done = jmp_with(serial + 'power = { driver = "command", on = ["x"] }\n', "power", "on", "--node", "b")
     assert done.stderr == "jmp: error: power.off: the command power driver needs one\n"
+    done = jmp_with(serial + 'after_lease = ["echo bye", "power off"]\n', "run", "--node", "b", "--", "true")
+    assert (done.returncode, done.stderr) == (1, (
+        "jmp: error: node 'b': after_lease: 'power off' needs power control; give the node one in the config: "
+        'power = {driver = "command", on = [...], off = [...]}\n'
+    ))
+    done = jmp_with(serial + 'before_lease = ["power reboot"]\n', "run", "--node", "b", "--", "true")
+    assert done.stderr == (
+        "jmp: error: jumpstarter.toml: nodes.b.before_lease: step 1: 'power reboot' is no power step; "
+        "use 'power on', 'power off' or 'power cycle'\n"
+    )
+    done = jmp_with(serial + "after_lease = 3\n", "run", "--node", "b", "--", "true")
+    assert done.stderr == (
+        'jmp: error: jumpstarter.toml: nodes.b.after_lease: expected a shell command or a list of steps such as '
+        '["power off"], got 3\n'
+    )
     assert not list(data_dir.glob("*.db"))  # nothing was recorded
 
 
@@ -332,6 +349,62 @@ def test_jmp_power_through_the_cli(board: Board, tmp_path: Path, data_dir: Path)
     )
     done = run_jmp("console", "--log")
     assert (done.returncode, done.stderr) == (2, "jmp: error: node 'local' has no console (driver 'local')\n")
+
+
+# --- power from lease hooks -----------------------------------------------------------
+
+
+def test_lease_hooks_power_the_board_and_a_failing_power_off_makes_it_unhealthy(
+    board: Board, lab, postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from test_lab import _ci, _row, _until
+
+    log, stuck = tmp_path / "relay.log", tmp_path / "relay-stuck"
+    relay = tmp_path / "relay.sh"
+    relay.write_text(
+        f'#!/bin/sh\necho "$@" >> {log}\n'
+        f'if [ "$1" = off ] && [ -e {stuck} ]; then echo "relay 2 stuck" >&2; exit 1; fi\n'
+    )
+    relay.chmod(0o755)
+    agent_config = tmp_path / "agent.toml"
+    agent_config.write_text(
+        f'[nodes.b1]\ndriver = "serial"\noptions = {{ port = "{board.port}", login = "root", password = "s3cret" }}\n'
+        f'power = {{ driver = "command", on = ["{relay}", "on"], off = ["{relay}", "off"], pause = 0 }}\n'
+        f'before_lease = ["power on", "echo before $JMP_SESSION >> {log}"]\n'
+        'after_lease = ["power off"]\n'
+    )
+    monkeypatch.setenv("JMP_CONFIG", str(agent_config))
+    lab("b1", "pool=boards")
+    env = _ci(tmp_path, postgres_url)
+    _until(lambda: _row(env, "b1")[1] == "free", "b1 registered")
+    done = run_jmp("run", "--node", "b1", "--session", "first", "--", "echo", "on-the-board", env=env)
+    assert (done.returncode, done.stdout) == (0, "on-the-board\n"), done.stderr
+    _until(lambda: log.read_text().endswith("off\n"), "after_lease powered the board off")
+    assert log.read_text() == "on\nbefore first\noff\n"
+    # The relay sticks: the lease ends, its power off fails, the node goes to no one.
+    stuck.touch()
+    done = run_jmp("run", "--node", "b1", "--session", "second", "--", "true", env=env)
+    assert done.returncode == 0, done.stderr
+    error = f"after_lease failed: power off: {relay} exited with 1: relay 2 stuck"
+    _until(lambda: _row(env, "b1")[1] == "unhealthy", "b1 unhealthy")
+    assert _row(env, "b1")[-1] == error
+    by_label = run_jmp("run", "--select", "pool=boards", "--", "true", env=env)
+    assert (by_label.returncode, by_label.stderr) == (4, "jmp: error: no free node matches pool=boards: b1 (unhealthy)\n")
+    assert log.read_text() == "on\nbefore first\noff\non\nbefore second\noff\n"
+
+
+async def test_a_power_step_that_fails_before_a_lease_is_one_line(board: Board, tmp_path: Path, data_dir: Path) -> None:
+    from jumpstarter.errors import Unavailable
+
+    script, log = recorder(tmp_path)
+    power = {"driver": "command", "on": [str(script), "fail"], "off": [str(script), "off"], "pause": 0}
+    protocol = protocol_for(node_config(board, tmp_path, power=power, before_lease=["power cycle", "touch ran"]), data_dir)
+    async with protocol.create_async_session("t") as session:
+        error = f"before_lease failed: power on: {script} exited with 1"  # the on within the cycle
+        with pytest.raises(Unavailable, match=rf"^node 'board' is unhealthy: {error} \(it is leased again"):
+            await session.connect("board")
+    assert log.read_text() == "off\nfail\n"  # off, then the on that failed; the next step never ran
+    assert not (tmp_path / "ran").exists()
 
 
 def test_jmp_console_log(board: Board, tmp_path: Path, data_dir: Path) -> None:

@@ -51,7 +51,6 @@ from jumpstarter_protocol import (
     Ping,
     Pong,
     Power,
-    PowerAction,
     PowerState,
     ProtocolError,
     PruneOutput,
@@ -83,6 +82,7 @@ from jumpstarter_protocol import (
 )
 
 from jumpstarter.errors import BadRequest, Conflict, NodeError, NotFound, Unauthorized, Unavailable
+from jumpstarter.node.power import switch_power
 from jumpstarter.store.base import RepeatedBatch
 
 if TYPE_CHECKING:
@@ -496,10 +496,4 @@ class NodeConnection:
                 f"node {self.server.node.name!r} has no power control; "
                 'give it one in the config: power = {driver = "command", on = [...], off = [...]}'
             )
-        if request.action is PowerAction.ON:
-            await power.on()
-        elif request.action is PowerAction.OFF:
-            await power.off()
-        elif request.action is PowerAction.CYCLE:
-            await power.cycle()
-        return PowerState(state=await power.status())
+        return PowerState(state=await switch_power(power, request.action.value))
