@@ -407,6 +407,32 @@ async def test_a_power_step_that_fails_before_a_lease_is_one_line(board: Board, 
     assert not (tmp_path / "ran").exists()
 
 
+def test_the_blocking_api_powers_the_board_and_reads_its_console(board: Board, tmp_path: Path, data_dir: Path) -> None:
+    from jumpstarter.errors import BadRequest, Unavailable
+
+    script, log = recorder(tmp_path)
+    power = {"driver": "command", "on": [str(script), "on"], "off": [str(script), "fail"],
+             "status": [str(script), "status"], "pause": 0}
+    with protocol_for(node_config(board, tmp_path, power=power), data_dir).create_session("sync") as session:
+        node = session.connect("board")
+        assert node.power("on") == "on"  # the state after it, from the status command
+        with pytest.raises(Unavailable, match=rf"^power off: {script} exited with 1$"):
+            node.power("off")
+        with pytest.raises(BadRequest, match=r"^invalid action: Input should be 'on', 'off', 'cycle' or 'status'$"):
+            node.power("reboot")
+        assert log.read_text() == "on\nstatus\nfail\n"
+        assert node.start(["echo", "from-a-task"]).wait().exit_code == 0
+        seen = node.read_console(0)
+        assert b"simboard login: root" in seen.data and seen.busy is None
+        node.write_console(b"echo typed-through-$((6*7))\r")
+        typed = b""
+        while b"typed-through-42" not in typed:
+            chunk = node.read_console(seen.end, wait=5)
+            assert chunk.data, typed  # no echo within 5 s
+            typed += chunk.data
+            seen = chunk
+
+
 def test_jmp_console_log(board: Board, tmp_path: Path, data_dir: Path) -> None:
     node = node_config(board, tmp_path)
     (tmp_path / "jumpstarter.toml").write_text(

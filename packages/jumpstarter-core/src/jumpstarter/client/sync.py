@@ -140,8 +140,9 @@ class Node:
     def power(self, action: str) -> str:
         """Switch the node's board ``on``, ``off``, ``cycle`` it, or ask its
         ``status``; returns the power state after it (``on``, ``off``, ``unknown``).
-        Needs the lease. Raises :class:`~jumpstarter.errors.NodeError` when the node
-        has no power control or the back end failed (one line saying how)."""
+        Needs the lease. Raises :class:`~jumpstarter.errors.BadRequest` when the
+        node has no power control, :class:`~jumpstarter.errors.Unavailable` when its
+        back end failed (the message says how)."""
         return self.session._call(self.aio.power, action)
 
     def read_console(self, offset: int | None = None, *, wait: float = 0.0) -> Any:
