@@ -23,7 +23,7 @@ from jumpstarter.plugins import get_plugin_manager
 from jumpstarter.protocol import JumpStarterProtocol
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import run_jmp  # noqa: E402
+from conftest import JMP, run_jmp  # noqa: E402
 from serial_boards import sim_board_command  # noqa: E402
 from stores import postgres_url  # noqa: E402, F401  (fixture)
 from test_many_machines import lab  # noqa: E402, F401  (fixture)
@@ -444,6 +444,59 @@ def test_jmp_console_log(board: Board, tmp_path: Path, data_dir: Path) -> None:
     assert done.returncode == 0
     assert "simboard login: root" in done.stdout and "from-the-board" in done.stdout
     assert node.name == "board"
+
+
+def test_the_transcript_rotates_at_its_size_limit_and_jmp_console_log_shows_what_is_kept(
+    board: Board, tmp_path: Path, data_dir: Path
+) -> None:
+    (tmp_path / "jumpstarter.toml").write_text(
+        f'[nodes.board]\ndriver = "serial"\noptions = {{ port = "{board.port}", login = "root", password = "s3cret", '
+        'console_log_size = "4K" }\n'
+    )
+    done = run_jmp("run", "-n", "--node", "board", "--", "seq", "1", "3000")  # 13893 bytes, CR LF on the console
+    assert (done.returncode, done.stdout) == (0, "".join(f"{i}\n" for i in range(1, 3001)))
+    logs = data_dir / "nodes" / "board"
+    newer, older = (logs / "console.log").read_bytes(), (logs / "console.log.1").read_bytes()
+    assert sorted(p.name for p in logs.iterdir()) == ["console.log", "console.log.1"]  # one old file kept
+    assert len(older) == 4096 and 0 < len(newer) <= 4096  # rotated at the limit
+    assert b"simboard: booting" not in older + newer  # the oldest bytes are gone
+    shown = subprocess.run([JMP, "console", "--node", "board", "--log"], capture_output=True, timeout=60)
+    assert (shown.returncode, shown.stderr) == (0, b"")
+    assert shown.stdout == older + newer
+    # In order: the retained numbers (after the line the rotation cut) are one unbroken run up to 3000.
+    numbers = [int(line) for line in shown.stdout.split(b"\r\n")[1:] if line.isdigit()]
+    assert numbers == list(range(numbers[0], 3001)) and numbers[0] > 1
+    # A node server of its own again: it finds the shell the last one left at its prompt.
+    done = run_jmp("run", "-n", "--node", "board", "--", "echo", "after-a-restart")
+    assert done.returncode == 0, done.stderr
+    assert b"after-a-restart" in (logs / "console.log").read_bytes() + (logs / "console.log.1").read_bytes()
+    bad = tmp_path / "jumpstarter.toml"
+    bad.write_text(bad.read_text().replace('"4K"', '"lots"'))
+    done = run_jmp("console", "--node", "board", "--log")
+    assert (done.returncode, done.stderr) == (1, (
+        "jmp: error: node 'board': options.console_log_size: "
+        "Value error, expected bytes such as 8M, 512K or 1048576, got 'lots'\n"
+    ))
+
+
+async def test_a_transcript_offset_stays_valid_across_a_rotation(board: Board, tmp_path: Path, data_dir: Path) -> None:
+    node = node_config(board, tmp_path)
+    node.options["console_log_size"] = 2048
+    async with protocol_for(node, data_dir).create_async_session("t") as session:
+        n = await session.connect("board")
+        mark = (await n.read_console(None)).end
+        task = await n.start(shell="seq 1 2000")  # 8893 bytes: rotated more than once
+        assert (await task.wait()).exit_code == 0
+        seen = await n.read_console(0)
+        assert seen.offset > mark  # what 0 named was dropped: it reads from the oldest byte kept
+        kept = b""
+        offset = seen.offset
+        while offset < seen.end:
+            chunk = await n.read_console(offset)
+            assert chunk.offset == offset
+            kept += chunk.data
+            offset += len(chunk.data)
+        assert b"1999\r\n2000\r\n" in kept
 
 
 def test_the_sim_board_loses_what_is_typed_while_it_boots(tmp_path: Path) -> None:
