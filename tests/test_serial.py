@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -235,6 +236,53 @@ def test_bad_serial_config_is_one_line(tmp_path: Path, data_dir: Path) -> None:
         '["power off"], got 3\n'
     )
     assert not list(data_dir.glob("*.db"))  # nothing was recorded
+
+
+def test_jmp_cp_over_the_console_both_ways(board: Board, tmp_path: Path, data_dir: Path) -> None:
+    import hashlib
+
+    (tmp_path / "jumpstarter.toml").write_text(
+        f'[nodes.board]\ndriver = "serial"\noptions = {{ port = "{board.port}", login = "root", password = "s3cret" }}\n'
+    )
+    payload = os.urandom(100_000)
+    (tmp_path / "fw.bin").write_bytes(payload)
+    on_board = tmp_path / "board-tmp"  # the simulated board's shell runs on this machine
+    on_board.mkdir()
+    done = run_jmp("cp", "fw.bin", f"board:{on_board}/fw.bin")
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    done = run_jmp("run", "-n", "--node", "board", "--", "sha256sum", f"{on_board}/fw.bin")
+    assert done.stdout.split()[0] == hashlib.sha256(payload).hexdigest()  # the board's own sha256sum
+    done = run_jmp("cp", f"board:{on_board}/fw.bin", "back.bin")
+    assert (done.returncode, done.stderr) == (0, "")
+    assert hashlib.sha256((tmp_path / "back.bin").read_bytes()).digest() == hashlib.sha256(payload).digest()
+    # Bad input: one line each, nothing left behind.
+    done = run_jmp("cp", f"board:{on_board}/no-such.bin", "missing.bin")
+    assert (done.returncode, done.stderr) == (3, f"jmp: error: {on_board}/no-such.bin: no such file on node 'board'\n")
+    done = run_jmp("cp", "fw.bin", f"board:{on_board}/no-dir/fw.bin")
+    assert (done.returncode, done.stderr) == (
+        3, f"jmp: error: {on_board}/no-dir/fw.bin: no directory {on_board}/no-dir on node 'board'\n"
+    )
+    assert not (tmp_path / "missing.bin").exists() and sorted(os.listdir(on_board)) == ["fw.bin"]
+    # Something on the board writes to the file while it arrives: the board's sha256
+    # differs from what was sent, and nothing is left under either name.
+    def meddle() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            for name in os.listdir(on_board):
+                if name.endswith(".jmp-part"):
+                    with open(on_board / name, "ab") as part:
+                        part.write(b"written on the board meanwhile")
+                    return
+            time.sleep(0.002)
+
+    meddler = threading.Thread(target=meddle)
+    meddler.start()
+    done = run_jmp("cp", "fw.bin", f"board:{on_board}/again.bin")
+    meddler.join()
+    assert (done.returncode, done.stderr) == (
+        2, f"jmp: error: {on_board}/again.bin: checksum mismatch after writing over the console on node 'board'\n"
+    )
+    assert sorted(os.listdir(on_board)) == ["fw.bin"]
 
 
 # --- power back ends ---------------------------------------------------------------------
