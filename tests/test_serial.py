@@ -220,21 +220,27 @@ def test_bad_serial_config_is_one_line(tmp_path: Path, data_dir: Path) -> None:
     assert done.stderr == "jmp: error: unknown power driver 'nosuch'; installed: command, http\n"
     done = jmp_with(serial + 'power = { driver = "command", on = ["x"] }\n', "power", "on", "--node", "b")
     assert done.stderr == "jmp: error: power.off: the command power driver needs one\n"
-    done = jmp_with(serial + 'after_lease = ["echo bye", "power off"]\n', "run", "--node", "b", "--", "true")
-    assert (done.returncode, done.stderr) == (1, (
+    # Lease hooks with power steps (in-process: these are refused before anything runs).
+    def cli_with(config: str, *args: str) -> tuple[int, str]:
+        from click.testing import CliRunner
+        from jumpstarter.cli import cli
+
+        (tmp_path / "jumpstarter.toml").write_text(config)
+        result = CliRunner().invoke(cli, list(args))
+        return result.exit_code, result.stderr
+
+    assert cli_with(serial + 'after_lease = ["echo bye", "power off"]\n', "run", "--node", "b", "--", "true") == (1, (
         "jmp: error: node 'b': after_lease: 'power off' needs power control; give the node one in the config: "
         'power = {driver = "command", on = [...], off = [...]}\n'
     ))
-    done = jmp_with(serial + 'before_lease = ["power reboot"]\n', "run", "--node", "b", "--", "true")
-    assert done.stderr == (
+    assert cli_with(serial + 'before_lease = ["power reboot"]\n', "run", "--node", "b", "--", "true") == (1, (
         "jmp: error: jumpstarter.toml: nodes.b.before_lease: step 1: 'power reboot' is no power step; "
         "use 'power on', 'power off' or 'power cycle'\n"
-    )
-    done = jmp_with(serial + "after_lease = 3\n", "run", "--node", "b", "--", "true")
-    assert done.stderr == (
+    ))
+    assert cli_with(serial + "after_lease = 3\n", "run", "--node", "b", "--", "true") == (1, (
         'jmp: error: jumpstarter.toml: nodes.b.after_lease: expected a shell command or a list of steps such as '
         '["power off"], got 3\n'
-    )
+    ))
     assert not list(data_dir.glob("*.db"))  # nothing was recorded
 
 
@@ -405,7 +411,13 @@ def test_jmp_power_through_the_cli(board: Board, tmp_path: Path, data_dir: Path)
 def test_lease_hooks_power_the_board_and_a_failing_power_off_makes_it_unhealthy(
     board: Board, lab, postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import psycopg
     from test_lab import _ci, _row, _until
+    from test_many_machines import _wait_registered
+
+    def problem() -> str | None:
+        with psycopg.connect(postgres_url) as db:
+            return db.execute("SELECT unhealthy FROM nodes WHERE name = 'b1'").fetchone()[0]
 
     log, stuck = tmp_path / "relay.log", tmp_path / "relay-stuck"
     relay = tmp_path / "relay.sh"
@@ -424,7 +436,7 @@ def test_lease_hooks_power_the_board_and_a_failing_power_off_makes_it_unhealthy(
     monkeypatch.setenv("JMP_CONFIG", str(agent_config))
     lab("b1", "pool=boards")
     env = _ci(tmp_path, postgres_url)
-    _until(lambda: _row(env, "b1")[1] == "free", "b1 registered")
+    _wait_registered(postgres_url, {"b1"})
     done = run_jmp("run", "--node", "b1", "--session", "first", "--", "echo", "on-the-board", env=env)
     assert (done.returncode, done.stdout) == (0, "on-the-board\n"), done.stderr
     _until(lambda: log.read_text().endswith("off\n"), "after_lease powered the board off")
@@ -434,8 +446,9 @@ def test_lease_hooks_power_the_board_and_a_failing_power_off_makes_it_unhealthy(
     done = run_jmp("run", "--node", "b1", "--session", "second", "--", "true", env=env)
     assert done.returncode == 0, done.stderr
     error = f"after_lease failed: power off: {relay} exited with 1: relay 2 stuck"
-    _until(lambda: _row(env, "b1")[1] == "unhealthy", "b1 unhealthy")
-    assert _row(env, "b1")[-1] == error
+    _until(lambda: problem() is not None, "b1 unhealthy")
+    row = _row(env, "b1")
+    assert (row[1], row[-1]) == ("unhealthy", error)
     by_label = run_jmp("run", "--select", "pool=boards", "--", "true", env=env)
     assert (by_label.returncode, by_label.stderr) == (4, "jmp: error: no free node matches pool=boards: b1 (unhealthy)\n")
     assert log.read_text() == "on\nbefore first\noff\non\nbefore second\noff\n"
