@@ -227,12 +227,6 @@ def test_jmp_console_under_tmux(qemu_board: QemuBoard, tmp_path: Path) -> None:
         tmux("kill-session", "-t", name)
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="known bug, not yet understood (it fails when this runs soon after the board booted, and "
-    "passes later in a full run): the board runs the task after a person left jmp console (its end "
-    "marker is in the transcript) but the client gets no answer within 30 s",
-)
 def test_a_task_after_a_person_used_the_console_finds_its_shell(qemu_board: QemuBoard) -> None:
     env = {**os.environ, "JMP_CONFIG": str(qemu_board.config_file)}
     assert run_jmp("run", "--node", "vboard", "--", "true", env=env, timeout=240).returncode == 0
