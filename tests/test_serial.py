@@ -181,6 +181,21 @@ async def test_input_a_task_did_not_read_ends_with_it(
     assert b"unread-42" not in transcript and transcript.count(b"login:") == 1
 
 
+async def test_a_person_at_a_shell_the_driver_did_not_set_up_keeps_its_prompt(
+    board: Board, tmp_path: Path, data_dir: Path
+) -> None:
+    # The shell was replaced behind the driver's back (here by exec; on a board, a
+    # shell that exited and was respawned): a person's first key gives back the
+    # prompt of the shell that is there, not an empty one that no task finds.
+    async with served(node_config(board, tmp_path), data_dir) as server:
+        driver = server.driver  # type: ignore[attr-defined]
+        assert await driver.capture("true", timeout=20) == (0, b"")
+        await driver.type(b"exec env PS1='other# ' sh -i\r")
+        await driver.console.write(b"echo typed\r")
+        assert await driver.capture("echo after", timeout=20) == (0, b"after\n")
+        assert b"other# " in (await driver.console.read(0, 1 << 20, 0))[1]
+
+
 async def test_a_hung_shell_is_power_cycled(board: Board, tmp_path: Path, data_dir: Path) -> None:
     record = tmp_path / "power.log"
     power = {
