@@ -244,7 +244,7 @@ def test_jmp_run_pipes_its_input_to_a_task_on_the_board(qemu_board: QemuBoard) -
     piped = "first $((6*7))\nsecond\n"  # typed on the console: cat gets it, the shell never
     done = run_jmp("run", "--node", "vboard", "--", "cat", input=piped, env=env, timeout=240)
     assert (done.returncode, done.stdout) == (0, piped), done.stderr
-    done = run_jmp("run", "--node", "vboard", "--", "head", "-n", "1", input=piped, env=env, timeout=240)
+    done = run_jmp("run", "--node", "vboard", "--", "head", "-n1", input=piped, env=env, timeout=240)
     assert (done.returncode, done.stdout) == (0, "first $((6*7))\n"), done.stderr
     done = run_jmp("run", "--node", "vboard", "--", "echo", "then", env=env, timeout=240)
     assert (done.returncode, done.stdout) == (0, "then\n"), done.stderr

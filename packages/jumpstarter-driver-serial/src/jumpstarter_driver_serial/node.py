@@ -34,6 +34,7 @@ them, goes to the node's transcript (``jmp console --log``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -506,10 +507,8 @@ class SerialProcess(RunningProcess):
         any input on its way (a CR first ends a line the task left half read)."""
         async with self._input_lock:
             self._input_ended = True
-            try:
+            with contextlib.suppress(NodeError):  # the console went: board_gone ends the task
                 await self.driver.type(b"\r" + self.token.encode() + b"\r")
-            except NodeError:
-                pass  # the console went: board_gone ends the task
 
     def _take_output(self, inbox: bytearray, hold: int) -> None:
         if self._drain and not self._output_done:
