@@ -87,6 +87,11 @@ async def test_tasks_run_on_the_board_shell(board: Board, tmp_path: Path, data_d
         # The terminal sends CR LF; the task's output has the LF it printed.
         assert await output_of(task) == b"a\nb\n"
         assert (await task.wait()).exit_code == 0
+        # A builtin with variables runs without a subshell; they stay its own.
+        task = await node.start(["echo", "in", "place"], env={"LEAK": "1"})
+        assert await output_of(task) == b"in place\n"
+        task = await node.start(shell='echo "${LEAK-none}"')
+        assert await output_of(task) == b"none\n"
         task = await node.start(shell="echo to-stderr >&2; printf no-newline; exit 3")
         assert await output_of(task) == b"to-stderr\nno-newline"  # one stream: merged
         info = await task.wait()
