@@ -181,6 +181,18 @@ async def test_files_over_the_console(board: Board, tmp_path: Path, data_dir: Pa
         target = str(tmp_path / "on-board.bin")
         assert await files.write(target, chunks()) == len(payload)
         assert Path(target).read_bytes() == payload
+        # Three commands (the first creates the file, the last checks it), a resume
+        # from an offset, and an empty file (one command that creates and checks).
+        big, other = os.urandom(1_200_000), str(tmp_path / "big.bin")
+
+        async def pieces(data: bytes) -> AsyncIterator[bytes]:
+            yield data[:100]
+            yield data[100:]
+
+        assert await files.write(other, pieces(big)) == len(big)
+        assert await files.write(other, pieces(big[500_000:]), offset=500_000) == len(big)
+        assert Path(other).read_bytes() == big
+        assert await files.write(other, pieces(b"")) == 0 and Path(other).read_bytes() == b""
         assert b"".join([c async for c in files.read(target)]) == payload
         assert b"".join([c async for c in files.read(target, 299_990)]) == payload[299_990:]
         stat = await files.stat(target)
