@@ -341,7 +341,9 @@ class GrpcTransport(Transport):
 
     # --- files
 
-    async def put_file(self, header: PutFile, chunks: AsyncIterator[Any], *, hashed: bool = False) -> Any:
+    async def put_file(
+        self, header: PutFile, chunks: AsyncIterator[Any], *, hashed: bool = False
+    ) -> Any:
         """One upload stream. A broken connection is a :class:`TransportError`: the
         client asks the node where to resume (``OpenUpload``, retried as any request).
         ``hashed`` is ignored: bytes that crossed a wire are hashed again by the node."""

@@ -106,7 +106,8 @@ class ConsoleFiles(NodeFiles):
                 pending = pending[CHUNK:]
         digest.update(pending)
         size += len(pending)
-        out = await self._run(start + (self._append(q, pending, then=check) if pending else check), path)
+        last = self._append(q, pending, then=check) if pending else check
+        out = await self._run(start + last, path)
         if out.split()[:1] != [digest.hexdigest().encode()]:
             raise OSError(errno.EIO, f"checksum mismatch after writing {path} over the console", path)
         return size

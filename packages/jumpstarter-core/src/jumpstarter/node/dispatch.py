@@ -194,7 +194,9 @@ class NodeConnection:
 
     # --- files: the two streams ---------------------------------------------------------
 
-    async def put_file(self, header: Any, messages: AsyncIterator[Any], *, in_process: bool = False) -> Any:
+    async def put_file(
+        self, header: Any, messages: AsyncIterator[Any], *, in_process: bool = False
+    ) -> Any:
         """Answer one upload stream: ``header`` (a ``PutFile``), then the chunks and
         ``FileEnd`` in ``messages``. Never raises: failures become ``Error`` replies.
 

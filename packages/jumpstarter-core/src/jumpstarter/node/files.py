@@ -169,7 +169,9 @@ class Files:
         except OSError:
             pass  # tidying up is no reason to refuse the upload
 
-    async def upload(self, header: PutFile, messages: AsyncIterator[Any], *, in_process: bool = False) -> FileWritten:
+    async def upload(
+        self, header: PutFile, messages: AsyncIterator[Any], *, in_process: bool = False
+    ) -> FileWritten:
         """Take the chunks after ``header`` and, once the ``FileEnd`` matched, put the
         file in place. A stream that stops short (the connection dropped) keeps what
         arrived for a resume; every other failure leaves nothing.
