@@ -87,6 +87,11 @@ async def test_tasks_run_on_the_board_shell(board: Board, tmp_path: Path, data_d
         # The terminal sends CR LF; the task's output has the LF it printed.
         assert await output_of(task) == b"a\nb\n"
         assert (await task.wait()).exit_code == 0
+        # A builtin with variables runs without a subshell; they stay its own.
+        task = await node.start(["echo", "in", "place"], env={"LEAK": "1"})
+        assert await output_of(task) == b"in place\n"
+        task = await node.start(shell='echo "${LEAK-none}"')
+        assert await output_of(task) == b"none\n"
         task = await node.start(shell="echo to-stderr >&2; printf no-newline; exit 3")
         assert await output_of(task) == b"to-stderr\nno-newline"  # one stream: merged
         info = await task.wait()
@@ -232,6 +237,18 @@ async def test_files_over_the_console(board: Board, tmp_path: Path, data_dir: Pa
         target = str(tmp_path / "on-board.bin")
         assert await files.write(target, chunks()) == len(payload)
         assert Path(target).read_bytes() == payload
+        # Three commands (the first creates the file, the last checks it), a resume
+        # from an offset, and an empty file (one command that creates and checks).
+        big, other = os.urandom(1_200_000), str(tmp_path / "big.bin")
+
+        async def pieces(data: bytes) -> AsyncIterator[bytes]:
+            yield data[:100]
+            yield data[100:]
+
+        assert await files.write(other, pieces(big)) == len(big)
+        assert await files.write(other, pieces(big[500_000:]), offset=500_000) == len(big)
+        assert Path(other).read_bytes() == big
+        assert await files.write(other, pieces(b"")) == 0 and Path(other).read_bytes() == b""
         assert b"".join([c async for c in files.read(target)]) == payload
         assert b"".join([c async for c in files.read(target, 299_990)]) == payload[299_990:]
         stat = await files.stat(target)

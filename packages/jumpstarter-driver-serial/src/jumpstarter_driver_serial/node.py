@@ -399,10 +399,20 @@ class SerialNodeDriver(NodeDriver):
             await self._power.aclose()
 
 
+_STATELESS_BUILTINS = frozenset({"true", "false", "echo", "printf", "test", "["})
+"""Builtins of every board shell (ash, hush, dash, bash, mksh) that change nothing of
+the shell: with variables given before them they need no subshell, which costs the
+board a fork (most of a `true`'s time through a node, whose tasks always get the
+JMP_* variables)."""
+
+
 def shell_command(spec: TaskSpec) -> str:
     """The shell text that runs ``spec`` on the board's shell."""
     # A shell string runs in a subshell: its cd, exit or trap stay its own.
     command = f"( {spec.shell}\n)" if spec.shell is not None else shlex.join(spec.argv or [])
+    if spec.env and spec.cwd is None and spec.argv and spec.argv[0] in _STATELESS_BUILTINS:
+        # Assignments before a regular builtin are for that command alone (POSIX).
+        return " ".join(f"{k}={shlex.quote(v)}" for k, v in spec.env.items()) + " " + command
     if spec.env:
         assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in spec.env.items())
         command = f"export {assignments}; {command}"
