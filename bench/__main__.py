@@ -88,14 +88,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         metavar="TEXT",
-        help="run only the figure functions whose module.name or docstring contains TEXT",
+        action="append",
+        help="run only the figure functions whose module.name or docstring contains TEXT "
+        "(repeat it for several)",
+    )
+    parser.add_argument(
+        "--list", action="store_true", help="list the figure functions (module.name) and run none"
     )
     args = parser.parse_args(argv)
 
     load_modules()
-    selected = [fn for fn in FIGURES if args.only is None or args.only.lower() in describe(fn)]
+    selected = [fn for fn in FIGURES if args.only is None or any(t.lower() in describe(fn) for t in args.only)]
     if not selected:
-        parser.error(f"no figure matches {args.only!r}")
+        parser.error(f"no figure matches {' or '.join(map(repr, args.only))}")
+    if args.list:
+        for fn in selected:
+            print(f"{fn.__module__.rpartition('.')[2]}.{fn.__name__}")
+        return 0
 
     figures: list[Figure] = []
     errors: list[dict[str, str]] = []

@@ -90,6 +90,11 @@ async def test_tasks_run_on_the_board_shell(board: Board, tmp_path: Path, data_d
         # The terminal sends CR LF; the task's output has the LF it printed.
         assert await output_of(task) == b"a\nb\n"
         assert (await task.wait()).exit_code == 0
+        # A builtin with variables runs without a subshell; they stay its own.
+        task = await node.start(["echo", "in", "place"], env={"LEAK": "1"})
+        assert await output_of(task) == b"in place\n"
+        task = await node.start(shell='echo "${LEAK-none}"')
+        assert await output_of(task) == b"none\n"
         task = await node.start(shell="echo to-stderr >&2; printf no-newline; exit 3")
         assert await output_of(task) == b"to-stderr\nno-newline"  # one stream: merged
         info = await task.wait()
@@ -143,6 +148,62 @@ async def test_one_task_at_a_time_and_the_console_is_read_only_meanwhile(
         assert await output_of(task) == b"next\n"
 
 
+async def test_input_a_task_did_not_read_ends_with_it(
+    board: Board, tmp_path: Path, data_dir: Path
+) -> None:
+    # Typed on the console, a task's input waits in the board's terminal until read:
+    # what the task left there must not reach the shell after it, neither lines it
+    # would run nor the Ctrl-D that closes the input (which ends a shell: `jmp run`
+    # closes the input of every task, and a person's `jmp console` after it then
+    # found a new shell, and the next task no prompt).
+    protocol = protocol_for(node_config(board, tmp_path), data_dir)
+    async with protocol.create_async_session("t") as session:
+        node = await session.connect("board")
+        task = await node.start(shell="echo $$")
+        shell = await output_of(task)
+        # Then more than the few bytes the driver holds back while it looks for a marker.
+        line = b"reading-one-line\n" + b"." * 60 + b"\n"
+        script = "echo reading-one-line; printf '%060d\\n' 0 | tr 0 .; read line; echo got-$line"
+        task = await node.start(shell=script, stdin=True)
+        seen = b""
+        with anyio.fail_after(20):
+            async for chunk in task.output(follow=True):
+                seen += chunk.data
+                if seen.startswith(b"reading-one-line\n"):
+                    break
+        await task.write_input(b"one\necho unread-$((6*7))\npartial")
+        await task.close_input()
+        info = await task.wait()
+        assert (info.state.value, await output_of(task)) == ("succeeded", line + b"got-one\n")
+        task = await node.start(["sleep", "0.5"], stdin=True)
+        await task.close_input()  # as `jmp run` does when its stdin ends: a lone Ctrl-D
+        assert (await task.wait()).exit_code == 0
+        task = await node.start(shell="echo $$")
+        assert await output_of(task) == shell  # the same shell
+        # A person's keys reach that shell, and the next task finds it again.
+        await node.write_console(b"echo typed-$((6*7))\r")
+        task = await node.start(["echo", "after-console"])
+        assert await output_of(task) == b"after-console\n"
+        transcript = (await node.read_console(0)).data
+    assert b"typed-42" in transcript
+    assert b"unread-42" not in transcript and transcript.count(b"login:") == 1
+
+
+async def test_a_person_at_a_shell_the_driver_did_not_set_up_keeps_its_prompt(
+    board: Board, tmp_path: Path, data_dir: Path
+) -> None:
+    # The shell was replaced behind the driver's back (here by exec; on a board, a
+    # shell that exited and was respawned): a person's first key gives back the
+    # prompt of the shell that is there, not an empty one that no task finds.
+    async with served(node_config(board, tmp_path), data_dir) as server:
+        driver = server.driver  # type: ignore[attr-defined]
+        assert await driver.capture("true", timeout=20) == (0, b"")
+        await driver.type(b"exec env PS1='other# ' sh -i\r")
+        await driver.console.write(b"echo typed\r")
+        assert await driver.capture("echo after", timeout=20) == (0, b"after\n")
+        assert b"other# " in (await driver.console.read(0, 1 << 20, 0))[1]
+
+
 async def test_a_hung_shell_is_power_cycled(board: Board, tmp_path: Path, data_dir: Path) -> None:
     record = tmp_path / "power.log"
     power = {
@@ -179,6 +240,18 @@ async def test_files_over_the_console(board: Board, tmp_path: Path, data_dir: Pa
         target = str(tmp_path / "on-board.bin")
         assert await files.write(target, chunks()) == len(payload)
         assert Path(target).read_bytes() == payload
+        # Three commands (the first creates the file, the last checks it), a resume
+        # from an offset, and an empty file (one command that creates and checks).
+        big, other = os.urandom(1_200_000), str(tmp_path / "big.bin")
+
+        async def pieces(data: bytes) -> AsyncIterator[bytes]:
+            yield data[:100]
+            yield data[100:]
+
+        assert await files.write(other, pieces(big)) == len(big)
+        assert await files.write(other, pieces(big[500_000:]), offset=500_000) == len(big)
+        assert Path(other).read_bytes() == big
+        assert await files.write(other, pieces(b"")) == 0 and Path(other).read_bytes() == b""
         assert b"".join([c async for c in files.read(target)]) == payload
         assert b"".join([c async for c in files.read(target, 299_990)]) == payload[299_990:]
         stat = await files.stat(target)

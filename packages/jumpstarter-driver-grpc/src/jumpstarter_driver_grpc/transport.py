@@ -341,17 +341,23 @@ class GrpcTransport(Transport):
 
     # --- files
 
-    async def put_file(self, header: PutFile, chunks: AsyncIterator[Any]) -> Any:
+    async def put_file(
+        self, header: PutFile, chunks: AsyncIterator[Any], *, hashed: bool = False
+    ) -> Any:
         """One upload stream. A broken connection is a :class:`TransportError`: the
-        client asks the node where to resume (``OpenUpload``, retried as any request)."""
+        client asks the node where to resume (``OpenUpload``, retried as any request).
+        ``hashed`` is ignored: bytes that crossed a wire are hashed again by the node."""
 
-        async def frames() -> AsyncIterator[bytes]:
-            yield encode(header)
-            async for message in chunks:
-                yield encode(message)
-
-        call = self._put_file(frames(), metadata=self._metadata())
+        # Written here rather than handed to grpc as a request iterator: grpc would
+        # read the chunks in a task of its own that can still be inside them when the
+        # call fails, and the caller could then not close them to resume.
+        call = self._put_file(metadata=self._metadata())
         try:
+            with contextlib.suppress(asyncio.InvalidStateError):  # ended: its status says why
+                await call.write(encode(header))
+                async for message in chunks:
+                    await call.write(encode(message))
+                await call.done_writing()
             data = await call
         except grpc.aio.AioRpcError as exc:
             raise self._error(exc) from None

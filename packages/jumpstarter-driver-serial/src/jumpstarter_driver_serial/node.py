@@ -14,6 +14,18 @@ the exit code. The format strings hold ``%s`` where the token goes, so even an
 echoed line never contains a marker. A console is one stream: stdout and stderr
 arrive merged, as ``stdout``, with the terminal's CR LF turned back into LF.
 
+A task's input is typed on the console too, so what the task did not read would
+stay in the board's terminal and go to the shell after it: lines it would run, and
+the Ctrl-D that closes the input, which ends the shell. A task started with stdin
+therefore ends in two steps: the shell prints a drain marker and reads lines until
+the driver, which types no more input once it sees that marker, types a line with
+the task's token; then the end marker::
+
+    printf '__JMP_S_%s__\\n' TOKEN; { COMMAND
+    }; __jmp_rc=$?; printf '\\n__JMP_D_%s__\\n' TOKEN;
+    while :; do read -r __jmp_in || continue; [ "$__jmp_in" = TOKEN ] && break; done;
+    printf '\\n__JMP_E_%s_%d__\\n' TOKEN $__jmp_rc
+
 Stop (and a timeout) types Ctrl-C; if the shell prompt does not come back within the
 grace period, the board is power cycled (when it has a power driver) and the next
 task waits for it to boot. Every byte the board prints, between tasks and during
@@ -22,6 +34,7 @@ them, goes to the node's transcript (``jmp console --log``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -361,7 +374,9 @@ class SerialNodeDriver(NodeDriver):
         """Someone types on the console: give the shell its echo and prompt back."""
         if self._ready:
             self._ready = False
-            await self.type(b"stty echo 2>/dev/null; PS1=$__jmp_ps1\r")
+            # ${x-default}: a shell that is not the one set up (it was replaced behind
+            # the driver's back) keeps its own prompt rather than an empty one.
+            await self.type(b"stty echo 2>/dev/null; PS1=${__jmp_ps1-$PS1}\r")
 
     # --- tasks ------------------------------------------------------------------------------
 
@@ -372,7 +387,7 @@ class SerialNodeDriver(NodeDriver):
             await self.sync()
             process = SerialProcess(self, output)
             self._process = process
-            await process.start(command)
+            await process.start(command, drain=spec.stdin)
         except BaseException:
             self.release()
             raise
@@ -404,10 +419,20 @@ class SerialNodeDriver(NodeDriver):
             await self._power.aclose()
 
 
+_STATELESS_BUILTINS = frozenset({"true", "false", "echo", "printf", "test", "["})
+"""Builtins of every board shell (ash, hush, dash, bash, mksh) that change nothing of
+the shell: with variables given before them they need no subshell, which costs the
+board a fork (most of a `true`'s time through a node, whose tasks always get the
+JMP_* variables)."""
+
+
 def shell_command(spec: TaskSpec) -> str:
     """The shell text that runs ``spec`` on the board's shell."""
     # A shell string runs in a subshell: its cd, exit or trap stay its own.
     command = f"( {spec.shell}\n)" if spec.shell is not None else shlex.join(spec.argv or [])
+    if spec.env and spec.cwd is None and spec.argv and spec.argv[0] in _STATELESS_BUILTINS:
+        # Assignments before a regular builtin are for that command alone (POSIX).
+        return " ".join(f"{k}={shlex.quote(v)}" for k, v in spec.env.items()) + " " + command
     if spec.env:
         assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in spec.env.items())
         command = f"export {assignments}; {command}"
@@ -436,19 +461,36 @@ class SerialProcess(RunningProcess):
         self.token = secrets.token_hex(6)
         self.start_marker = f"__JMP_S_{self.token}__".encode()
         self.end_marker = f"__JMP_E_{self.token}_".encode()
+        self.drain_marker = f"__JMP_D_{self.token}__".encode()
         self.message: str | None = None
         self._exit: int | None = None
         self._stopping = False
         self._input_closed = False
+        self._drain = False  # the task has input: its line ends with a drain
+        self._output_done = False  # the drain marker came: what follows is not output
+        self._input_ended = False  # the drain's last line was typed: no more input
+        self._input_lock = anyio.Lock()  # input, then that line, in that order
 
-    async def start(self, command: str) -> None:
+    async def start(self, command: str, *, drain: bool = False) -> None:
         """Type the task's line. Not waiting for its start marker here lets the node
-        server record the start while the board runs it; :meth:`wait` finds it."""
+        server record the start while the board runs it; :meth:`wait` finds it.
+
+        ``drain``: the task gets input typed on the console; its line ends by
+        reading and dropping what the task left unread (see the module's doc)."""
         driver = self.driver
         driver._inbox.clear()
+        self._drain = drain
+        code, discard = "$?", ""
+        if drain:
+            # `|| continue`: a Ctrl-D the task left is an EOF for this read, not the end.
+            code, discard = "$__jmp_rc", (
+                f"__jmp_rc=$?; printf '\\n__JMP_D_%s__\\n' {self.token}; "
+                "while :; do read -r __jmp_in || continue; "
+                f'[ "$__jmp_in" = {self.token} ] && break; done; '
+            )
         line = (
-            f"printf '__JMP_S_%s__\\n' {self.token}; {{ {command}\n}}; "
-            f"printf '\\n__JMP_E_%s_%d__\\n' {self.token} $?\r"
+            f"printf '__JMP_S_%s__\\n' {self.token}; {{ {command}\n}}; {discard}"
+            f"printf '\\n__JMP_E_%s_%d__\\n' {self.token} {code}\r"
         )
         await driver.type(line.encode())
 
@@ -476,6 +518,8 @@ class SerialProcess(RunningProcess):
                         self._exit = 130
                 if started and inbox:
                     self._take_output(inbox, hold)
+                if self._output_done and not self._input_ended and self._exit is None:
+                    await self._end_input()
                 if self._exit is None:
                     await driver._more(3600)
             if self._exit is not None and self.message is None and started:
@@ -488,19 +532,30 @@ class SerialProcess(RunningProcess):
             if self.owns_console:
                 driver.release()
 
+    async def _end_input(self) -> None:
+        """The task ended and the shell drains: type the drain's last line, after
+        any input on its way (a CR first ends a line the task left half read)."""
+        async with self._input_lock:
+            self._input_ended = True
+            with contextlib.suppress(NodeError):  # the console went: board_gone ends the task
+                await self.driver.type(b"\r" + self.token.encode() + b"\r")
+
     def _take_output(self, inbox: bytearray, hold: int) -> None:
+        if self._drain and not self._output_done:
+            at = inbox.find(self.drain_marker)
+            if at >= 0:  # the output ends here, as at an end marker
+                self._emit(_without_newline(bytes(inbox[:at])))
+                del inbox[: at + len(self.drain_marker)]
+                self._output_done = True
+                return
         end = inbox.find(self.end_marker)
         if end >= 0:
             tail = inbox[end + len(self.end_marker) :]
             match = re.match(rb"(\d+)__", tail)
             if match is None:
                 return  # the code is still on its way
-            body = inbox[:end]
-            if body.endswith(b"\r\n"):  # the end marker's own newline
-                body = body[:-2]
-            elif body.endswith(b"\n"):
-                body = body[:-1]
-            self._emit(bytes(body))
+            if not self._output_done:
+                self._emit(_without_newline(bytes(inbox[:end])))
             del inbox[: end + len(self.end_marker) + match.end()]
             self._exit = int(match.group(1))
             return
@@ -508,10 +563,13 @@ class SerialProcess(RunningProcess):
         if prompt >= 0:  # Ctrl-C ended the whole line: no end marker comes
             body = bytes(inbox[:prompt])
             # The shell starts a new line after ^C: its newline, not the task's.
-            self._emit(body[:-2] if body.endswith(b"\r\n") else body)
+            if not self._output_done:
+                self._emit(body[:-2] if body.endswith(b"\r\n") else body)
             del inbox[:prompt]
             self._exit = 130
             return
+        if self._output_done:
+            return  # the drain prints nothing: only the end marker is awaited
         cut = len(inbox) - hold
         if cut > 0:
             if inbox[cut - 1] == 0x0D:  # keep a CR whose LF may come next
@@ -557,18 +615,27 @@ class SerialProcess(RunningProcess):
         return self.driver.ready_prompt in self.driver._inbox
 
     async def write_input(self, data: bytes) -> None:
-        if self._exit is not None:
-            raise Conflict("the task has ended")
-        if self._input_closed:
-            from jumpstarter.errors import BadRequest
+        async with self._input_lock:
+            if self._exit is not None or self._input_ended:
+                raise Conflict("the task has ended")
+            if self._input_closed:
+                from jumpstarter.errors import BadRequest
 
-            raise BadRequest("the task's input was closed")
-        await self.driver.type(data)
+                raise BadRequest("the task's input was closed")
+            await self.driver.type(data)
 
     async def close_input(self) -> None:
-        if not self._input_closed and self._exit is None:
-            self._input_closed = True
-            await self.driver.type(b"\x04")
+        async with self._input_lock:
+            if not self._input_closed and self._exit is None and not self._input_ended:
+                self._input_closed = True
+                await self.driver.type(b"\x04")
+
+
+def _without_newline(body: bytes) -> bytes:
+    """``body`` less the newline a marker's printf starts with."""
+    if body.endswith(b"\r\n"):
+        return body[:-2]
+    return body[:-1] if body.endswith(b"\n") else body
 
 
 class _WatchedPower(PowerDriver):
