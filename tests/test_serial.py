@@ -343,7 +343,11 @@ def test_jmp_cp_over_the_console_both_ways(board: Board, tmp_path: Path, data_di
     )
     assert not (tmp_path / "missing.bin").exists() and sorted(os.listdir(on_board)) == ["fw.bin"]
     # Something on the board writes to the file while it arrives: the board's sha256
-    # differs from what was sent, and nothing is left under either name.
+    # differs from what was sent, and nothing is left under either name. (Two chunks:
+    # the first command creates the file, the meddling lands while the second is typed.)
+    from jumpstarter_driver_serial.files import CHUNK
+
+    (tmp_path / "big.bin").write_bytes(os.urandom(CHUNK + 300_000))
     def meddle() -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -356,7 +360,7 @@ def test_jmp_cp_over_the_console_both_ways(board: Board, tmp_path: Path, data_di
 
     meddler = threading.Thread(target=meddle)
     meddler.start()
-    done = run_jmp("cp", "fw.bin", f"board:{on_board}/again.bin")
+    done = run_jmp("cp", "big.bin", f"board:{on_board}/again.bin")
     meddler.join()
     assert (done.returncode, done.stderr) == (
         2, f"jmp: error: {on_board}/again.bin: checksum mismatch after writing over the console on node 'board'\n"
