@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
 def hook_steps(hook: str | list[str] | None) -> list[str]:
     """The steps of a hook: a string is one shell command, a list is steps."""
     if not hook:
