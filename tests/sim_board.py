@@ -1,6 +1,6 @@
 """A simulated board on a PTY pair, for the serial driver's tests and bench.
 
-    python sim_board.py [--boot SECONDS] [--login USER --password PW]
+    python sim_board.py [--boot SECONDS] [--login USER --password PW] [--baud N]
 
 Prints the path of its console (the slave end of a PTY, which the driver opens as
 it would a UART) on stdout, then behaves like a board: boot messages for --boot
@@ -9,6 +9,11 @@ name, not the password) when --login is given; then a real ``sh`` on a terminal
 of its own (echo on, LF sent as CR LF), its bytes relayed to and from the console.
 When the shell exits, the login prompt comes back, as a getty's would. SIGUSR1 is
 its power cycle: the shell is killed and the board boots again.
+
+``--baud N`` paces the shell's relay both ways as a UART at N baud would (8N1: ten
+bits a byte, N/10 bytes a second): each byte reaches the far side when its last bit
+would have, so a command's round trip costs what its bytes cost on a real line.
+Without it the relay is unpaced, as fast as the PTYs go.
 """
 
 from __future__ import annotations
@@ -68,8 +73,44 @@ def power_cycle(signum: int, frame: object) -> None:
     raise Reboot
 
 
-def run_shell(console: int) -> None:
-    """A real sh on a terminal of its own, relayed to ``console`` until it exits."""
+class Line:
+    """One direction of a paced wire: bytes queue, and leave in small pieces, each
+    when its last byte would have arrived at ``rate`` bytes a second."""
+
+    def __init__(self, to: int, rate: float) -> None:
+        self.to, self.rate = to, rate
+        self.queue = bytearray()
+        self.piece = b""  # on the wire now, delivered at ``due``
+        self.due = 0.0
+        # About 2 ms of bytes a piece: a UART's byte-by-byte arrival, without a
+        # system call a byte.
+        self.size = max(1, int(rate / 500))
+
+    def put(self, data: bytes) -> None:
+        self.queue += data
+        if not self.piece:  # the line was idle: the first bit leaves now
+            self._next(max(self.due, time.monotonic()))
+
+    def _next(self, start: float) -> None:
+        if self.queue:
+            self.piece = bytes(self.queue[: self.size])
+            del self.queue[: self.size]
+            self.due = start + len(self.piece) / self.rate
+
+    def wait(self) -> float | None:
+        """Seconds until the piece on the wire arrives; None when the line is idle."""
+        return max(self.due - time.monotonic(), 0.0) if self.piece else None
+
+    def deliver(self) -> None:
+        while self.piece and time.monotonic() >= self.due:
+            os.write(self.to, self.piece)
+            self.piece = b""
+            self._next(self.due)  # back to back: the line did not idle
+
+
+def run_shell(console: int, baud: int | None = None) -> None:
+    """A real sh on a terminal of its own, relayed to ``console`` until it exits
+    (paced as a UART at ``baud`` when given)."""
     master, slave = pty.openpty()
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/tmp", "PS1": "root@simboard:~# ", "TERM": "vt100"}
 
@@ -82,9 +123,13 @@ def run_shell(console: int) -> None:
     )
     os.close(slave)
     SHELL[:] = [shell]
+    lines = {console: Line(master, baud / 10), master: Line(console, baud / 10)} if baud else {}
     try:
         while shell.poll() is None:
-            ready, _, _ = select.select([console, master], [], [], 0.5)
+            waits = [w for w in (line.wait() for line in lines.values()) if w is not None]
+            ready, _, _ = select.select([console, master], [], [], min([0.5, *waits]))
+            for line in lines.values():
+                line.deliver()
             for fd in ready:
                 try:
                     data = os.read(fd, 65536)
@@ -94,7 +139,10 @@ def run_shell(console: int) -> None:
                     if fd == master:
                         return
                     continue
-                os.write(master if fd == console else console, data)
+                if lines:
+                    lines[fd].put(data)
+                else:
+                    os.write(master if fd == console else console, data)
     finally:
         os.close(master)
         if shell.poll() is None:
@@ -107,6 +155,7 @@ def main() -> None:
     parser.add_argument("--boot", type=float, default=0.0)
     parser.add_argument("--login")
     parser.add_argument("--password", default="")
+    parser.add_argument("--baud", type=int, default=None, help="pace the shell's relay as a UART at this rate")
     args = parser.parse_args()
     console, far_end = pty.openpty()
     tty.setraw(far_end)  # a wire: no echo, no line editing (the driver sets it so too)
@@ -119,7 +168,7 @@ def main() -> None:
             while True:
                 if args.login:
                     login(console, args.login, args.password)
-                run_shell(console)
+                run_shell(console, args.baud)
         except Reboot:
             continue
 

@@ -662,6 +662,20 @@ def test_the_sim_board_loses_what_is_typed_while_it_boots(tmp_path: Path) -> Non
     assert signal.SIGUSR1  # the board's power cycle (see test_a_hung_shell_is_power_cycled)
 
 
+async def test_the_driver_works_over_a_board_paced_as_a_9600_baud_uart(tmp_path: Path, data_dir: Path) -> None:
+    # Pieces of the shell's relay arrive a byte at a time at 9600 baud: the driver
+    # finds the shell, a task's line with its JMP_* variables gets through whole.
+    b = Board("--baud", "9600")
+    try:
+        node = NodeConfig(name="board", driver="serial", options={"port": b.port, "boot_timeout": 20})
+        async with protocol_for(node, data_dir).create_async_session("t") as session:
+            task = await (await session.connect("board")).start(shell='echo "paced $JMP_NODE"')
+            assert await output_of(task) == b"paced board\n"
+            assert (await task.wait()).exit_code == 0
+    finally:
+        b.close()
+
+
 class Switch:
     """An inline plugin's power driver: it keeps the state in memory."""
 
