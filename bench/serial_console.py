@@ -37,8 +37,8 @@ RAW_PROMPT = b"RAW-PROMPT> "
 
 
 class SimBoard:
-    def __init__(self) -> None:
-        self.process = subprocess.Popen(sim_board_command(), stdout=subprocess.PIPE, text=True)
+    def __init__(self, *args: str) -> None:
+        self.process = subprocess.Popen(sim_board_command(*args), stdout=subprocess.PIPE, text=True)
         assert self.process.stdout is not None
         self.port = self.process.stdout.readline().strip()
 
@@ -57,6 +57,7 @@ class RawShell:
         self.fd = os.open(port, os.O_RDWR | os.O_NOCTTY)
         tty.setraw(self.fd)
         self.buffer = bytearray(1024 * 1024)
+        self.written = 0  # bytes written to the console by run()
         os.write(self.fd, b"\r")
         self.read_to(b"# ")
         os.write(self.fd, b"stty -echo; PS1='RAW-''PROMPT> '; PS2=''\r")
@@ -73,7 +74,7 @@ class RawShell:
         return got
 
     def run(self, line: bytes) -> int:
-        os.write(self.fd, line + b"\r")
+        self.written += os.write(self.fd, line + b"\r")
         return self.read_to(RAW_PROMPT)
 
     def close(self) -> None:
@@ -185,6 +186,69 @@ def run_true_driver(quick: bool) -> list[Figure]:
             "<= 2x",
             "the command written and read to the prompt, raw, on a PTY board",
         )
+    ]
+
+
+BAUD = 115200
+
+
+@figure
+def run_true_at_115200(quick: bool) -> list[Figure]:
+    """run `true` on a simulated 115200-baud board vs the raw round trip on the same pacing"""
+    from jumpstarter_driver_serial.node import SerialNodeDriver
+
+    n = 20 if quick else 100
+    ours_board, raw_board = SimBoard("--baud", str(BAUD)), SimBoard("--baud", str(BAUD))
+    raw: RawShell | None = None
+    written = [0]
+    type_ = SerialNodeDriver.type
+
+    async def counted(self: SerialNodeDriver, data: bytes) -> None:
+        written[0] += len(data)
+        await type_(self, data)
+
+    async def main(data_dir: Path) -> tuple[list[float], list[float]]:
+        async with serial_node(ours_board.port, data_dir) as node:
+
+            async def ours() -> None:
+                task = await node.start(["true"])
+                assert (await task.wait()).exit_code == 0
+
+            async def baseline() -> None:
+                raw.run(b"true")
+
+            await alternate(3, ours, baseline)
+            written[0] = raw.written = 0
+            return await alternate(n, ours, baseline)
+
+    SerialNodeDriver.type = counted  # type: ignore[method-assign]  # the bytes the driver types
+    try:
+        raw = RawShell(raw_board.port)
+        with tempfile.TemporaryDirectory(prefix="jmp-bench-") as tmp:
+            ours, base = anyio.run(main, Path(tmp))
+    finally:
+        SerialNodeDriver.type = type_  # type: ignore[method-assign]
+        if raw is not None:
+            raw.close()
+        ours_board.close()
+        raw_board.close()
+    return [
+        Figure(
+            f"run `true` on a simulated {BAUD}-baud board (median of {n})",
+            statistics.median(ours) * 1000,
+            statistics.median(base) * 1000,
+            "ms",
+            "<= 2x",
+            "`true` written and read to the prompt, raw, on a board with the same pacing",
+        ),
+        Figure(
+            "bytes typed on the console per `run true`",
+            written[0] / n,
+            raw.written / n,
+            "B",
+            "",
+            "`true\\r`, raw",
+        ),
     ]
 
 
