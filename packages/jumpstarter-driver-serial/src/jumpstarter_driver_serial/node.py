@@ -3,15 +3,26 @@
 Before a task the driver brings the console to a shell it knows: it wakes the board
 (a carriage return, again each second of silence, since bytes typed while the board
 boots are lost), answers ``login:`` and ``Password:`` prompts, and, at a shell
-prompt, turns echo off and sets a prompt of its own with a random token in it, so
-nothing the board prints can pass for it. Each task is then one line::
+prompt, turns echo off, sets a prompt of its own with a random token in it, so
+nothing the board prints can pass for it, and defines two functions that print a
+task's markers. Each task is then one line::
 
-    printf '__JMP_S_%s__\\n' TOKEN; { COMMAND
-    }; printf '\\n__JMP_E_%s_%d__\\n' TOKEN $?
+    __jmp_s TOKEN; { COMMAND
+    }; __jmp_e TOKEN $?
 
-The output is what comes between the start marker and the end marker, which carries
-the exit code. The format strings hold ``%s`` where the token goes, so even an
-echoed line never contains a marker. A console is one stream: stdout and stderr
+which prints ``__JMP_S_TOKEN__`` before the output and ``__JMP_E_TOKEN_CODE__``
+after it, with the exit code. The functions' format strings hold ``%s`` where the
+token goes, so even an echoed line never contains a marker.
+
+A console is slow (115200 baud: 87 µs a byte), so a task's line carries only what
+the shell does not have yet: the variables that stay the same from task to task
+(``JMP_NODE``, ``JMP_SESSION``... see :data:`SHELL_EXPORTS`) are exported in the
+board's shell once, at the head of the first line that needs them, and again only
+when they change; the task's line sets only its own (``JMP_TASK_ID``, its env).
+What the shell holds is forgotten, so that the next line sends everything again,
+whenever the driver sets up a shell (a new one, after a boot, a login, a person's
+use of the console) and when a line with exports was cut off before its start
+marker showed that they ran. A console is one stream: stdout and stderr
 arrive merged, as ``stdout``, with the terminal's CR LF turned back into LF.
 
 A task's input is typed on the console too, so what the task did not read would
@@ -21,10 +32,10 @@ therefore ends in two steps: the shell prints a drain marker and reads lines unt
 the driver, which types no more input once it sees that marker, types a line with
 the task's token; then the end marker::
 
-    printf '__JMP_S_%s__\\n' TOKEN; { COMMAND
+    __jmp_s TOKEN; { COMMAND
     }; __jmp_rc=$?; printf '\\n__JMP_D_%s__\\n' TOKEN;
     while :; do read -r __jmp_in || continue; [ "$__jmp_in" = TOKEN ] && break; done;
-    printf '\\n__JMP_E_%s_%d__\\n' TOKEN $__jmp_rc
+    __jmp_e TOKEN $__jmp_rc
 
 Stop (and a timeout) types Ctrl-C; if the shell prompt does not come back within the
 grace period, the board is power cycled (when it has a power driver) and the next
@@ -40,7 +51,7 @@ import os
 import re
 import secrets
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +159,9 @@ class SerialNodeDriver(NodeDriver):
         self._got = anyio.Event()
         self._token = secrets.token_hex(6)
         self._ready = False  # the shell sits at our own prompt, echo off
+        # The SHELL_EXPORTS the board's shell has exported, by the driver's lines;
+        # None: not known (a shell not set up by us, or one a person has used).
+        self._exported: dict[str, str] | None = None
         self._busy: str | None = None
         self._free = anyio.Event()
         self._free.set()
@@ -348,11 +362,15 @@ class SerialNodeDriver(NodeDriver):
         return None
 
     async def _set_up_shell(self) -> bool:
-        """Echo off, our prompt, no continuation prompt; True once our prompt shows."""
+        """Echo off, our prompt, no continuation prompt, the marker functions; True
+        once our prompt shows."""
         self._inbox.clear()
+        self._exported = None  # a shell we did not set up: its variables are not known
         # The '' splits the token from its prefix: an echo of this line is no prompt.
         await self.type(
             b"stty -echo 2>/dev/null; case $PS1 in __JMP_P*) ;; *) __jmp_ps1=$PS1;; esac; "
+            b"__jmp_s() { printf '__JMP_S_%s__\\n' \"$1\"; }; "
+            b"__jmp_e() { printf '\\n__JMP_E_%s_%d__\\n' \"$1\" \"$2\"; }; "
             b"PS1='__JMP_P''_" + self._token.encode() + b"__ '; PS2=''\r"
         )
         if await self.wait_for(lambda: self._inbox.endswith(self.ready_prompt), 3.0):
@@ -372,6 +390,9 @@ class SerialNodeDriver(NodeDriver):
 
     async def hand_to_person(self) -> None:
         """Someone types on the console: give the shell its echo and prompt back."""
+        # A person may change or unset anything in the shell: the next task's line
+        # sets the shell up again and exports everything.
+        self._exported = None
         if self._ready:
             self._ready = False
             # ${x-default}: a shell that is not the one set up (it was replaced behind
@@ -381,17 +402,32 @@ class SerialNodeDriver(NodeDriver):
     # --- tasks ------------------------------------------------------------------------------
 
     async def spawn(self, spec: TaskSpec, output: OutputWriter) -> RunningProcess:
-        command = shell_command(spec)
         await self.acquire("a task", wait=False)
         try:
             await self.sync()
+            before, exported = self._exports(spec.env or {})
+            command = shell_command(spec, kept=exported)
             process = SerialProcess(self, output)
             self._process = process
-            await process.start(command, drain=spec.stdin)
+            await process.start(command, drain=spec.stdin, before=before, exported=exported)
         except BaseException:
             self.release()
             raise
         return process
+
+    def _exports(self, env: dict[str, str]) -> tuple[str, dict[str, str]]:
+        """What a task's line starts with so that the shell's exported
+        :data:`SHELL_EXPORTS` are those of ``env``, and what they are after it."""
+        want = {name: env[name] for name in SHELL_EXPORTS if name in env}
+        have = self._exported
+        changed = [name for name in want if have is None or have.get(name) != want[name]]
+        gone = [name for name in SHELL_EXPORTS if name not in want and (have is None or name in have)]
+        before = ""
+        if changed:
+            before += "export " + " ".join(f"{name}={shlex.quote(want[name])}" for name in changed) + "; "
+        if gone:
+            before += "unset " + " ".join(gone) + "; "
+        return before, want
 
     async def capture(self, command: str, timeout: float = 60.0) -> tuple[int, bytes]:
         """Run ``command`` on the board's shell as a task runs, waiting for the console
@@ -426,20 +462,32 @@ board a fork (most of a `true`'s time through a node, whose tasks always get the
 JMP_* variables)."""
 
 
-def shell_command(spec: TaskSpec) -> str:
-    """The shell text that runs ``spec`` on the board's shell."""
-    # A shell string runs in a subshell: its cd, exit or trap stay its own.
-    command = f"( {spec.shell}\n)" if spec.shell is not None else shlex.join(spec.argv or [])
+SHELL_EXPORTS = ("JMP_NODE", "JMP_NODE_URL", "JMP_NODE_TRANSPORT", "JMP_SESSION", "JMP_SESSION_ID")
+"""The task variables that are the same for every task of a node, or of a session:
+exported in the board's shell when they change, not typed on every task's line."""
+
+
+def shell_command(spec: TaskSpec, kept: Collection[str] = ()) -> str:
+    """The shell text that runs ``spec`` on the board's shell; the variables named in
+    ``kept`` are left out of it (the shell has them exported already)."""
+    command = spec.shell if spec.shell is not None else shlex.join(spec.argv or [])
+    if spec.shell is not None and not spec.env and spec.cwd is None:
+        # A shell string runs in a subshell: its cd, exit or trap stay its own (with
+        # env or cwd, the subshell below is that one).
+        command = f"( {command}\n)"
+    env = {k: v for k, v in (spec.env or {}).items() if k not in kept}
+    assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
     if spec.env and spec.cwd is None and spec.argv and spec.argv[0] in _STATELESS_BUILTINS:
         # Assignments before a regular builtin are for that command alone (POSIX).
-        return " ".join(f"{k}={shlex.quote(v)}" for k, v in spec.env.items()) + " " + command
-    if spec.env:
-        assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in spec.env.items())
+        return f"{assignments} {command}" if assignments else command
+    if assignments:
         command = f"export {assignments}; {command}"
     if spec.cwd is not None:
         command = f"cd {shlex.quote(spec.cwd)} || exit 1; {command}"
     if spec.env or spec.cwd is not None:
-        command = f"( {command}\n)"  # env and cwd for this task only
+        # env and cwd for this task only; and a task with env (every task of a node)
+        # never runs in the shell itself, whose exports the driver keeps track of.
+        command = f"( {command}\n)"
     return command
 
 
@@ -458,7 +506,9 @@ class SerialProcess(RunningProcess):
         self.driver = driver
         self.output = output
         self.owns_console = owns_console
-        self.token = secrets.token_hex(6)
+        # 32 random bits: a task's output never holds its own markers by chance, and
+        # each byte of a token costs the line four times (typed twice, printed twice).
+        self.token = secrets.token_hex(4)
         self.start_marker = f"__JMP_S_{self.token}__".encode()
         self.end_marker = f"__JMP_E_{self.token}_".encode()
         self.drain_marker = f"__JMP_D_{self.token}__".encode()
@@ -470,15 +520,26 @@ class SerialProcess(RunningProcess):
         self._output_done = False  # the drain marker came: what follows is not output
         self._input_ended = False  # the drain's last line was typed: no more input
         self._input_lock = anyio.Lock()  # input, then that line, in that order
+        self._exported: dict[str, str] | None = None  # the shell's exports once the line runs
 
-    async def start(self, command: str, *, drain: bool = False) -> None:
+    async def start(
+        self, command: str, *, drain: bool = False, before: str = "", exported: dict[str, str] | None = None
+    ) -> None:
         """Type the task's line. Not waiting for its start marker here lets the node
         server record the start while the board runs it; :meth:`wait` finds it.
 
         ``drain``: the task gets input typed on the console; its line ends by
-        reading and dropping what the task left unread (see the module's doc)."""
+        reading and dropping what the task left unread (see the module's doc).
+
+        ``before``: shell text run ahead of the start marker, in the shell itself (the
+        exports of :data:`SHELL_EXPORTS`), after which they are ``exported``."""
         driver = self.driver
         driver._inbox.clear()
+        if before:
+            # Not known until the start marker shows that ``before`` ran (a Ctrl-C
+            # may cut the line off ahead of it).
+            driver._exported = None
+            self._exported = exported
         self._drain = drain
         code, discard = "$?", ""
         if drain:
@@ -488,10 +549,7 @@ class SerialProcess(RunningProcess):
                 "while :; do read -r __jmp_in || continue; "
                 f'[ "$__jmp_in" = {self.token} ] && break; done; '
             )
-        line = (
-            f"printf '__JMP_S_%s__\\n' {self.token}; {{ {command}\n}}; {discard}"
-            f"printf '\\n__JMP_E_%s_%d__\\n' {self.token} {code}\r"
-        )
+        line = f"{before}__jmp_s {self.token}; {{ {command}\n}}; {discard}__jmp_e {self.token} {code}\r"
         await driver.type(line.encode())
 
     def board_gone(self) -> None:
@@ -514,6 +572,8 @@ class SerialProcess(RunningProcess):
                     if newline >= 0:
                         del inbox[: newline + 1]
                         started = True
+                        if self._exported is not None:
+                            driver._exported = self._exported
                     elif at < 0 and driver.ready_prompt in inbox:  # Ctrl-C before it began
                         self._exit = 130
                 if started and inbox:
