@@ -189,6 +189,82 @@ async def test_input_a_task_did_not_read_ends_with_it(
     assert b"unread-42" not in transcript and transcript.count(b"login:") == 1
 
 
+SHOW_ENV = 'echo "${JMP_NODE-unset} ${JMP_SESSION-unset} ${JMP_SESSION_ID-unset} ${JMP_TASK_ID-unset}"'
+
+
+async def test_each_task_of_two_sessions_sees_its_own_jmp_variables(
+    board: Board, tmp_path: Path, data_dir: Path
+) -> None:
+    # The session's variables are exported in the board's shell, not typed on every
+    # task's line: the tasks of one session and then another's (its own node server,
+    # which finds the shell the other left, exports and all) each see their own,
+    # whether run as a shell string or an argv; a builtin without a subshell still runs.
+    protocol = protocol_for(node_config(board, tmp_path), data_dir)
+    for name in ("first", "second", "first"):
+        async with protocol.create_async_session(name) as session:
+            node = await session.connect("board")
+            for how in ({"shell": SHOW_ENV}, {"argv": ["sh", "-c", SHOW_ENV]}, {"shell": SHOW_ENV}):
+                task = await node.start(**how)
+                assert (await task.wait()).exit_code == 0
+                seen = await output_of(task)
+                assert seen == f"board {name} {session.id} {task.id}\n".encode()
+            task = await node.start(["printf", "%s\n", "builtin"])
+            assert await output_of(task) == b"builtin\n"
+            transcript = (await node.read_console(0)).data
+    assert transcript.count(b"login:") == 1  # one shell all along
+
+
+class Typed:
+    """A driver's console writes, recorded."""
+
+    def __init__(self, driver: object) -> None:
+        self.lines: list[bytes] = []
+        type_ = driver.type  # type: ignore[attr-defined]
+
+        async def typed(data: bytes) -> None:
+            self.lines.append(data)
+            await type_(data)
+
+        driver.type = typed  # type: ignore[attr-defined]
+
+
+async def test_the_shell_exports_are_sent_again_after_a_person_used_the_console(
+    board: Board, tmp_path: Path, data_dir: Path
+) -> None:
+    from jumpstarter_driver_serial.node import _Collect
+    from jumpstarter_protocol import TaskSpec
+
+    async with served(node_config(board, tmp_path), data_dir) as server:
+        driver = server.driver  # type: ignore[attr-defined]
+        typed = Typed(driver)
+
+        async def show(env: dict[str, str]) -> bytes:
+            collected = _Collect()
+            process = await driver.spawn(TaskSpec(shell=SHOW_ENV, env=env), collected)
+            assert await process.wait() == 0
+            return bytes(collected.data)
+
+        session = {"JMP_NODE": "board", "JMP_SESSION": "s", "JMP_SESSION_ID": "1"}
+        assert await show({**session, "JMP_TASK_ID": "t1"}) == b"board s 1 t1\n"
+        assert b"export JMP_NODE=board JMP_SESSION=s JMP_SESSION_ID=1; " in typed.lines[-1]
+        assert await show({**session, "JMP_TASK_ID": "t2"}) == b"board s 1 t2\n"
+        assert typed.lines[-1].startswith(b"__jmp_s ")  # no exports: the shell has them
+        # A person unsets one and changes another: the next task's line sends all again.
+        await driver.console.write(b"unset JMP_SESSION; export JMP_NODE=changed\r")
+        assert await show({**session, "JMP_TASK_ID": "t3"}) == b"board s 1 t3\n"
+        assert b"export JMP_NODE=board JMP_SESSION=s JMP_SESSION_ID=1; " in typed.lines[-1]
+        # A task without the session's variables does not see the last task's.
+        assert await show({"JMP_NODE": "board", "JMP_TASK_ID": "t4"}) == b"board unset unset t4\n"
+        assert b"unset JMP_SESSION JMP_SESSION_ID; " in typed.lines[-1]
+        # A task cut off by Ctrl-C before it began: what ran of its line is not known.
+        collected = _Collect()
+        process = await driver.spawn(TaskSpec(shell="sleep 30", env={**session, "JMP_TASK_ID": "t5"}), collected)
+        await process.terminate(3.0)
+        await process.wait()
+        assert await show({"JMP_NODE": "other", "JMP_TASK_ID": "t6"}) == b"other unset unset t6\n"
+        assert await show({**session, "JMP_TASK_ID": "t7"}) == b"board s 1 t7\n"
+
+
 async def test_a_person_at_a_shell_the_driver_did_not_set_up_keeps_its_prompt(
     board: Board, tmp_path: Path, data_dir: Path
 ) -> None:
