@@ -265,6 +265,31 @@ async def test_the_shell_exports_are_sent_again_after_a_person_used_the_console(
         assert await show({**session, "JMP_TASK_ID": "t7"}) == b"board s 1 t7\n"
 
 
+async def test_a_shell_replaced_behind_the_drivers_back_is_set_up_again(
+    board: Board, tmp_path: Path, data_dir: Path
+) -> None:
+    # A new shell (here by exec; on a board, a reboot or a new login the driver did
+    # not see) has neither the marker functions nor all the exports: the task's line
+    # is refused there, not run, and typed again once the new shell is set up.
+    from jumpstarter_driver_serial.node import _Collect
+    from jumpstarter_protocol import TaskSpec
+
+    async with served(node_config(board, tmp_path), data_dir) as server:
+        driver = server.driver  # type: ignore[attr-defined]
+        ran = tmp_path / "ran"
+        session = {"JMP_NODE": "board", "JMP_SESSION": "s", "JMP_SESSION_ID": "1"}
+        for task_id in ("t1", "t2"):
+            collected = _Collect()
+            spec = TaskSpec(shell=f"echo x >> {ran}; {SHOW_ENV}", env={**session, "JMP_TASK_ID": task_id})
+            process = await driver.spawn(spec, collected)
+            assert await process.wait() == 0
+            assert bytes(collected.data) == f"board s 1 {task_id}\n".encode()
+            await driver.type(b"exec env -u JMP_SESSION PS1='new$ ' sh -i\r")  # not through the console
+        assert ran.read_text() == "x\nx\n"  # each ran once
+        transcript = (await driver.console.read(0, 1 << 20, 0))[1]
+    assert transcript.count(b"__jmp_s: ") == 1 and transcript.count(b"login:") == 1
+
+
 async def test_a_person_at_a_shell_the_driver_did_not_set_up_keeps_its_prompt(
     board: Board, tmp_path: Path, data_dir: Path
 ) -> None:

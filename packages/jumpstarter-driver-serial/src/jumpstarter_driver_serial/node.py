@@ -7,12 +7,15 @@ prompt, turns echo off, sets a prompt of its own with a random token in it, so
 nothing the board prints can pass for it, and defines two functions that print a
 task's markers. Each task is then one line::
 
-    __jmp_s TOKEN; { COMMAND
+    __jmp_s TOKEN && { COMMAND
     }; __jmp_e TOKEN $?
 
 which prints ``__JMP_S_TOKEN__`` before the output and ``__JMP_E_TOKEN_CODE__``
 after it, with the exit code. The functions' format strings hold ``%s`` where the
-token goes, so even an echoed line never contains a marker.
+token goes, so even an echoed line never contains a marker. A shell that is not the
+one set up (rebooted, logged in anew, replaced by an ``exec`` behind the driver's
+back) has no ``__jmp_s``: it says so ("__jmp_s: not found"), the ``&&`` keeps the
+command from running, and the driver sets that shell up and types the line again.
 
 A console is slow (115200 baud: 87 µs a byte), so a task's line carries only what
 the shell does not have yet: the variables that stay the same from task to task
@@ -32,7 +35,7 @@ therefore ends in two steps: the shell prints a drain marker and reads lines unt
 the driver, which types no more input once it sees that marker, types a line with
 the task's token; then the end marker::
 
-    __jmp_s TOKEN; { COMMAND
+    __jmp_s TOKEN && { COMMAND
     }; __jmp_rc=$?; printf '\\n__JMP_D_%s__\\n' TOKEN;
     while :; do read -r __jmp_in || continue; [ "$__jmp_in" = TOKEN ] && break; done;
     __jmp_e TOKEN $__jmp_rc
@@ -51,7 +54,7 @@ import os
 import re
 import secrets
 import shlex
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -404,12 +407,17 @@ class SerialNodeDriver(NodeDriver):
     async def spawn(self, spec: TaskSpec, output: OutputWriter) -> RunningProcess:
         await self.acquire("a task", wait=False)
         try:
-            await self.sync()
-            before, exported = self._exports(spec.env or {})
-            command = shell_command(spec, kept=exported)
             process = SerialProcess(self, output)
             self._process = process
-            await process.start(command, drain=spec.stdin, before=before, exported=exported)
+
+            async def begin() -> None:
+                await self.sync()
+                before, exported = self._exports(spec.env or {})
+                command = shell_command(spec, kept=exported)
+                await process.start(command, drain=spec.stdin, before=before, exported=exported)
+
+            await begin()
+            process.again = begin
         except BaseException:
             self.release()
             raise
@@ -434,11 +442,16 @@ class SerialNodeDriver(NodeDriver):
         if it is busy: its exit code and output (for file access)."""
         await self.acquire("a file transfer", wait=True)
         try:
-            await self.sync()
             collected = _Collect()
             process = SerialProcess(self, collected, owns_console=False)
             self._process = process
-            await process.start(command)
+
+            async def begin() -> None:
+                await self.sync()
+                await process.start(command)
+
+            await begin()
+            process.again = begin
             with anyio.move_on_after(timeout) as scope:
                 code = await process.wait()
             if scope.cancelled_caught:
@@ -521,6 +534,9 @@ class SerialProcess(RunningProcess):
         self._input_ended = False  # the drain's last line was typed: no more input
         self._input_lock = anyio.Lock()  # input, then that line, in that order
         self._exported: dict[str, str] | None = None  # the shell's exports once the line runs
+        # Sets the shell up and types the line again, once: for a shell that turns
+        # out not to be the one set up (see wait).
+        self.again: Callable[[], Awaitable[None]] | None = None
 
     async def start(
         self, command: str, *, drain: bool = False, before: str = "", exported: dict[str, str] | None = None
@@ -549,7 +565,8 @@ class SerialProcess(RunningProcess):
                 "while :; do read -r __jmp_in || continue; "
                 f'[ "$__jmp_in" = {self.token} ] && break; done; '
             )
-        line = f"{before}__jmp_s {self.token}; {{ {command}\n}}; {discard}__jmp_e {self.token} {code}\r"
+        # `&&`: in a shell without the marker functions the command does not run.
+        line = f"{before}__jmp_s {self.token} && {{ {command}\n}}; {discard}__jmp_e {self.token} {code}\r"
         await driver.type(line.encode())
 
     def board_gone(self) -> None:
@@ -576,6 +593,9 @@ class SerialProcess(RunningProcess):
                             driver._exported = self._exported
                     elif at < 0 and driver.ready_prompt in inbox:  # Ctrl-C before it began
                         self._exit = 130
+                    elif at < 0 and _NO_MARKER_FUNCTION in inbox:
+                        await self._set_up_again()
+                        continue
                 if started and inbox:
                     self._take_output(inbox, hold)
                 if self._output_done and not self._input_ended and self._exit is None:
@@ -591,6 +611,27 @@ class SerialProcess(RunningProcess):
         finally:
             if self.owns_console:
                 driver.release()
+
+    async def _set_up_again(self) -> None:
+        """The shell has no ``__jmp_s`` (every shell's "not found" names it): it is
+        not the one the driver set up (the board rebooted, a new login, an ``exec``
+        behind the driver's back), and the command did not run. Set the new one up
+        and type the line again, once."""
+        driver = self.driver
+        driver._ready = False
+        driver._exported = None
+        again, self.again = self.again, None
+        if again is not None:
+            try:
+                await again()
+                return
+            except NodeError as exc:
+                self.message = str(exc)
+        self.message = self.message or (
+            f"the shell on the console of node {driver.node.name!r} was not the one set up "
+            "(did the board reboot?); the task did not run"
+        )
+        self._exit = -1
 
     async def _end_input(self) -> None:
         """The task ended and the shell drains: type the drain's last line, after
@@ -689,6 +730,12 @@ class SerialProcess(RunningProcess):
             if not self._input_closed and self._exit is None and not self._input_ended:
                 self._input_closed = True
                 await self.driver.type(b"\x04")
+
+
+_NO_MARKER_FUNCTION = b"__jmp_s: "
+"""What a shell without the driver's functions prints for the line's ``__jmp_s``
+("sh: __jmp_s: not found", "bash: __jmp_s: command not found"); an echo of the line
+has ``__jmp_s`` and a space."""
 
 
 def _without_newline(body: bytes) -> bytes:
