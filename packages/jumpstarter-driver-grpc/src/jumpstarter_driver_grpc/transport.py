@@ -10,9 +10,10 @@ A node's config names where it is and how to trust it::
     options = { deadline = 30, reconnect_timeout = 60 }
 
 Every unary call has a deadline (``deadline`` seconds, plus the time the request
-itself asks to wait). Once a node was reached, a broken connection is retried with
-backoff for up to ``reconnect_timeout`` seconds: requests that are safe to repeat are
-sent again, and an output stream resumes from the offset it had reached, so nothing
+itself asks to wait; a start, plus the ``start_timeout`` the node announced: how long
+its driver may take to start a task, as a board booting to its shell). Once a node was
+reached, a broken connection is retried with backoff for up to ``reconnect_timeout``
+seconds: requests that are safe to repeat are sent again, and an output stream resumes from the offset it had reached, so nothing
 is lost and nothing doubled. A task's input goes over one ``Input`` stream per
 connection; each write names its offset in the input, so after a break it is sent
 again (as a plain request) and the node skips what it had. If the node forgot the connection (it restarted, or the
@@ -41,6 +42,7 @@ from jumpstarter_protocol import (
     MAX_MESSAGE_SIZE,
     AddResult,
     CloseInput,
+    ConfigData,
     ConnectionEstablished,
     ConnectionInfo,
     ConnectNode,
@@ -63,6 +65,7 @@ from jumpstarter_protocol import (
     QueryResults,
     ReadOutput,
     ReleaseNode,
+    StartRequest,
     StatFile,
     ResizeTerminal,
     StopTask,
@@ -283,6 +286,9 @@ class GrpcTransport(Transport):
         self._handshake_lock = asyncio.Lock()
         self._keepalive: asyncio.Task[None] | None = None
         self._closed = False
+        # How long a start may take on the node (a board booting to its shell), as its
+        # config or lease reply says; a start gets that on top of the deadline.
+        self._start_timeout = 0.0
 
     # --- Transport --------------------------------------------------------------------------
 
@@ -468,7 +474,7 @@ class GrpcTransport(Transport):
 
     async def _call(self, message: Any, frame: bytes, *, handshake_again: bool = True) -> Any:
         """Send one frame, retrying what may be retried; the decoded reply."""
-        timeout = self.settings.deadline + _extra_time(message)
+        timeout = self.settings.deadline + _extra_time(message, self._start_timeout)
         handshake = isinstance(message, InitializeConnection)
         retry = _Retry(self.settings.reconnect_timeout)
         while True:
@@ -497,6 +503,8 @@ class GrpcTransport(Transport):
             break
         reply = self._decode(data)
         self._reached = True
+        if isinstance(reply, ConfigData | ConnectionEstablished):
+            self._start_timeout = reply.node.start_timeout
         if handshake and isinstance(reply, ConnectionInfo):
             self._connection_id = reply.connection_id
             self._handshake = message
@@ -623,8 +631,11 @@ class GrpcTransport(Transport):
         return last.rsplit(": ", 1)[-1] if ": " in last else (last or code.name.lower())
 
 
-def _extra_time(message: Any) -> float:
-    """How long a request itself asks the node to take."""
+def _extra_time(message: Any, start_timeout: float = 0.0) -> float:
+    """How long a request itself asks the node to take; a start, as long as the node
+    said a start may take there (``start_timeout``)."""
+    if isinstance(message, StartRequest):
+        return start_timeout
     if isinstance(message, ConnectNode):
         return message.wait or 0.0
     if isinstance(message, WaitTask):

@@ -86,6 +86,7 @@ class NodeServer:
             capabilities=capabilities,
             limits=limits,
             jumpstarter_version=__version__,
+            start_timeout=driver.start_timeout,
         )
         self.agent = f"{socket.gethostname()}:{os.getpid()}"
         self.leases = Leases(node.name, holder=self.agent)
