@@ -297,9 +297,10 @@ async def test_a_start_over_grpc_waits_for_a_board_slower_than_the_deadline(
         async with served_over_grpc(node, data_dir) as url:
             config = tmp_path / "jumpstarter.toml"
             config.write_text(
-                f'[nodes.board]\ntransport = "grpc"\nendpoint = "{url}"\noptions = {{ deadline = 1 }}\n'
+                f'[nodes.board]\ntransport = "grpc"\nendpoint = "{url}"\n'
+                "options = { deadline = 1 }\n"
             )
-            env = {**os.environ, "JMP_CONFIG": str(config), "JMP_DATA_DIR": str(tmp_path / "client")}
+            env = {**os.environ, "JMP_CONFIG": str(config), "JMP_DATA_DIR": str(tmp_path / "c")}
             done = await anyio.run_process(
                 [JMP, "run", "--node", "board", "--", "true"], env=env, check=False
             )
