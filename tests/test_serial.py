@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,6 +27,8 @@ from jumpstarter.protocol import JumpStarterProtocol
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import JMP, run_jmp  # noqa: E402
 from serial_boards import sim_board_command  # noqa: E402
+from stores import postgres_url  # noqa: E402, F401  (fixture)
+from test_many_machines import lab  # noqa: E402, F401  (fixture)
 
 pytestmark = pytest.mark.anyio
 
@@ -109,6 +112,11 @@ async def test_tasks_run_on_the_board_shell(board: Board, tmp_path: Path, data_d
         # The terminal sends CR LF; the task's output has the LF it printed.
         assert await output_of(task) == b"a\nb\n"
         assert (await task.wait()).exit_code == 0
+        # A builtin with variables runs without a subshell; they stay its own.
+        task = await node.start(["echo", "in", "place"], env={"LEAK": "1"})
+        assert await output_of(task) == b"in place\n"
+        task = await node.start(shell='echo "${LEAK-none}"')
+        assert await output_of(task) == b"none\n"
         task = await node.start(shell="echo to-stderr >&2; printf no-newline; exit 3")
         assert await output_of(task) == b"to-stderr\nno-newline"  # one stream: merged
         info = await task.wait()
@@ -254,6 +262,18 @@ async def test_files_over_the_console(board: Board, tmp_path: Path, data_dir: Pa
         target = str(tmp_path / "on-board.bin")
         assert await files.write(target, chunks()) == len(payload)
         assert Path(target).read_bytes() == payload
+        # Three commands (the first creates the file, the last checks it), a resume
+        # from an offset, and an empty file (one command that creates and checks).
+        big, other = os.urandom(1_200_000), str(tmp_path / "big.bin")
+
+        async def pieces(data: bytes) -> AsyncIterator[bytes]:
+            yield data[:100]
+            yield data[100:]
+
+        assert await files.write(other, pieces(big)) == len(big)
+        assert await files.write(other, pieces(big[500_000:]), offset=500_000) == len(big)
+        assert Path(other).read_bytes() == big
+        assert await files.write(other, pieces(b"")) == 0 and Path(other).read_bytes() == b""
         assert b"".join([c async for c in files.read(target)]) == payload
         assert b"".join([c async for c in files.read(target, 299_990)]) == payload[299_990:]
         stat = await files.stat(target)
@@ -340,7 +360,79 @@ def test_bad_serial_config_is_one_line(tmp_path: Path, data_dir: Path) -> None:
     assert done.stderr == "jmp: error: unknown power driver 'nosuch'; installed: command, http\n"
     done = jmp_with(serial + 'power = { driver = "command", on = ["x"] }\n', "power", "on", "--node", "b")
     assert done.stderr == "jmp: error: power.off: the command power driver needs one\n"
+    # Lease hooks with power steps (in-process: these are refused before anything runs).
+    def cli_with(config: str, *args: str) -> tuple[int, str]:
+        from click.testing import CliRunner
+        from jumpstarter.cli import cli
+
+        (tmp_path / "jumpstarter.toml").write_text(config)
+        result = CliRunner().invoke(cli, list(args))
+        return result.exit_code, result.stderr
+
+    assert cli_with(serial + 'after_lease = ["echo bye", "power off"]\n', "run", "--node", "b", "--", "true") == (1, (
+        "jmp: error: node 'b': after_lease: 'power off' needs power control; give the node one in the config: "
+        'power = {driver = "command", on = [...], off = [...]}\n'
+    ))
+    assert cli_with(serial + 'before_lease = ["power reboot"]\n', "run", "--node", "b", "--", "true") == (1, (
+        "jmp: error: jumpstarter.toml: nodes.b.before_lease: step 1: 'power reboot' is no power step; "
+        "use 'power on', 'power off' or 'power cycle'\n"
+    ))
+    assert cli_with(serial + "after_lease = 3\n", "run", "--node", "b", "--", "true") == (1, (
+        'jmp: error: jumpstarter.toml: nodes.b.after_lease: expected a shell command or a list of steps such as '
+        '["power off"], got 3\n'
+    ))
     assert not list(data_dir.glob("*.db"))  # nothing was recorded
+
+
+def test_jmp_cp_over_the_console_both_ways(board: Board, tmp_path: Path, data_dir: Path) -> None:
+    import hashlib
+
+    (tmp_path / "jumpstarter.toml").write_text(
+        f'[nodes.board]\ndriver = "serial"\noptions = {{ port = "{board.port}", login = "root", password = "s3cret" }}\n'
+    )
+    payload = os.urandom(100_000)
+    (tmp_path / "fw.bin").write_bytes(payload)
+    on_board = tmp_path / "board-tmp"  # the simulated board's shell runs on this machine
+    on_board.mkdir()
+    done = run_jmp("cp", "fw.bin", f"board:{on_board}/fw.bin")
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    done = run_jmp("run", "-n", "--node", "board", "--", "sha256sum", f"{on_board}/fw.bin")
+    assert done.stdout.split()[0] == hashlib.sha256(payload).hexdigest()  # the board's own sha256sum
+    done = run_jmp("cp", f"board:{on_board}/fw.bin", "back.bin")
+    assert (done.returncode, done.stderr) == (0, "")
+    assert hashlib.sha256((tmp_path / "back.bin").read_bytes()).digest() == hashlib.sha256(payload).digest()
+    # Bad input: one line each, nothing left behind.
+    done = run_jmp("cp", f"board:{on_board}/no-such.bin", "missing.bin")
+    assert (done.returncode, done.stderr) == (3, f"jmp: error: {on_board}/no-such.bin: no such file on node 'board'\n")
+    done = run_jmp("cp", "fw.bin", f"board:{on_board}/no-dir/fw.bin")
+    assert (done.returncode, done.stderr) == (
+        3, f"jmp: error: {on_board}/no-dir/fw.bin: no directory {on_board}/no-dir on node 'board'\n"
+    )
+    assert not (tmp_path / "missing.bin").exists() and sorted(os.listdir(on_board)) == ["fw.bin"]
+    # Something on the board writes to the file while it arrives: the board's sha256
+    # differs from what was sent, and nothing is left under either name. (Two chunks:
+    # the first command creates the file, the meddling lands while the second is typed.)
+    from jumpstarter_driver_serial.files import CHUNK
+
+    (tmp_path / "big.bin").write_bytes(os.urandom(CHUNK + 300_000))
+    def meddle() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            for name in os.listdir(on_board):
+                if name.endswith(".jmp-part"):
+                    with open(on_board / name, "ab") as part:
+                        part.write(b"written on the board meanwhile")
+                    return
+            time.sleep(0.002)
+
+    meddler = threading.Thread(target=meddle)
+    meddler.start()
+    done = run_jmp("cp", "big.bin", f"board:{on_board}/again.bin")
+    meddler.join()
+    assert (done.returncode, done.stderr) == (
+        2, f"jmp: error: {on_board}/again.bin: checksum mismatch after writing over the console on node 'board'\n"
+    )
+    assert sorted(os.listdir(on_board)) == ["fw.bin"]
 
 
 # --- power back ends ---------------------------------------------------------------------
@@ -457,6 +549,95 @@ def test_jmp_power_through_the_cli(board: Board, tmp_path: Path, data_dir: Path)
     assert (done.returncode, done.stderr) == (2, "jmp: error: node 'local' has no console (driver 'local')\n")
 
 
+# --- power from lease hooks -----------------------------------------------------------
+
+
+def test_lease_hooks_power_the_board_and_a_failing_power_off_makes_it_unhealthy(
+    board: Board, lab, postgres_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import psycopg
+    from test_lab import _ci, _row, _until
+    from test_many_machines import _wait_registered
+
+    def problem() -> str | None:
+        with psycopg.connect(postgres_url) as db:
+            return db.execute("SELECT unhealthy FROM nodes WHERE name = 'b1'").fetchone()[0]
+
+    log, stuck = tmp_path / "relay.log", tmp_path / "relay-stuck"
+    relay = tmp_path / "relay.sh"
+    relay.write_text(
+        f'#!/bin/sh\necho "$@" >> {log}\n'
+        f'if [ "$1" = off ] && [ -e {stuck} ]; then echo "relay 2 stuck" >&2; exit 1; fi\n'
+    )
+    relay.chmod(0o755)
+    agent_config = tmp_path / "agent.toml"
+    agent_config.write_text(
+        f'[nodes.b1]\ndriver = "serial"\noptions = {{ port = "{board.port}", login = "root", password = "s3cret" }}\n'
+        f'power = {{ driver = "command", on = ["{relay}", "on"], off = ["{relay}", "off"], pause = 0 }}\n'
+        f'before_lease = ["power on", "echo before $JMP_SESSION >> {log}"]\n'
+        'after_lease = ["power off"]\n'
+    )
+    monkeypatch.setenv("JMP_CONFIG", str(agent_config))
+    lab("b1", "pool=boards")
+    env = _ci(tmp_path, postgres_url)
+    _wait_registered(postgres_url, {"b1"})
+    done = run_jmp("run", "--node", "b1", "--session", "first", "--", "echo", "on-the-board", env=env)
+    assert (done.returncode, done.stdout) == (0, "on-the-board\n"), done.stderr
+    _until(lambda: log.read_text().endswith("off\n"), "after_lease powered the board off")
+    assert log.read_text() == "on\nbefore first\noff\n"
+    # The relay sticks: the lease ends, its power off fails, the node goes to no one.
+    stuck.touch()
+    done = run_jmp("run", "--node", "b1", "--session", "second", "--", "true", env=env)
+    assert done.returncode == 0, done.stderr
+    error = f"after_lease failed: power off: {relay} exited with 1: relay 2 stuck"
+    _until(lambda: problem() is not None, "b1 unhealthy")
+    row = _row(env, "b1")
+    assert (row[1], row[-1]) == ("unhealthy", error)
+    by_label = run_jmp("run", "--select", "pool=boards", "--", "true", env=env)
+    assert (by_label.returncode, by_label.stderr) == (4, "jmp: error: no free node matches pool=boards: b1 (unhealthy)\n")
+    assert log.read_text() == "on\nbefore first\noff\non\nbefore second\noff\n"
+
+
+async def test_a_power_step_that_fails_before_a_lease_is_one_line(board: Board, tmp_path: Path, data_dir: Path) -> None:
+    from jumpstarter.errors import Unavailable
+
+    script, log = recorder(tmp_path)
+    power = {"driver": "command", "on": [str(script), "fail"], "off": [str(script), "off"], "pause": 0}
+    protocol = protocol_for(node_config(board, tmp_path, power=power, before_lease=["power cycle", "touch ran"]), data_dir)
+    async with protocol.create_async_session("t") as session:
+        error = f"before_lease failed: power on: {script} exited with 1"  # the on within the cycle
+        with pytest.raises(Unavailable, match=rf"^node 'board' is unhealthy: {error} \(it is leased again"):
+            await session.connect("board")
+    assert log.read_text() == "off\nfail\n"  # off, then the on that failed; the next step never ran
+    assert not (tmp_path / "ran").exists()
+
+
+def test_the_blocking_api_powers_the_board_and_reads_its_console(board: Board, tmp_path: Path, data_dir: Path) -> None:
+    from jumpstarter.errors import BadRequest, Unavailable
+
+    script, log = recorder(tmp_path)
+    power = {"driver": "command", "on": [str(script), "on"], "off": [str(script), "fail"],
+             "status": [str(script), "status"], "pause": 0}
+    with protocol_for(node_config(board, tmp_path, power=power), data_dir).create_session("sync") as session:
+        node = session.connect("board")
+        assert node.power("on") == "on"  # the state after it, from the status command
+        with pytest.raises(Unavailable, match=rf"^power off: {script} exited with 1$"):
+            node.power("off")
+        with pytest.raises(BadRequest, match=r"^invalid action: Input should be 'on', 'off', 'cycle' or 'status'$"):
+            node.power("reboot")
+        assert log.read_text() == "on\nstatus\nfail\n"
+        assert node.start(["echo", "from-a-task"]).wait().exit_code == 0
+        seen = node.read_console(0)
+        assert b"simboard login: root" in seen.data and seen.busy is None
+        node.write_console(b"echo typed-through-$((6*7))\r")
+        typed = b""
+        while b"typed-through-42" not in typed:
+            chunk = node.read_console(seen.end, wait=5)
+            assert chunk.data, typed  # no echo within 5 s
+            typed += chunk.data
+            seen = chunk
+
+
 def test_jmp_console_log(board: Board, tmp_path: Path, data_dir: Path) -> None:
     node = node_config(board, tmp_path)
     (tmp_path / "jumpstarter.toml").write_text(
@@ -468,6 +649,59 @@ def test_jmp_console_log(board: Board, tmp_path: Path, data_dir: Path) -> None:
     assert done.returncode == 0
     assert "simboard login: root" in done.stdout and "from-the-board" in done.stdout
     assert node.name == "board"
+
+
+def test_the_transcript_rotates_at_its_size_limit_and_jmp_console_log_shows_what_is_kept(
+    board: Board, tmp_path: Path, data_dir: Path
+) -> None:
+    (tmp_path / "jumpstarter.toml").write_text(
+        f'[nodes.board]\ndriver = "serial"\noptions = {{ port = "{board.port}", login = "root", password = "s3cret", '
+        'console_log_size = "4K" }\n'
+    )
+    done = run_jmp("run", "-n", "--node", "board", "--", "seq", "1", "3000")  # 13893 bytes, CR LF on the console
+    assert (done.returncode, done.stdout) == (0, "".join(f"{i}\n" for i in range(1, 3001)))
+    logs = data_dir / "nodes" / "board"
+    newer, older = (logs / "console.log").read_bytes(), (logs / "console.log.1").read_bytes()
+    assert sorted(p.name for p in logs.iterdir()) == ["console.log", "console.log.1"]  # one old file kept
+    assert len(older) == 4096 and 0 < len(newer) <= 4096  # rotated at the limit
+    assert b"simboard: booting" not in older + newer  # the oldest bytes are gone
+    shown = subprocess.run([JMP, "console", "--node", "board", "--log"], capture_output=True, timeout=60)
+    assert (shown.returncode, shown.stderr) == (0, b"")
+    assert shown.stdout == older + newer
+    # In order: the retained numbers (after the line the rotation cut) are one unbroken run up to 3000.
+    numbers = [int(line) for line in shown.stdout.split(b"\r\n")[1:] if line.isdigit()]
+    assert numbers == list(range(numbers[0], 3001)) and numbers[0] > 1
+    # A node server of its own again: it finds the shell the last one left at its prompt.
+    done = run_jmp("run", "-n", "--node", "board", "--", "echo", "after-a-restart")
+    assert done.returncode == 0, done.stderr
+    assert b"after-a-restart" in (logs / "console.log").read_bytes() + (logs / "console.log.1").read_bytes()
+    bad = tmp_path / "jumpstarter.toml"
+    bad.write_text(bad.read_text().replace('"4K"', '"lots"'))
+    done = run_jmp("console", "--node", "board", "--log")
+    assert (done.returncode, done.stderr) == (1, (
+        "jmp: error: node 'board': options.console_log_size: "
+        "Value error, expected bytes such as 8M, 512K or 1048576, got 'lots'\n"
+    ))
+
+
+async def test_a_transcript_offset_stays_valid_across_a_rotation(board: Board, tmp_path: Path, data_dir: Path) -> None:
+    node = node_config(board, tmp_path)
+    node.options["console_log_size"] = 2048
+    async with protocol_for(node, data_dir).create_async_session("t") as session:
+        n = await session.connect("board")
+        mark = (await n.read_console(None)).end
+        task = await n.start(shell="seq 1 2000")  # 8893 bytes: rotated more than once
+        assert (await task.wait()).exit_code == 0
+        seen = await n.read_console(0)
+        assert seen.offset > mark  # what 0 named was dropped: it reads from the oldest byte kept
+        kept = b""
+        offset = seen.offset
+        while offset < seen.end:
+            chunk = await n.read_console(offset)
+            assert chunk.offset == offset
+            kept += chunk.data
+            offset += len(chunk.data)
+        assert b"1999\r\n2000\r\n" in kept
 
 
 def test_the_sim_board_loses_what_is_typed_while_it_boots(tmp_path: Path) -> None:

@@ -149,22 +149,18 @@ async def test_poweroff_inside_a_task_and_the_node_powers_it_on(qemu_board: Qemu
     assert b"reboot: Power down" in qemu_board.transcript()
 
 
-async def test_a_file_round_trip_with_checksum(qemu_board: QemuBoard, tmp_path: Path) -> None:
-    payload = os.urandom(200_000)
-    files = qemu_board.server.driver.files
-
-    async def round_trip() -> bytes:
-        async def chunks() -> AsyncIterator[bytes]:
-            yield payload[:70_000]
-            yield payload[70_000:]
-
-        assert await files.write("/tmp/fw.bin", chunks()) == len(payload)
-        assert (await files.stat("/tmp/fw.bin")).size == len(payload)
-        return b"".join([chunk async for chunk in files.read("/tmp/fw.bin")])
-
-    assert qemu_board.portal.call(round_trip) == payload
-    _, output = await run(qemu_board, tmp_path, argv=["sha256sum", "/tmp/fw.bin"])
-    assert output.split()[0].decode() == hashlib.sha256(payload).hexdigest()
+def test_jmp_cp_round_trip_with_checksum(qemu_board: QemuBoard, tmp_path: Path) -> None:
+    # Through real jmp processes over gRPC; busybox's base64 and sha256sum on the board.
+    env = {**os.environ, "JMP_CONFIG": str(qemu_board.config_file)}
+    payload = os.urandom(64 * 1024)
+    (tmp_path / "fw.bin").write_bytes(payload)
+    done = run_jmp("cp", str(tmp_path / "fw.bin"), "vboard:/tmp/fw.bin", env=env, timeout=240)
+    assert (done.returncode, done.stderr) == (0, "")
+    done = run_jmp("run", "-n", "--node", "vboard", "--", "sha256sum", "/tmp/fw.bin", env=env, timeout=240)
+    assert done.stdout.split()[:2] == [hashlib.sha256(payload).hexdigest(), "/tmp/fw.bin"]
+    done = run_jmp("cp", "vboard:/tmp/fw.bin", str(tmp_path / "back.bin"), env=env, timeout=240)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert (tmp_path / "back.bin").read_bytes() == payload
 
 
 def test_jmp_power_cycle_then_the_boot_log_in_the_transcript(qemu_board: QemuBoard) -> None:

@@ -29,6 +29,17 @@ APP_NAME = "jumpstarter"
 ENV_OVERRIDES = ("store", "data_dir", "default_node")
 
 
+POWER_STEPS = {"power on": "on", "power off": "off", "power cycle": "cycle"}
+"""The lease hook steps that switch the node's board, and the power action of each
+(see :mod:`jumpstarter.node.hooks`)."""
+
+
+def power_step(step: str) -> str | None:
+    """The power action a lease hook step asks for (``"power off"`` -> ``"off"``), or
+    None for a shell command."""
+    return POWER_STEPS.get(" ".join(step.split()))
+
+
 class UnknownNode(ConfigError):
     """Raised when a node name is neither configured nor the built-in ``local``."""
 
@@ -56,12 +67,33 @@ class NodeConfig(BaseModel):
     keep_output_bytes: int | None = Field(
         default=None, ge=0, description="most bytes of finished tasks' output kept, oldest deleted first"
     )
-    before_lease: str | None = Field(default=None, description="shell command run before each lease (node side)")
-    after_lease: str | None = Field(default=None, description="shell command run after each lease (node side)")
+    before_lease: str | list[str] | None = Field(
+        default=None,
+        description='run before each lease (node side): a shell command, or steps such as ["power on", "./wait.sh"]',
+    )
+    after_lease: str | list[str] | None = Field(
+        default=None, description='run after each lease (node side): a shell command, or steps such as ["power off"]'
+    )
     hook_timeout: float = Field(default=300.0, gt=0, description="seconds a lease hook may take")
     power: dict[str, Any] | None = Field(
         default=None, description='how the board is powered: {driver = "command", on = [...], ...}'
     )
+
+    @field_validator("before_lease", "after_lease", mode="before")
+    @classmethod
+    def _hook_is_a_command_or_steps(cls, hook: Any) -> Any:
+        if hook is None or isinstance(hook, str):
+            return hook
+        if not isinstance(hook, list):
+            raise ValueError(f'expected a shell command or a list of steps such as ["power off"], got {hook!r}')
+        for number, step in enumerate(hook, 1):
+            if not (isinstance(step, str) and step.strip()):
+                raise ValueError(f"step {number}: expected a shell command or a power step, got {step!r}")
+            if step.split()[0] == "power" and power_step(step) is None:
+                raise ValueError(
+                    f"step {number}: {step!r} is no power step; use 'power on', 'power off' or 'power cycle'"
+                )
+        return hook
 
     @field_validator("power")
     @classmethod

@@ -347,9 +347,12 @@ class GrpcTransport(Transport):
 
     # --- files
 
-    async def put_file(self, header: PutFile, chunks: AsyncIterator[Any]) -> Any:
+    async def put_file(
+        self, header: PutFile, chunks: AsyncIterator[Any], *, hashed: bool = False
+    ) -> Any:
         """One upload stream. A broken connection is a :class:`TransportError`: the
-        client asks the node where to resume (``OpenUpload``, retried as any request)."""
+        client asks the node where to resume (``OpenUpload``, retried as any request).
+        ``hashed`` is ignored: bytes that crossed a wire are hashed again by the node."""
 
         # Written here rather than handed to grpc as a request iterator: grpc would
         # read the chunks in a task of its own that can still be inside them when the

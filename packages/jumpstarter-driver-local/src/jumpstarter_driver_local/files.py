@@ -7,9 +7,11 @@ server's (:mod:`jumpstarter.node.files`): this only moves bytes.
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
-from collections.abc import AsyncIterator
+import sys
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 
 import anyio
@@ -51,8 +53,20 @@ class LocalFiles(NodeFiles):
 
     async def write(self, path: str, chunks: AsyncIterator[bytes], *, offset: int = 0) -> int:
         fd = await anyio.to_thread.run_sync(lambda: os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        start_writeback = _sync_file_range()
+        written = offset
+
+        def write(data: bytes) -> None:
+            nonlocal written
+            _write_all(fd, data)
+            if start_writeback is not None:
+                # The disk starts on each chunk as it is written, so the fsync at the
+                # end waits for the last few only (it was a fifth of a 200 MiB upload).
+                start_writeback(fd, written, len(data))
+            written += len(data)
+
         # Written on a thread of its own while the next chunk arrives.
-        writer = ThreadWorker(lambda data: _write_all(fd, data), name="jmp-write")
+        writer = ThreadWorker(write, name="jmp-write")
         try:
             os.ftruncate(fd, offset)
             os.lseek(fd, offset, os.SEEK_SET)
@@ -86,6 +100,28 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int], None] | None:
+    """Linux's ``sync_file_range(2)`` with ``SYNC_FILE_RANGE_WRITE``: start writing a
+    range to disk without waiting for it (the os module lacks it); None elsewhere.
+    Only a head start for the fsync that follows, so its failures are ignored."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range  # libc, already loaded
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    write = 2  # SYNC_FILE_RANGE_WRITE
+
+    def sync_file_range(fd: int, offset: int, length: int) -> None:
+        function(fd, offset, length, write)
+
+    return sync_file_range
 
 
 def _stat(st: os.stat_result) -> FileStat:

@@ -83,33 +83,44 @@ class ConsoleFiles(NodeFiles):
 
     async def write(self, path: str, chunks: AsyncIterator[bytes], *, offset: int = 0) -> int:
         q = shlex.quote(path)
+        # Each command costs the board forks and a round trip: the file is created (or
+        # cut to ``offset``) by the command carrying the first chunk, and checked by the
+        # one carrying the last, so a file of one chunk is one command.
         if offset:
-            await self._run(f"[ -d {q} ] && exit 21; truncate -s {offset} {q}", path)
+            start = f"[ -d {q} ] && exit 21; truncate -s {offset} {q} && "
         else:
-            await self._run(f"[ -d {q} ] && exit 21; umask 077; : > {q}", path)
+            start = f"[ -d {q} ] && exit 21; umask 077; : > {q} && "
+        # From the start, the file itself (one process less than through tail).
+        check = f"tail -c +{offset + 1} {q} | sha256sum" if offset else f"sha256sum < {q}"
         digest = hashlib.sha256()
         size = offset
         pending = b""
         async for chunk in chunks:
             pending += chunk
-            while len(pending) >= CHUNK:
-                await self._append(q, path, pending[:CHUNK])
+            # More than a chunk held: the last one goes with the check, below.
+            while len(pending) > CHUNK:
+                await self._run(start + self._append(q, pending[:CHUNK]), path)
+                start = ""
                 digest.update(pending[:CHUNK])
                 size += CHUNK
                 pending = pending[CHUNK:]
-        if pending:
-            await self._append(q, path, pending)
-            digest.update(pending)
-            size += len(pending)
-        out = await self._run(f"tail -c +{offset + 1} {q} | sha256sum", path)
+        digest.update(pending)
+        size += len(pending)
+        last = self._append(q, pending, then=check) if pending else check
+        out = await self._run(start + last, path)
         if out.split()[:1] != [digest.hexdigest().encode()]:
-            raise OSError(errno.EIO, f"checksum mismatch after writing {path} over the console", path)
+            # Said without the path: the node names the file the user gave, not ours.
+            raise OSError(errno.EIO, "checksum mismatch after writing over the console", path)
         return size
 
-    async def _append(self, q: str, path: str, data: bytes) -> None:
+    @staticmethod
+    def _append(q: str, data: bytes, then: str | None = None) -> str:
+        """The command appending ``data`` to file ``q`` (then running ``then`` if that
+        worked: its line comes before the heredoc's lines, as the shell reads it)."""
         encoded = base64.b64encode(data).decode()
         lines = "\n".join(encoded[i : i + LINE] for i in range(0, len(encoded), LINE))
-        await self._run(f"base64 -d >> {q} <<'__JMP_EOF'\n{lines}\n__JMP_EOF", path)
+        after = f" && {then}" if then else ""
+        return f"base64 -d >> {q} <<'__JMP_EOF'{after}\n{lines}\n__JMP_EOF"
 
     async def rename(self, source: str, target: str) -> None:
         await self._run(f"mv -f {shlex.quote(source)} {shlex.quote(target)}", source)

@@ -49,7 +49,7 @@ from jumpstarter import NodeDriver, RunningProcess
 from jumpstarter.errors import ConfigError, Conflict, NodeError, SpawnFailed, Unavailable
 from jumpstarter.plugins import NodeConsole, OutputWriter, PowerDriver
 from jumpstarter_protocol import TaskSpec
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from .console import Console, PortConsole
 
@@ -58,6 +58,8 @@ log = logging.getLogger(__name__)
 _ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
 INBOX_KEEP = 64 * 1024
 """Bytes kept from the console while no task or prompt search reads them."""
+CONSOLE_LOG_SIZE = 8 * 1024 * 1024
+"""Default bytes of ``console.log`` before it is rotated to ``console.log.1``."""
 
 
 class ShellOptions(BaseModel):
@@ -72,6 +74,22 @@ class ShellOptions(BaseModel):
     login_prompt: str = r"login: ?$"
     password_prompt: str = r"[Pp]assword: ?$"
     boot_timeout: float = Field(default=120.0, gt=0, description="seconds to wait for a shell prompt")
+    console_log_size: int = Field(
+        default=CONSOLE_LOG_SIZE,
+        gt=0,
+        description="bytes of console.log before it is rotated to console.log.1 (8M, 512K, or a number)",
+    )
+
+    @field_validator("console_log_size", mode="before")
+    @classmethod
+    def _a_size(cls, value: Any) -> Any:
+        # "8M" reads better in a config than 8388608.
+        if isinstance(value, str):
+            match = re.fullmatch(r"\s*(\d+)\s*([KMG]?)i?B?\s*", value, re.IGNORECASE)
+            if match is None:
+                raise ValueError(f"expected bytes such as 8M, 512K or 1048576, got {value!r}")
+            return int(match.group(1)) * 1024 ** " KMG".index(match.group(2).upper() or " ")
+        return value
 
 
 class SerialOptions(ShellOptions):
@@ -117,6 +135,8 @@ class SerialNodeDriver(NodeDriver):
                     ("login", self.options.login_prompt),
                     ("password", self.options.password_prompt),
                     ("shell", self.options.prompt),
+                    # The prompt an earlier node server (another token) left the shell at.
+                    ("shell", r"__JMP_P_[0-9a-f]+__ ?$"),
                 )
             ]
         except re.error as exc:
@@ -162,7 +182,7 @@ class SerialNodeDriver(NodeDriver):
         return await anyio.to_thread.run_sync(PortConsole, options.port, options.baud)
 
     async def serve(self, state_dir: Path) -> None:
-        self.console.open(state_dir / "console.log")  # type: ignore[union-attr]
+        self.console.open(state_dir / "console.log", self.options.console_log_size)  # type: ignore[union-attr]
         failures = 0
         try:
             while True:
@@ -402,10 +422,20 @@ class SerialNodeDriver(NodeDriver):
             await self._power.aclose()
 
 
+_STATELESS_BUILTINS = frozenset({"true", "false", "echo", "printf", "test", "["})
+"""Builtins of every board shell (ash, hush, dash, bash, mksh) that change nothing of
+the shell: with variables given before them they need no subshell, which costs the
+board a fork (most of a `true`'s time through a node, whose tasks always get the
+JMP_* variables)."""
+
+
 def shell_command(spec: TaskSpec) -> str:
     """The shell text that runs ``spec`` on the board's shell."""
     # A shell string runs in a subshell: its cd, exit or trap stay its own.
     command = f"( {spec.shell}\n)" if spec.shell is not None else shlex.join(spec.argv or [])
+    if spec.env and spec.cwd is None and spec.argv and spec.argv[0] in _STATELESS_BUILTINS:
+        # Assignments before a regular builtin are for that command alone (POSIX).
+        return " ".join(f"{k}={shlex.quote(v)}" for k, v in spec.env.items()) + " " + command
     if spec.env:
         assignments = " ".join(f"{k}={shlex.quote(v)}" for k, v in spec.env.items())
         command = f"export {assignments}; {command}"
@@ -644,30 +674,86 @@ class _WatchedPower(PowerDriver):
 
 
 class _Transcript(NodeConsole):
-    """Every byte the board printed, in a file on the node (``console.log`` in the
-    node's state directory), read by offset; typing goes to the board."""
+    """Every byte the board printed, in files on the node, read by offset; typing
+    goes to the board.
+
+    ``console.log`` in the node's state directory grows to ``options.console_log_size``
+    bytes, then becomes ``console.log.1`` (the one before is dropped) and a new
+    ``console.log`` begins: the node keeps between one and two limits' worth, the
+    older file first. Offsets count every byte printed since the node server started
+    (plus what the files held then), so they stay valid across a rotation; an offset
+    whose bytes were dropped reads from the oldest byte kept."""
 
     def __init__(self, driver: SerialNodeDriver) -> None:
         self.driver = driver
-        self.fd: int | None = None
-        self.size = 0
+        self.fd: int | None = None  # console.log
+        self.old_fd: int | None = None  # console.log.1
+        self.path: Path | None = None
+        self.max_size = CONSOLE_LOG_SIZE
+        self.start = 0  # the offset of the oldest byte kept
+        self.old_size = 0  # bytes in console.log.1
+        self.size = 0  # the offset after the newest byte
+        self._stuck = False  # the last rotation failed
         self._grew = anyio.Event()
 
-    def open(self, path: Path) -> None:
+    def open(self, path: Path, max_size: int = CONSOLE_LOG_SIZE) -> None:
+        self.path, self.max_size = path, max_size
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
-        self.size = os.fstat(self.fd).st_size
+        try:
+            self.old_fd = os.open(self._older(), os.O_RDONLY)
+            self.old_size = os.fstat(self.old_fd).st_size
+        except FileNotFoundError:
+            self.old_fd, self.old_size = None, 0
+        self.start = 0
+        self.size = self.old_size + os.fstat(self.fd).st_size
+
+    def _older(self) -> Path:
+        assert self.path is not None
+        return self.path.with_name(self.path.name + ".1")
 
     def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        for fd in (self.fd, self.old_fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.old_fd = None
 
     def append(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            room = self.max_size - (self.size - self.start - self.old_size)
+            if self.fd is not None and room <= 0 and not self._rotate():
+                self._write(view)  # cannot rotate: the rest goes to the one file
+                break
+            # A read can bring more than the file's room: split it at the limit, so
+            # each console.log.1 holds exactly max_size bytes.
+            part = view[: max(room, 0) or self.max_size] if self.fd is not None else view
+            self._write(part)
+            view = view[len(part) :]
+        self._grew.set()
+        self._grew = anyio.Event()
+
+    def _write(self, data: memoryview) -> None:
         if self.fd is not None:
             os.write(self.fd, data)
         self.size += len(data)
-        self._grew.set()
-        self._grew = anyio.Event()
+
+    def _rotate(self) -> bool:
+        assert self.path is not None and self.fd is not None
+        try:
+            os.replace(self.path, self._older())
+            fresh = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC, 0o600)
+        except OSError as exc:  # a full disk: keep appending to the one file
+            if not self._stuck:  # said once, not once a read
+                log.warning("node %s: cannot rotate %s: %s", self.driver.node.name, self.path, exc.strerror)
+            self._stuck = True
+            return False
+        self._stuck = False
+        if self.old_fd is not None:
+            os.close(self.old_fd)
+        self.start += self.old_size
+        self.old_fd, self.fd = self.fd, fresh  # the fd still reads the renamed file
+        self.old_size = self.size - self.start
+        return True
 
     async def read(self, offset: int | None, limit: int, wait: float) -> tuple[int, bytes, int]:
         if offset is None or offset > self.size:
@@ -675,9 +761,15 @@ class _Transcript(NodeConsole):
         if offset == self.size and wait > 0:
             with anyio.move_on_after(wait):
                 await self._grew.wait()
+        offset = max(offset, self.start)  # dropped by a rotation (maybe while we waited)
         if self.fd is None or offset >= self.size:
             return offset, b"", self.size
-        data = os.pread(self.fd, min(limit, self.size - offset), offset)
+        at = offset - self.start
+        if at < self.old_size:
+            assert self.old_fd is not None
+            data = os.pread(self.old_fd, min(limit, self.old_size - at), at)
+        else:
+            data = os.pread(self.fd, min(limit, self.size - offset), at - self.old_size)
         return offset, data, self.size
 
     async def write(self, data: bytes) -> None:

@@ -123,7 +123,9 @@ async def put_file(node: AsyncNode, source: Path, remote: str, *, mode: int = 0o
             header = PutFile(**opening.model_dump(exclude={"type"}), offset=ready.offset)
             chunks = _chunks(file, ready.offset, size, digest)
             try:
-                reply = await node.transport.put_file(header, chunks)
+                # ``_chunks`` hashes the very objects it yields: a node in this
+                # process may take its sha256 rather than hash them again.
+                reply = await node.transport.put_file(header, chunks, hashed=True)
             except TransportError:
                 await chunks.aclose()  # its reader must let go of the file before the next
                 if attempt == RESUMES:

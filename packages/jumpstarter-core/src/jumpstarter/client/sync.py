@@ -137,6 +137,24 @@ class Node:
     def glob(self, pattern: str, **kwargs: Any) -> list[Any]:
         return self.session._call(self.aio.glob, pattern, **kwargs)
 
+    def power(self, action: str) -> str:
+        """Switch the node's board ``on``, ``off``, ``cycle`` it, or ask its
+        ``status``; returns the power state after it (``on``, ``off``, ``unknown``).
+        Needs the lease. Raises :class:`~jumpstarter.errors.BadRequest` when the
+        node has no power control, :class:`~jumpstarter.errors.Unavailable` when its
+        back end failed (the message says how)."""
+        return self.session._call(self.aio.power, action)
+
+    def read_console(self, offset: int | None = None, *, wait: float = 0.0) -> Any:
+        """Bytes of the node's console transcript from ``offset`` (None: from its
+        end), waiting up to ``wait`` seconds for some; see ``AsyncNode.read_console``."""
+        return self.session._call(self.aio.read_console, offset, wait=wait)
+
+    def write_console(self, data: bytes) -> None:
+        """Type ``data`` on the node's console (needs the lease; refused while a task
+        runs there)."""
+        self.session._call(self.aio.write_console, data)
+
     def release(self) -> None:
         self.session._call(self.aio.release)
 

@@ -51,7 +51,6 @@ from jumpstarter_protocol import (
     Ping,
     Pong,
     Power,
-    PowerAction,
     PowerState,
     ProtocolError,
     PruneOutput,
@@ -83,6 +82,7 @@ from jumpstarter_protocol import (
 )
 
 from jumpstarter.errors import BadRequest, Conflict, NodeError, NotFound, Unauthorized, Unavailable
+from jumpstarter.node.power import switch_power
 from jumpstarter.store.base import RepeatedBatch
 
 if TYPE_CHECKING:
@@ -194,16 +194,23 @@ class NodeConnection:
 
     # --- files: the two streams ---------------------------------------------------------
 
-    async def put_file(self, header: Any, messages: AsyncIterator[Any]) -> Any:
+    async def put_file(
+        self, header: Any, messages: AsyncIterator[Any], *, in_process: bool = False
+    ) -> Any:
         """Answer one upload stream: ``header`` (a ``PutFile``), then the chunks and
-        ``FileEnd`` in ``messages``. Never raises: failures become ``Error`` replies."""
+        ``FileEnd`` in ``messages``. Never raises: failures become ``Error`` replies.
+
+        ``in_process``: the chunks are the very bytes objects the client hashed for
+        the ``FileEnd``, handed over in this process (the local transport, for the
+        client's own put), so the node takes that sha256 instead of hashing them a
+        second time (see :meth:`jumpstarter.node.files.Files.upload`)."""
         if not isinstance(header, PutFile):
             kind = getattr(header, "type", type(header).__name__)
             return Error(code=ErrorCode.BAD_REQUEST, message=f"an upload starts with put_file, not {kind}")
 
         async def upload(request: PutFile) -> Any:
             self._require_lease()
-            return await self.server.files.upload(request, messages)
+            return await self.server.files.upload(request, messages, in_process=in_process)
 
         return await self._answer(upload, header)
 
@@ -496,10 +503,4 @@ class NodeConnection:
                 f"node {self.server.node.name!r} has no power control; "
                 'give it one in the config: power = {driver = "command", on = [...], off = [...]}'
             )
-        if request.action is PowerAction.ON:
-            await power.on()
-        elif request.action is PowerAction.OFF:
-            await power.off()
-        elif request.action is PowerAction.CYCLE:
-            await power.cycle()
-        return PowerState(state=await power.status())
+        return PowerState(state=await switch_power(power, request.action.value))

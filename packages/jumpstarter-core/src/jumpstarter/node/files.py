@@ -169,13 +169,23 @@ class Files:
         except OSError:
             pass  # tidying up is no reason to refuse the upload
 
-    async def upload(self, header: PutFile, messages: AsyncIterator[Any]) -> FileWritten:
+    async def upload(
+        self, header: PutFile, messages: AsyncIterator[Any], *, in_process: bool = False
+    ) -> FileWritten:
         """Take the chunks after ``header`` and, once the ``FileEnd`` matched, put the
         file in place. A stream that stops short (the connection dropped) keeps what
-        arrived for a resume; every other failure leaves nothing."""
+        arrived for a resume; every other failure leaves nothing.
+
+        ``in_process``: the chunks are the client's own bytes objects, handed over in
+        this process, not copies that crossed a wire, and the client vouches that the
+        ``FileEnd``'s sha256 is of exactly these objects (it hashed them as it read its
+        file). Hashing the same immutable objects again could only agree, and would
+        cost a put on the local node as much as the copy itself, so the node takes that
+        sha256. Offsets and size are still checked. A caller that does not vouch (a
+        ``FileEnd`` of its own making) is checked as over a wire."""
         path, part = await self._upload_target(header)
         async with self._upload_lock(part):
-            return await self._upload(header, messages, path, part)
+            return await self._upload(header, messages, path, part, in_process)
 
     @asynccontextmanager
     async def _upload_lock(self, part: str) -> AsyncIterator[None]:
@@ -187,7 +197,9 @@ class Files:
             if not lock.locked() and not lock.statistics().tasks_waiting:
                 self._uploads.pop(part, None)
 
-    async def _upload(self, header: PutFile, messages: AsyncIterator[Any], path: str, part: str) -> FileWritten:
+    async def _upload(
+        self, header: PutFile, messages: AsyncIterator[Any], path: str, part: str, in_process: bool
+    ) -> FileWritten:
         files = self.files
         held = await self._os(files.stat(part), header.path)
         have = held.size if held is not None else 0
@@ -197,7 +209,7 @@ class Files:
                 f"not {header.offset}: ask again where to resume (open_upload)"
             )
         digest = hashlib.sha256()
-        if have:
+        if have and not in_process:
             try:
                 async for data in files.read(part):
                     await anyio.to_thread.run_sync(digest.update, data)
@@ -206,7 +218,7 @@ class Files:
         end: list[FileEnd] = []
         size = [have]
         # Hashed on a thread of its own while the driver writes the chunk before.
-        hasher = ThreadWorker(digest.update, name="jmp-sha256")
+        hasher = None if in_process else ThreadWorker(digest.update, name="jmp-sha256")
 
         async def data_of() -> AsyncIterator[bytes]:
             async for message in messages:
@@ -220,12 +232,14 @@ class Files:
                 size[0] += len(message.data)
                 if size[0] > header.size:
                     raise BadRequest(f"{header.path}: more than the {header.size} bytes announced")
-                await hasher.put(message.data)
+                if hasher is not None:
+                    await hasher.put(message.data)
                 yield message.data
 
         try:
             await files.write(part, data_of(), offset=have)
-            await hasher.finish()
+            if hasher is not None:
+                await hasher.finish()
         except OSError as exc:
             await self._discard(part)
             raise self._os_error(exc, header.path) from None
@@ -233,15 +247,17 @@ class Files:
             await self._discard(part)
             raise
         finally:
-            await hasher.aclose()
+            if hasher is not None:
+                await hasher.aclose()
         if not end:
             # The stream stopped short: keep what came for the same upload to resume.
             raise BadRequest(f"{header.path}: the upload ended at byte {size[0]} of {header.size}")
+        sha256 = end[0].sha256 if in_process else digest.hexdigest()
         problem = None
         if end[0].size != size[0] or size[0] != header.size:
             problem = f"size mismatch: {size[0]} bytes arrived, {header.size} announced"
-        elif end[0].sha256 != digest.hexdigest():
-            problem = f"checksum mismatch: sha256 {digest.hexdigest()} arrived, {end[0].sha256} was sent"
+        elif end[0].sha256 != sha256:
+            problem = f"checksum mismatch: sha256 {sha256} arrived, {end[0].sha256} was sent"
         if problem is not None:
             await self._discard(part)
             raise BadRequest(f"{header.path}: {problem}; nothing was written")
@@ -251,7 +267,7 @@ class Files:
         except OSError as exc:
             await self._discard(part)
             raise self._os_error(exc, header.path) from None
-        return FileWritten(file=await self._info(path, header.path), sha256=digest.hexdigest())
+        return FileWritten(file=await self._info(path, header.path), sha256=sha256)
 
     async def download(self, request: GetFile) -> AsyncGenerator[FileChunk | FileEnd, None]:
         """``FileChunk`` messages from ``request.offset``, then the ``FileEnd`` with

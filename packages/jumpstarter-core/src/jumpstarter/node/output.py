@@ -76,6 +76,7 @@ class OutputLog:
         """The error that stopped the writes, if one did."""
         self.failed = anyio.Event()
         """Set when a write failed."""
+        self._also_failed: list[anyio.Event] = []
         if not write:
             self._refresh()
 
@@ -105,6 +106,15 @@ class OutputLog:
         except OSError as exc:
             self.error = exc
             self.failed.set()
+            for event in self._also_failed:
+                event.set()
+
+    def set_on_failure(self, event: anyio.Event) -> None:
+        """Set ``event`` as well when a write fails (at once if one did): one event
+        for a supervisor to wait on, instead of a task per event."""
+        self._also_failed.append(event)
+        if self.failed.is_set():
+            event.set()
 
     @property
     def failure(self) -> str | None:

@@ -102,7 +102,11 @@ class NodeServer:
             on_task_finished=self.leases.task_ended,
         )
         if node.before_lease or node.after_lease:
-            self.leases.hooks = LeaseHooks(node.name, node.before_lease, node.after_lease, node.hook_timeout)
+            # Raises ConfigError for a power step on a node without power control, so
+            # the node refuses to start rather than fail its first lease.
+            self.leases.hooks = LeaseHooks(
+                node.name, node.before_lease, node.after_lease, node.hook_timeout, power=driver.power
+            )
         self.leases.sessions_running = self.tasks.sessions_running
         self.leases.stop_session = self.tasks.stop_session
         self.url: str | None = None

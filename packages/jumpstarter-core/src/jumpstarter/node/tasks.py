@@ -56,18 +56,6 @@ Detacher = Callable[[str, str], Awaitable[None]]
 own and returns once it runs: ``await detach(node, task_id)``."""
 
 
-async def _first(*events: anyio.Event) -> None:
-    """Return as soon as one of ``events`` is set."""
-    async with anyio.create_task_group() as tg:
-        for event in events:
-
-            async def wait(event: anyio.Event = event) -> None:
-                await event.wait()
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(wait)
-
-
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -368,7 +356,11 @@ class Tasks:
     async def _supervise(self, running: _Running) -> None:
         exit_code: int | None = None
         exited = anyio.Event()
+        # Set when it exited or its output can no longer be kept: one event to wait on
+        # (a task per event cost every task a few turns of the loop at its end).
+        settled = anyio.Event()
         output = running.output
+        output.set_on_failure(settled)
 
         message = None
         lost = False
@@ -380,12 +372,13 @@ class Tasks:
             except ProcessLost as exc:
                 lost, message = True, str(exc)
             exited.set()
+            settled.set()
 
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(wait_for_exit)
                 with anyio.move_on_after(running.task.spec.timeout):
-                    await _first(exited, output.failed)
+                    await settled.wait()
                 if not exited.is_set() and not output.failed.is_set():
                     running.timed_out = True
                     message = f"timed out after {running.task.spec.timeout:g}s"

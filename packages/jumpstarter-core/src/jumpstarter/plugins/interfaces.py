@@ -352,11 +352,18 @@ class Transport(ABC):
 
     # --- files (optional: a transport that cannot carry files keeps these) -----------
 
-    async def put_file(self, header: PutFile, chunks: AsyncIterator[FileChunk | FileEnd]) -> object:
+    async def put_file(
+        self, header: PutFile, chunks: AsyncIterator[FileChunk | FileEnd], *, hashed: bool = False
+    ) -> object:
         """Send one upload: ``header``, then ``chunks`` (``FileChunk`` messages and one
         ``FileEnd``); return the node's reply (``FileWritten`` or an ``Error``). Raise
         :class:`~jumpstarter.errors.TransportError` when the connection breaks: the
-        client then asks the node where to resume (``OpenUpload``)."""
+        client then asks the node where to resume (``OpenUpload``).
+
+        ``hashed``: the caller computed the ``FileEnd``'s sha256 of exactly these
+        chunk objects (the client's own put does). A transport that hands the objects
+        to a node server in this process lets the node take that sha256 instead of
+        hashing the same bytes again; one that sends them over a wire ignores it."""
         from jumpstarter.errors import TransportError
 
         raise TransportError(f"transport {type(self).__name__} cannot carry files")
