@@ -335,6 +335,20 @@ async def test_a_start_over_grpc_waits_for_a_board_slower_than_the_deadline(
     assert done.returncode != 0 and done.stdout == b""
 
 
+async def test_a_lease_over_grpc_waits_for_a_before_lease_hook_slower_than_the_deadline(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """A lease's before_lease hook (a board's power cycle and boot, say) runs up to
+    hook_timeout, which the node announces; a one-second deadline waits that long."""
+    node = NodeConfig(name="board", before_lease="sleep 2")
+    async with served_over_grpc(node, data_dir) as url:
+        async with grpc_client(url, tmp_path / "client").create_async_session("t") as session:
+            board = await session.connect("board")
+            assert board.info is not None and board.info.lease_timeout == 300  # hook_timeout
+            task = await board.start(["echo", "leased"])
+            assert await output_of(task) == b"leased\n"
+
+
 async def test_a_login_the_config_cannot_answer(board: Board, tmp_path: Path, data_dir: Path) -> None:
     node = NodeConfig(name="board", driver="serial", options={"port": board.port, "boot_timeout": 10})
     protocol = protocol_for(node, data_dir)
