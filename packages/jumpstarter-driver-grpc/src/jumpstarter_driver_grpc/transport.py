@@ -12,14 +12,15 @@ A node's config names where it is and how to trust it::
 Every unary call has a deadline (``deadline`` seconds, plus the time the request
 itself asks to wait; a start, plus the ``start_timeout`` the node announced: how long
 its driver may take to start a task, as a board booting to its shell; a lease, plus its
-``lease_timeout``: its ``before_lease`` hook). Once a node was
-reached, a broken connection is retried with backoff for up to ``reconnect_timeout``
-seconds: requests that are safe to repeat are sent again, and an output stream resumes
-from the offset it had reached, so nothing is lost and nothing doubled. A task's input
-goes over one ``Input`` stream per connection; each write names its offset in the
-input, so after a break it is sent again (as a plain request) and the node skips what
-it had. If the node forgot the connection (it restarted, or the client was silent past
-its keep-alive), the transport shakes hands again and retakes the lease it held. A background ``Ping`` keeps the connection (and lease) alive.
+``lease_timeout``: its ``before_lease`` hook). Once a node was reached, a broken
+connection is retried with backoff for up to ``reconnect_timeout`` seconds: requests
+that are safe to repeat are sent again, and an output stream resumes from the offset
+it had reached, so nothing is lost and nothing doubled. A task's input goes over one
+``Input`` stream per connection; each write names its offset in the input, so after a
+break it is sent again (as a plain request) and the node skips what it had. If the
+node forgot the connection (it restarted, or the client was silent past its
+keep-alive), the transport shakes hands again and retakes the lease it held. A
+background ``Ping`` keeps the connection (and lease) alive.
 """
 
 from __future__ import annotations
