@@ -8,7 +8,8 @@ seconds, during which everything typed is lost; a ``login:`` prompt (echoing the
 name, not the password) when --login is given; then a real ``sh`` on a terminal
 of its own (echo on, LF sent as CR LF), its bytes relayed to and from the console.
 When the shell exits, the login prompt comes back, as a getty's would. SIGUSR1 is
-its power cycle: the shell is killed and the board boots again.
+its power cycle: the shell is killed and the board boots again. After each boot it
+prints ``booted`` on stdout.
 
 ``--baud N`` paces the shell's relay both ways as a UART at N baud would (8N1: ten
 bits a byte, N/10 bytes a second): each byte reaches the far side when its last bit
@@ -165,6 +166,7 @@ def main() -> None:
     while True:
         try:
             boot(console, args.boot)
+            print("booted", flush=True)  # for a test that must open the port only now
             while True:
                 if args.login:
                     login(console, args.login, args.password)

@@ -422,6 +422,20 @@ def test_round_trip_covers_nested_values_and_timezones() -> None:
     assert decode(encode(TaskStarted(task_id="t", started_at=lmt))).started_at == lmt
 
 
+def test_a_node_says_how_long_a_start_may_take_there() -> None:
+    """``start_timeout``, ``lease_timeout``: what a client with a deadline per call
+    adds for a start, a lease."""
+    assert NodeInfo(name="n", driver="local").start_timeout == 0
+    node = NodeInfo(name="n", driver="serial", start_timeout=120, lease_timeout=300)
+    back = decode(encode(ConfigData(node=node))).node
+    assert (back.start_timeout, back.lease_timeout) == (120, 300)
+    for field in ("start_timeout", "lease_timeout"):
+        assert json_schema()["$defs"]["NodeInfo"]["properties"][field]["minimum"] == 0
+        for bad in (-1, float("inf")):
+            with pytest.raises(ValidationError):
+                NodeInfo(name="n", driver="serial", **{field: bad})
+
+
 def test_decode_accepts_any_bytes_like() -> None:
     encoded = encode(OutputChunk(task_id="t", offset=0, stream="stdout", data=b"abc"))
     for data in (encoded, bytearray(encoded), memoryview(encoded)):

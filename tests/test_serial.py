@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.server
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -76,6 +77,27 @@ async def served(node: NodeConfig, data_dir: Path) -> AsyncIterator[object]:
             yield server
         finally:
             server.close()
+
+
+@asynccontextmanager
+async def served_over_grpc(node: NodeConfig, data_dir: Path) -> AsyncIterator[str]:
+    """``node`` served by this process over gRPC on 127.0.0.1: its URL."""
+    from jumpstarter_driver_grpc._server import serve
+
+    async with served(node, data_dir) as server, anyio.create_task_group() as tg:
+        urls: list[str] = []
+        ready = anyio.Event()
+        options = {"listen": "127.0.0.1:0", "ready": lambda url: (urls.append(url), ready.set())}
+        tg.start_soon(serve, server, options)
+        await ready.wait()
+        yield urls[0]
+        tg.cancel_scope.cancel()
+
+
+def grpc_client(url: str, data_dir: Path) -> JumpStarterProtocol:
+    """A client whose node ``board`` is at ``url``, with a one-second deadline per call."""
+    node = NodeConfig(name="board", transport="grpc", endpoint=url, options={"deadline": 1})
+    return JumpStarterProtocol(Config(data_dir=data_dir, nodes={"board": node}))
 
 
 async def output_of(task: object) -> bytes:
@@ -367,6 +389,65 @@ async def test_files_over_the_console(board: Board, tmp_path: Path, data_dir: Pa
         assert (tmp_path / "d" / "moved").stat().st_mode & 0o777 == 0o644
         await files.remove(str(tmp_path / "d" / "moved"))
         assert not (tmp_path / "d" / "moved").exists()
+
+
+async def test_a_start_over_grpc_waits_for_a_board_slower_than_the_deadline(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """A start waits for the board's shell (boot, login) up to its boot_timeout, which
+    the node announces; a client with a one-second deadline per call waits that long."""
+    slow = Board("--boot", "2", "--login", "root", "--password", "s3cret")
+    try:
+        async with served_over_grpc(node_config(slow, tmp_path), data_dir) as url:
+            async with grpc_client(url, tmp_path / "client").create_async_session("t") as session:
+                node = await session.connect("board")
+                assert node.info is not None and node.info.start_timeout == 20  # boot_timeout
+                os.kill(slow.pid, signal.SIGUSR1)  # a power cycle: 2 s of boot from now
+                task = await node.start(["echo", "after-the-boot"])
+                assert await output_of(task) == b"after-the-boot\n"
+                assert (await task.wait()).exit_code == 0
+                transcript = (await node.read_console(0)).data
+        assert transcript.count(b"simboard: power on") == 2  # the start waited for a boot
+    finally:
+        slow.close()
+    # A board that never gets to a prompt: the driver's message, not a lost connection.
+    mute = Board("--boot", "1000")
+    try:
+        node = node_config(mute, tmp_path)
+        node.options["boot_timeout"] = 1.5
+        async with served_over_grpc(node, data_dir) as url:
+            config = tmp_path / "jumpstarter.toml"
+            config.write_text(
+                f'[nodes.board]\ntransport = "grpc"\nendpoint = "{url}"\n'
+                "options = { deadline = 1 }\n"
+            )
+            env = {**os.environ, "JMP_CONFIG": str(config), "JMP_DATA_DIR": str(tmp_path / "c")}
+            done = await anyio.run_process(
+                [JMP, "run", "--node", "board", "--", "true"], env=env, check=False
+            )
+    finally:
+        mute.close()
+    stderr = done.stderr.decode()
+    assert re.fullmatch(
+        r"jmp: error: no shell prompt on the console of node 'board' within 1.5s "
+        r"\(last printed: '[^\n]*simboard: booting, step \d+'\)\n",
+        stderr,
+    ), stderr
+    assert done.returncode != 0 and done.stdout == b""
+
+
+async def test_a_lease_over_grpc_waits_for_a_before_lease_hook_slower_than_the_deadline(
+    tmp_path: Path, data_dir: Path
+) -> None:
+    """A lease's before_lease hook (a board's power cycle and boot, say) runs up to
+    hook_timeout, which the node announces; a one-second deadline waits that long."""
+    node = NodeConfig(name="board", before_lease="sleep 2")
+    async with served_over_grpc(node, data_dir) as url:
+        async with grpc_client(url, tmp_path / "client").create_async_session("t") as session:
+            board = await session.connect("board")
+            assert board.info is not None and board.info.lease_timeout == 300  # hook_timeout
+            task = await board.start(["echo", "leased"])
+            assert await output_of(task) == b"leased\n"
 
 
 async def test_a_login_the_config_cannot_answer(board: Board, tmp_path: Path, data_dir: Path) -> None:
@@ -775,6 +856,30 @@ async def test_the_driver_works_over_a_board_paced_as_a_9600_baud_uart(tmp_path:
             assert (await task.wait()).exit_code == 0
     finally:
         b.close()
+
+
+async def test_what_the_board_printed_before_the_port_opened_is_kept() -> None:
+    """A node that opens the console after the board booted (a loaded machine, a
+    restart) still gets the boot log waiting in the terminal's buffer: pyserial's
+    open() would flush it."""
+    from jumpstarter_driver_serial.console import PortConsole
+
+    b = Board("--boot", "0.2", "--login", "root")
+    try:
+        assert b.process.stdout is not None
+        assert b.process.stdout.readline() == "booted\n"  # all of it printed, unread
+        console = PortConsole(b.port)
+        try:
+            seen = b""
+            with anyio.move_on_after(10):  # a flushed buffer: nothing more comes
+                while b"login: " not in seen:
+                    seen += await console.read()
+        finally:
+            await console.aclose()
+    finally:
+        b.close()
+    assert seen.startswith(b"simboard: power on\r\n")
+    assert b"simboard: booting, step 0" in seen
 
 
 class Switch:

@@ -10,14 +10,17 @@ A node's config names where it is and how to trust it::
     options = { deadline = 30, reconnect_timeout = 60 }
 
 Every unary call has a deadline (``deadline`` seconds, plus the time the request
-itself asks to wait). Once a node was reached, a broken connection is retried with
-backoff for up to ``reconnect_timeout`` seconds: requests that are safe to repeat are
-sent again, and an output stream resumes from the offset it had reached, so nothing
-is lost and nothing doubled. A task's input goes over one ``Input`` stream per
-connection; each write names its offset in the input, so after a break it is sent
-again (as a plain request) and the node skips what it had. If the node forgot the connection (it restarted, or the
-client was silent past its keep-alive), the transport shakes hands again and retakes
-the lease it held. A background ``Ping`` keeps the connection (and lease) alive.
+itself asks to wait; a start, plus the ``start_timeout`` the node announced: how long
+its driver may take to start a task, as a board booting to its shell; a lease, plus its
+``lease_timeout``: its ``before_lease`` hook). Once a node was reached, a broken
+connection is retried with backoff for up to ``reconnect_timeout`` seconds: requests
+that are safe to repeat are sent again, and an output stream resumes from the offset
+it had reached, so nothing is lost and nothing doubled. A task's input goes over one
+``Input`` stream per connection; each write names its offset in the input, so after a
+break it is sent again (as a plain request) and the node skips what it had. If the
+node forgot the connection (it restarted, or the client was silent past its
+keep-alive), the transport shakes hands again and retakes the lease it held. A
+background ``Ping`` keeps the connection (and lease) alive.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from jumpstarter_protocol import (
     MAX_MESSAGE_SIZE,
     AddResult,
     CloseInput,
+    ConfigData,
     ConnectionEstablished,
     ConnectionInfo,
     ConnectNode,
@@ -52,6 +56,7 @@ from jumpstarter_protocol import (
     GetTaskStatus,
     InitializeConnection,
     ListTasks,
+    NodeInfo,
     NodeReleased,
     OutputChunk,
     ListArtifacts,
@@ -63,6 +68,7 @@ from jumpstarter_protocol import (
     QueryResults,
     ReadOutput,
     ReleaseNode,
+    StartRequest,
     StatFile,
     ResizeTerminal,
     StopTask,
@@ -283,6 +289,10 @@ class GrpcTransport(Transport):
         self._handshake_lock = asyncio.Lock()
         self._keepalive: asyncio.Task[None] | None = None
         self._closed = False
+        # What the node said of itself (its config or lease reply): how long a start
+        # (a board booting to its shell) or a lease (its before_lease hook) may take
+        # there, which such a request gets on top of the deadline.
+        self._node_info: NodeInfo | None = None
 
     # --- Transport --------------------------------------------------------------------------
 
@@ -326,6 +336,9 @@ class GrpcTransport(Transport):
             frame = encode(message, max_size=MAX_MESSAGE_SIZE)
         except ProtocolError as exc:
             return Error(code=ErrorCode(exc.code), message=str(exc))
+        if isinstance(message, ConnectNode) and self._node_info is None:
+            # How long its before_lease hook may take is known only from the node.
+            await self._call(FetchConfig(), encode(FetchConfig()))
         if isinstance(message, _INPUT):
             reply = await self._input(message, frame)
         else:
@@ -471,7 +484,7 @@ class GrpcTransport(Transport):
 
     async def _call(self, message: Any, frame: bytes, *, handshake_again: bool = True) -> Any:
         """Send one frame, retrying what may be retried; the decoded reply."""
-        timeout = self.settings.deadline + _extra_time(message)
+        timeout = self.settings.deadline + _extra_time(message, self._node_info)
         handshake = isinstance(message, InitializeConnection)
         retry = _Retry(self.settings.reconnect_timeout)
         while True:
@@ -500,6 +513,8 @@ class GrpcTransport(Transport):
             break
         reply = self._decode(data)
         self._reached = True
+        if isinstance(reply, ConfigData | ConnectionEstablished):
+            self._node_info = reply.node
         if handshake and isinstance(reply, ConnectionInfo):
             self._connection_id = reply.connection_id
             self._handshake = message
@@ -626,10 +641,13 @@ class GrpcTransport(Transport):
         return last.rsplit(": ", 1)[-1] if ": " in last else (last or code.name.lower())
 
 
-def _extra_time(message: Any) -> float:
-    """How long a request itself asks the node to take."""
+def _extra_time(message: Any, node: NodeInfo | None = None) -> float:
+    """How long a request itself asks the node to take; a start or a lease, as long as
+    the node said one may take there (``start_timeout``, ``lease_timeout``)."""
+    if isinstance(message, StartRequest):
+        return node.start_timeout if node else 0.0
     if isinstance(message, ConnectNode):
-        return message.wait or 0.0
+        return (message.wait or 0.0) + (node.lease_timeout if node else 0.0)
     if isinstance(message, WaitTask):
         return message.timeout or 0.0
     if isinstance(message, StopTask):

@@ -45,7 +45,10 @@ class PortConsole(Console):
 
     def __init__(self, url: str, baud: int = 115200) -> None:
         try:
-            self.port = serial.serial_for_url(url, baudrate=baud, timeout=0.2, write_timeout=None)
+            self.port = serial.serial_for_url(
+                url, baudrate=baud, timeout=0.2, write_timeout=None, do_not_open=True
+            )
+            _open_keeping_input(self.port)
         except (serial.SerialException, ValueError, OSError) as exc:
             raise OSError(errno.EIO, f"cannot open {url}: {exc}") from None
         self.url = url
@@ -113,6 +116,26 @@ class PortConsole(Console):
 
     async def aclose(self) -> None:
         self.port.close()
+
+
+def _open_keeping_input(port: serial.SerialBase) -> None:
+    """Open ``port`` without the input flush pyserial's ``open()`` does: what the
+    board printed before the node opened its console (a boot log waiting in a PTY's
+    or a USB adapter's buffer, a socket's backlog) belongs in the transcript."""
+    # pyserial flushes through _reset_input_buffer (posix ports) or
+    # reset_input_buffer (socket://, rfc2217://), with no option to skip it.
+    names = ("_reset_input_buffer", "reset_input_buffer")
+    for name in names:
+        setattr(port, name, _keep)
+    try:
+        port.open()
+    finally:
+        for name in names:
+            delattr(port, name)
+
+
+def _keep() -> None:
+    pass
 
 
 class UnixConsole(Console):

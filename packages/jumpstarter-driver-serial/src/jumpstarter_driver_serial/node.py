@@ -130,6 +130,9 @@ class SerialNodeDriver(NodeDriver):
     def __init__(self, node: Any) -> None:
         super().__init__(node)
         self.options = parse_options(self.options_model, node)
+        # A start waits for the shell (a boot, a login) up to boot_timeout: clients
+        # with a deadline per request are told to wait that long for its reply.
+        self.start_timeout = self.options.boot_timeout
         self._password = self.options.password
         if self._password is None and self.options.password_file is not None:
             try:

@@ -72,6 +72,9 @@ class SshNodeDriver(NodeDriver):
     def __init__(self, node: NodeConfig) -> None:
         super().__init__(node)
         self.options = SshOptions.parse(node.name, node.options)
+        # A start may connect (connect_timeout), then wait for the command to start
+        # (three times that): what clients with a deadline per request must allow.
+        self.start_timeout = 4 * self.options.connect_timeout
         self.where = f"{self.options.user}@{self.options.host}:{self.options.port}"
         if not self.options.verify_host_key:
             # Said once, where the person who turned it off will see it.

@@ -257,6 +257,13 @@ class NodeInfo(_Model):
     limits: dict[str, int] = Field(default_factory=dict)
     protocol_version: int = PROTOCOL_VERSION
     jumpstarter_version: str | None = None
+    start_timeout: float = Field(default=0.0, ge=0, le=86400)
+    """Seconds a ``StartRequest`` may take on this node before its reply comes, beyond
+    what any request takes: a board booting to its shell, an SSH login. A client that
+    gives each request a deadline adds this much to a start's."""
+    lease_timeout: float = Field(default=0.0, ge=0, le=86400)
+    """Seconds a ``ConnectNode`` that gets the lease may take before its reply, beyond
+    its own ``wait``: the node's ``before_lease`` hook (its ``hook_timeout``)."""
 
 
 # --- requests ----------------------------------------------------------------------

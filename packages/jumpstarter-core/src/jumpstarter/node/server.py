@@ -86,6 +86,8 @@ class NodeServer:
             capabilities=capabilities,
             limits=limits,
             jumpstarter_version=__version__,
+            start_timeout=driver.start_timeout,
+            lease_timeout=node.hook_timeout if node.before_lease else 0.0,
         )
         self.agent = f"{socket.gethostname()}:{os.getpid()}"
         self.leases = Leases(node.name, holder=self.agent)

@@ -121,6 +121,11 @@ class NodeDriver(ABC):
 
     capabilities: ClassVar[list[str]] = []
 
+    start_timeout: float = 0.0
+    """Seconds :meth:`spawn` may legitimately take (booting a board to its shell, an
+    SSH login), announced to clients as ``NodeInfo.start_timeout`` so that one with a
+    deadline per request waits that long for a start's reply."""
+
     files: NodeFiles | None = None
     """File access on the node, for a driver with the ``files`` capability."""
 
