@@ -351,6 +351,25 @@ async def test_a_hung_shell_is_power_cycled(board: Board, tmp_path: Path, data_d
     assert transcript.index(b"hung") < transcript.rindex(b"simboard: power on")  # it booted again
 
 
+async def test_a_task_right_after_a_power_cycle_waits_for_the_new_shell(
+    board: Board, tmp_path: Path, data_dir: Path
+) -> None:
+    # The console stays open across the cycle (as a USB serial adapter's does): only
+    # the power action tells the driver that the shell it set up is gone.
+    power = {"driver": "command", "off": ["true"], "on": ["kill", "-USR1", str(board.pid)], "pause": 0}
+    protocol = protocol_for(node_config(board, tmp_path, power=power), data_dir)
+    async with protocol.create_async_session("t") as session:
+        node = await session.connect("board")
+        task = await node.start(["echo", "before"])
+        assert await output_of(task) == b"before\n"
+        assert await node.power("cycle") == "on"
+        task = await node.start(["echo", "after", "the", "cycle"], timeout=30)
+        assert await output_of(task) == b"after the cycle\n"
+        assert (await task.wait()).state.value == "succeeded"
+        transcript = (await node.read_console(0)).data
+    assert transcript.index(b"before") < transcript.rindex(b"simboard: power on") < transcript.rindex(b"after the")
+
+
 async def test_files_over_the_console(board: Board, tmp_path: Path, data_dir: Path) -> None:
     payload = os.urandom(300_000)
 

@@ -187,6 +187,11 @@ class SerialNodeDriver(NodeDriver):
         self._power = None if power is None else _WatchedPower(power, self)
 
     def _wanted(self, on: bool) -> None:
+        # Switching the power resets the board, and a console that stays open (a USB
+        # serial adapter, a PTY) does not show it: the shell there is no longer the
+        # one set up, and a line typed while the board boots would be lost.
+        self._ready = False
+        self._exported = None
         self._want_on = on
         self._want_on_changed.set()
         self._want_on_changed = anyio.Event()
