@@ -466,7 +466,7 @@ def test_every_prefix_of_a_frame_is_refused(message: BaseModel) -> None:
     for cut in range(end):
         with pytest.raises(ProtocolError, match="^truncated message: "):
             decode(encoded[:cut])
-    if isinstance(message, OutputChunk | WriteInput | ConsoleData | WriteConsole):
+    if isinstance(message, OutputChunk | FileChunk | WriteInput | ConsoleData | WriteConsole):
         # The frame has no payload length: a transport must keep frames whole. A cut
         # inside the payload is indistinguishable from a shorter chunk.
         for cut in range(end, len(encoded)):
