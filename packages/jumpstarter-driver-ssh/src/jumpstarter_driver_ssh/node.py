@@ -21,7 +21,6 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import anyio
-import asyncssh
 from jumpstarter import NodeDriver, RunningProcess
 from jumpstarter.errors import BadRequest, Conflict, SpawnFailed, Unavailable
 from jumpstarter.plugins import OutputWriter, ProcessLost
@@ -30,7 +29,23 @@ from jumpstarter_protocol import TaskSpec
 from .options import SshOptions
 
 if TYPE_CHECKING:
+    import asyncssh
     from jumpstarter import NodeConfig
+
+    from ._channels import _TaskSession
+else:
+
+    class _LazyAsyncssh:
+        """``asyncssh``, imported on first use: every jmp command collects the node
+        drivers, so this module is imported by ``jmp run`` on the local node too, and
+        asyncssh costs about 0.4 s to import; only an ssh node needs it."""
+
+        def __getattr__(self, name: str) -> Any:
+            import asyncssh as module
+
+            return getattr(module, name)
+
+    asyncssh = _LazyAsyncssh()
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +141,8 @@ class SshNodeDriver(NodeDriver):
 
     async def _connect(self) -> asyncssh.SSHClientConnection:
         options = self.options
+        from ._channels import _HostKeyWitness
+
         client = _HostKeyWitness()
         known_hosts: Any = None
         if options.verify_host_key:
@@ -227,6 +244,8 @@ class SshNodeDriver(NodeDriver):
         self.check_spec(spec)
         connection = await self.connection()
         marker = "jmp-" + secrets.token_hex(8)
+        from ._channels import _TaskSession
+
         session = _TaskSession(output, marker, from_stream="stdout" if spec.pty else "stderr")
         try:
             _, session = await connection.create_session(
@@ -290,80 +309,6 @@ def _wrapper(spec: TaskSpec, marker: str) -> str:
     # The user's login shell runs this line; /bin/sh then runs the script in the same
     # process, whatever that login shell is.
     return "exec /bin/sh -c " + shlex.quote("\n".join(steps))
-
-
-class _TaskSession(asyncssh.SSHClientSession[bytes]):
-    """One task's channel: output straight to the task's writer, once the wrapper's
-    report (the line with the marker) has been taken out of it."""
-
-    def __init__(self, output: OutputWriter, marker: str, from_stream: str) -> None:
-        self.output = output
-        self.marker = marker.encode()
-        self.from_stream = from_stream
-        self.head = b""
-        self.started = anyio.Event()
-        self.closed = anyio.Event()
-        self.writable = anyio.Event()
-        self.writable.set()
-        self.group: int | None = None
-        self.failure: str | None = None
-        self.exit_status: int | None = None
-        self.exit_signal: str | None = None
-        self.error: Exception | None = None
-        self.channel: asyncssh.SSHClientChannel[bytes]
-
-    def connection_made(self, chan: asyncssh.SSHClientChannel[bytes]) -> None:  # type: ignore[override]
-        self.channel = chan
-
-    def data_received(self, data: bytes, datatype: int | None) -> None:
-        stream = "stderr" if datatype == asyncssh.EXTENDED_DATA_STDERR else "stdout"
-        if not self.started.is_set() and stream == self.from_stream:
-            data = self._take_report(data)
-            if not data:
-                return
-        self.output.write(stream, data)  # type: ignore[arg-type]
-
-    def _take_report(self, data: bytes) -> bytes:
-        """Keep bytes until the report line is complete; give back what follows it."""
-        self.head += data
-        at = self.head.find(self.marker + b":")
-        if at < 0 or b"\n" not in self.head[at:]:
-            return b""
-        end = self.head.index(b"\n", at)
-        before, report, rest = self.head[:at], self.head[at:end], self.head[end + 1 :]
-        self.head = b""
-        value = report.split(b":", 1)[1].strip()
-        if value.isdigit():
-            self.group = int(value)
-        else:
-            self.failure = value.decode()
-        self.started.set()
-        return before + rest
-
-    def exit_status_received(self, status: int) -> None:
-        self.exit_status = status
-
-    def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
-        self.exit_signal = signal
-
-    def pause_writing(self) -> None:
-        self.writable = anyio.Event()
-
-    def resume_writing(self) -> None:
-        self.writable.set()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.error = exc
-        if self.head and not self.started.is_set():
-            self.output.write(self.from_stream, self.head)  # type: ignore[arg-type]
-        self.started.set()
-        self.writable.set()
-        self.closed.set()
-
-    def lost_reason(self) -> str:
-        if self.error is not None:
-            return _reason(self.error)
-        return "the SSH server closed the channel without an exit status"
 
 
 class SshProcess(RunningProcess):
@@ -452,18 +397,6 @@ class SshProcess(RunningProcess):
             raise BadRequest("this task has no terminal to resize")
         if not self.session.closed.is_set():
             self.session.channel.change_terminal_size(cols, rows)
-
-
-class _HostKeyWitness(asyncssh.SSHClient):
-    """Remembers the host key the server offered, for the message when it is refused."""
-
-    offered: asyncssh.SSHKey | None = None
-
-    def validate_host_public_key(
-        self, host: str, addr: str, port: int, key: asyncssh.SSHKey
-    ) -> bool:
-        self.offered = key
-        return False
 
 
 def _is_closed(connection: asyncssh.SSHClientConnection) -> bool:
