@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import tty
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -89,19 +89,33 @@ async def serial_node(port: str, data_dir: Path) -> AsyncIterator[Any]:
         yield await session.connect("board")
 
 
-def _two_boards() -> tuple[SimBoard, SimBoard]:
-    return SimBoard(), SimBoard()
+def _on_two_boards(main: Callable[[str, RawShell, Path], Awaitable[Any]], *board_args: str) -> Any:
+    """``anyio.run(main, port, raw, data_dir)``: ours on the port of one simulated
+    board, the raw baseline's :class:`RawShell` on a second one started the same way
+    (``board_args``), a scratch directory; both boards closed after."""
+    ours_board = SimBoard(*board_args)
+    try:
+        raw_board = SimBoard(*board_args)
+        try:
+            raw = RawShell(raw_board.port)
+            try:
+                with tempfile.TemporaryDirectory(prefix="jmp-bench-") as tmp:
+                    return anyio.run(main, ours_board.port, raw, Path(tmp))
+            finally:
+                raw.close()
+        finally:
+            raw_board.close()
+    finally:
+        ours_board.close()
 
 
 @figure
 def run_true(quick: bool) -> list[Figure]:
     """run `true` on the simulated board vs the command written and read to the prompt, raw"""
     n = 50 if quick else 200
-    ours_board, raw_board = _two_boards()
-    raw: RawShell | None = None
 
-    async def main(data_dir: Path) -> tuple[list[float], list[float]]:
-        async with serial_node(ours_board.port, data_dir) as node:
+    async def main(port: str, raw: RawShell, data_dir: Path) -> tuple[list[float], list[float]]:
+        async with serial_node(port, data_dir) as node:
 
             async def ours() -> None:
                 task = await node.start(["true"])
@@ -113,15 +127,7 @@ def run_true(quick: bool) -> list[Figure]:
             await alternate(5, ours, baseline)
             return await alternate(n, ours, baseline)
 
-    try:
-        raw = RawShell(raw_board.port)
-        with tempfile.TemporaryDirectory(prefix="jmp-bench-") as tmp:
-            ours, base = anyio.run(main, Path(tmp))
-    finally:
-        if raw is not None:
-            raw.close()
-        ours_board.close()
-        raw_board.close()
+    ours, base = _on_two_boards(main)
     return [
         Figure(
             f"run `true` on the simulated board (median of {n})",
@@ -142,15 +148,13 @@ def run_true_driver(quick: bool) -> list[Figure]:
     from jumpstarter_protocol import TaskSpec
 
     n = 50 if quick else 200
-    ours_board, raw_board = _two_boards()
-    raw: RawShell | None = None
 
     class Discard:
         def write(self, stream: str, data: bytes) -> None:
             pass
 
-    async def main(data_dir: Path) -> tuple[list[float], list[float]]:
-        node = NodeConfig(name="board", driver="serial", options={"port": ours_board.port})
+    async def main(port: str, raw: RawShell, data_dir: Path) -> tuple[list[float], list[float]]:
+        node = NodeConfig(name="board", driver="serial", options={"port": port})
         server = build_node_server(Config(data_dir=data_dir), get_plugin_manager(), node)
         spec = TaskSpec(argv=["true"])
         async with anyio.create_task_group() as tg:
@@ -168,15 +172,7 @@ def run_true_driver(quick: bool) -> list[Figure]:
             server.close()
         return result
 
-    try:
-        raw = RawShell(raw_board.port)
-        with tempfile.TemporaryDirectory(prefix="jmp-bench-") as tmp:
-            ours, base = anyio.run(main, Path(tmp))
-    finally:
-        if raw is not None:
-            raw.close()
-        ours_board.close()
-        raw_board.close()
+    ours, base = _on_two_boards(main)
     return [
         Figure(
             f"run `true` through the serial driver alone, no store (median of {n})",
@@ -198,17 +194,15 @@ def run_true_at_115200(quick: bool) -> list[Figure]:
     from jumpstarter_driver_serial.node import SerialNodeDriver
 
     n = 20 if quick else 100
-    ours_board, raw_board = SimBoard("--baud", str(BAUD)), SimBoard("--baud", str(BAUD))
-    raw: RawShell | None = None
-    written = [0]
+    written = [0, 0]  # by ours, by the raw baseline
     type_ = SerialNodeDriver.type
 
     async def counted(self: SerialNodeDriver, data: bytes) -> None:
         written[0] += len(data)
         await type_(self, data)
 
-    async def main(data_dir: Path) -> tuple[list[float], list[float]]:
-        async with serial_node(ours_board.port, data_dir) as node:
+    async def main(port: str, raw: RawShell, data_dir: Path) -> tuple[list[float], list[float]]:
+        async with serial_node(port, data_dir) as node:
 
             async def ours() -> None:
                 task = await node.start(["true"])
@@ -219,19 +213,15 @@ def run_true_at_115200(quick: bool) -> list[Figure]:
 
             await alternate(3, ours, baseline)
             written[0] = raw.written = 0
-            return await alternate(n, ours, baseline)
+            times = await alternate(n, ours, baseline)
+            written[1] = raw.written
+            return times
 
     SerialNodeDriver.type = counted  # type: ignore[method-assign]  # the bytes the driver types
     try:
-        raw = RawShell(raw_board.port)
-        with tempfile.TemporaryDirectory(prefix="jmp-bench-") as tmp:
-            ours, base = anyio.run(main, Path(tmp))
+        ours, base = _on_two_boards(main, "--baud", str(BAUD))
     finally:
         SerialNodeDriver.type = type_  # type: ignore[method-assign]
-        if raw is not None:
-            raw.close()
-        ours_board.close()
-        raw_board.close()
     return [
         Figure(
             f"run `true` on a simulated {BAUD}-baud board (median of {n})",
@@ -244,7 +234,7 @@ def run_true_at_115200(quick: bool) -> list[Figure]:
         Figure(
             "bytes typed on the console per `run true`",
             written[0] / n,
-            raw.written / n,
+            written[1] / n,
             "B",
             "",
             "`true\\r`, raw",
@@ -260,12 +250,10 @@ BIG = f"head -c {SIZE} /dev/zero | tr '\\0' x"
 def stream_output(quick: bool) -> list[Figure]:
     """10 MB of a board command's output through the PTY vs a raw read of it"""
     rounds = 1 if quick else 3
-    ours_board, raw_board = _two_boards()
-    raw: RawShell | None = None
 
-    async def main(data_dir: Path) -> tuple[float, float]:
+    async def main(port: str, raw: RawShell, data_dir: Path) -> tuple[float, float]:
         best_ours = best_raw = 0.0
-        async with serial_node(ours_board.port, data_dir) as node:
+        async with serial_node(port, data_dir) as node:
             for _ in range(rounds):
                 await (await node.start(["true"])).wait()  # the first task finds the shell: not timed
                 t0 = time.perf_counter()
@@ -280,15 +268,7 @@ def stream_output(quick: bool) -> list[Figure]:
                 assert got >= SIZE
         return best_ours, best_raw
 
-    try:
-        raw = RawShell(raw_board.port)
-        with tempfile.TemporaryDirectory(prefix="jmp-bench-") as tmp:
-            ours, base = anyio.run(main, Path(tmp))
-    finally:
-        if raw is not None:
-            raw.close()
-        ours_board.close()
-        raw_board.close()
+    ours, base = _on_two_boards(main)
     return [
         Figure(
             "stream 10 MB of a board command's output through the PTY",
@@ -309,13 +289,11 @@ def put_file(quick: bool) -> list[Figure]:
 
     payload = os.urandom(1_000_000)
     rounds = 1 if quick else 3
-    ours_board, raw_board = _two_boards()
-    raw: RawShell | None = None
     encoded = base64.b64encode(payload)
     lines = b"\n".join(encoded[i : i + 1024] for i in range(0, len(encoded), 1024))
 
-    async def main(data_dir: Path) -> tuple[float, float]:
-        node = NodeConfig(name="board", driver="serial", options={"port": ours_board.port})
+    async def main(port: str, raw: RawShell, data_dir: Path) -> tuple[float, float]:
+        node = NodeConfig(name="board", driver="serial", options={"port": port})
         server = build_node_server(Config(data_dir=data_dir), get_plugin_manager(), node)
         best_ours = best_raw = 0.0
         async with anyio.create_task_group() as tg:
@@ -338,15 +316,7 @@ def put_file(quick: bool) -> list[Figure]:
             server.close()
         return best_ours, best_raw
 
-    try:
-        raw = RawShell(raw_board.port)
-        with tempfile.TemporaryDirectory(prefix="jmp-bench-") as tmp:
-            ours, base = anyio.run(main, Path(tmp))
-    finally:
-        if raw is not None:
-            raw.close()
-        ours_board.close()
-        raw_board.close()
+    ours, base = _on_two_boards(main)
     return [
         Figure(
             "put a 1 MB file over the console (base64 chunks, sha256 checked)",
